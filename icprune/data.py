@@ -1,0 +1,54 @@
+"""Real image data that ships with scikit-learn, for the demo and the tests (no downloads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+#: ImageNet channel means and standard deviations (RGB, for images scaled to [0, 1]).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sample_images(count: int = 32, size: int = 224, seed: int = 0) -> torch.Tensor:
+    """Random crops of scikit-learn's two bundled photographs, normalised like ImageNet.
+
+    The photographs (``sklearn.datasets.load_sample_images``: a Chinese temple and a flower,
+    427 x 640 RGB) are cut into ``count`` square crops of random side 180-427 px at random
+    positions, half of them mirrored, each resized to ``size`` x ``size`` (bilinear).
+
+    Args:
+        count: number of images N (>= 1).
+        size: side of each output image in pixels (>= 8).
+        seed: seed of the crop positions; the same seed gives the same tensor.
+
+    Returns:
+        Tensor[N, 3, size, size] float32, ImageNet-normalised.
+    """
+    if count < 1 or size < 8:
+        raise ValueError(f"sample_images: need count >= 1 and size >= 8, got {count=}, {size=}")
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError as exc:
+        raise ImportError("sample_images needs scikit-learn: pip install 'icprune[data]'") from exc
+    photos = [
+        torch.from_numpy(np.array(img)).permute(2, 0, 1) for img in load_sample_images().images
+    ]
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    crops = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        height, width = photo.shape[1:]
+        side = int(torch.randint(180, min(height, width) + 1, (1,), generator=gen))
+        top = int(torch.randint(0, height - side + 1, (1,), generator=gen))
+        left = int(torch.randint(0, width - side + 1, (1,), generator=gen))
+        crop = photo[:, top : top + side, left : left + side].float().div(255)
+        if i % 4 >= 2:
+            crop = crop.flip(-1)
+        crop = torch.nn.functional.interpolate(
+            crop[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True
+        )[0]
+        crops.append((crop - mean) / std)
+    return torch.stack(crops)

@@ -1,0 +1,53 @@
+"""Data-free statistics: the same :class:`ChannelStats`, fed with a layer's weights.
+
+For a prunable layer with C output channels, the weight ``W`` of shape ``(C, C_in/groups, *k)``
+(conv) or ``(C, C_in)`` (linear) is read as C channels of ``K = W[0].numel()`` samples each: the
+matrix A of ``docs/method.md`` is ``W.reshape(C, K)``. Biases are not included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from icprune.graph import prunable_layers
+from icprune.stats import ChannelStats
+
+
+def weight_stats(
+    model: nn.Module,
+    *,
+    layers: Iterable[str] | None = None,
+    bins: int = 64,
+    range_mode: str = "layer",
+    nan_policy: str = "raise",
+) -> dict[str, ChannelStats]:
+    """Channel statistics of every prunable layer's weights (no data needed).
+
+    Args:
+        model: the network; not modified.
+        layers: qualified names to use; None = every Conv/Linear layer except output layers.
+        bins, range_mode, nan_policy: as for :class:`ChannelStats`.
+
+    Returns:
+        dict qualified layer name -> :class:`ChannelStats` with ``count = K`` samples per channel
+        and ``read_at = "weights"``, on the device of each weight.
+    """
+    stats = {}
+    for name, module in prunable_layers(model, layers).items():
+        weight = module.weight.detach()
+        channels = weight.shape[0]
+        layer = ChannelStats(
+            channels,
+            bins=bins,
+            range_mode=range_mode,
+            nan_policy=nan_policy,
+            name=name,
+            read_at="weights",
+            device=weight.device,
+        )
+        # (C, K) -> K samples of C channels, laid out (N=K, C).
+        layer.update(weight.reshape(channels, -1).T)
+        stats[name] = layer
+    return stats
