@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	$(PY) -m pip install --quiet -e '.[dev,data,triton]'
 	touch $(STAMP)
 
 demo: $(STAMP)
