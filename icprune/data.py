@@ -27,13 +27,15 @@ def sample_images(count: int = 32, size: int = 224, seed: int = 0) -> torch.Tens
     """
     if count < 1 or size < 8:
         raise ValueError(f"sample_images: need count >= 1 and size >= 8, got {count=}, {size=}")
-    try:
+    try:  # scikit-learn needs pillow to decode the JPEGs, and says so only when loading
         from sklearn.datasets import load_sample_images
+
+        images = load_sample_images().images
     except ImportError as exc:
-        raise ImportError("sample_images needs scikit-learn: pip install 'icprune[data]'") from exc
-    photos = [
-        torch.from_numpy(np.array(img)).permute(2, 0, 1) for img in load_sample_images().images
-    ]
+        raise ImportError(
+            f"sample_images needs scikit-learn and pillow ({exc}): pip install 'icprune[data]'"
+        ) from exc
+    photos = [torch.from_numpy(np.array(img)).permute(2, 0, 1) for img in images]
     gen = torch.Generator().manual_seed(seed)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
