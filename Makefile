@@ -1,11 +1,11 @@
-# `make demo` and `make test` each bootstrap .venv on a fresh machine, then run.
+# `make demo`, `make test` and `make bench` each bootstrap .venv on a fresh machine, then run.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.icprune-installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
 demo: $(STAMP)
 	$(PY) -m icprune.demo
+
+bench: $(STAMP)
+	$(PY) bench/channel_stats.py --out bench/results/cpu-reference.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
