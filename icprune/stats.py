@@ -227,12 +227,14 @@ class ChannelStats:
         dev = self.device
         lo = torch.minimum(self.minimum, other.minimum.to(dev))
         hi = torch.maximum(self.maximum, other.maximum.to(dev))
-        k, off = self._layout_for(lo, hi)
-        theirs_counts = rebin(
-            other.counts.to(dev), other.bin_exponent.to(dev), other.bin_offset.to(dev), k, off
-        )
         self._relayout(lo, hi)
-        self.counts += theirs_counts
+        self.counts += rebin(
+            other.counts.to(dev),
+            other.bin_exponent.to(dev),
+            other.bin_offset.to(dev),
+            self.bin_exponent,
+            self.bin_offset,
+        )
         self.count += other.count
         self.nonfinite += other.nonfinite
         self.sums += other.sums.to(dev)
