@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .resnet import BasicBlock
+from .resnet import BasicBlock, init_weights, make_stage
 
 __all__ = ["CifarResNet", "resnet20", "resnet56", "resnet110"]
 
@@ -25,33 +25,16 @@ class CifarResNet(nn.Module):
 
     def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
         super().__init__()
-        self.inplanes = 16
+        n = blocks_per_stage
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = self._make_stage(16, blocks_per_stage, stride=1)
-        self.layer2 = self._make_stage(32, blocks_per_stage, stride=2)
-        self.layer3 = self._make_stage(64, blocks_per_stage, stride=2)
+        self.layer1 = make_stage(BasicBlock, 16, 16, n, stride=1)
+        self.layer2 = make_stage(BasicBlock, 16, 32, n, stride=2)
+        self.layer3 = make_stage(BasicBlock, 32, 64, n, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(64, num_classes)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-
-    def _make_stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        downsample = None
-        if stride != 1 or self.inplanes != planes:
-            downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes),
-            )
-        stage = [BasicBlock(self.inplanes, planes, stride, downsample)]
-        self.inplanes = planes
-        stage += [BasicBlock(planes, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*stage)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, 3, H, W] float images -> Tensor[N, num_classes] logits."""

@@ -102,6 +102,50 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
+def make_stage(
+    block: type[BasicBlock] | type[Bottleneck], inplanes: int, planes: int, blocks: int, stride: int
+) -> nn.Sequential:
+    """One ResNet stage: ``blocks`` residual blocks, the first with stride ``stride`` and a
+    ``downsample`` (1x1 conv + BN, keys ``downsample.0/1``) where the shape changes.
+
+    Args:
+        block: ``BasicBlock`` or ``Bottleneck``.
+        inplanes: input channels of the stage.
+        planes: width of the blocks; the stage outputs ``planes * block.expansion`` channels.
+        blocks: number of blocks (>= 1).
+        stride: stride of the first block (1 or 2).
+
+    Returns:
+        nn.Sequential of the blocks: Tensor[N, inplanes, H, W] ->
+        Tensor[N, planes * expansion, H / stride, W / stride].
+    """
+    out_ch = planes * block.expansion
+    downsample = None
+    if stride != 1 or inplanes != out_ch:
+        downsample = nn.Sequential(_conv1x1(inplanes, out_ch, stride), nn.BatchNorm2d(out_ch))
+    stage = [block(inplanes, planes, stride, downsample)]
+    stage += [block(out_ch, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*stage)
+
+
+def init_weights(model: nn.Module, zero_init_residual: bool = False) -> None:
+    """torchvision's ResNet initialisation, in place: Kaiming-normal (fan_out) convs, BN weight 1
+    and bias 0, linear layers left at PyTorch's default; with ``zero_init_residual`` the last BN
+    of every block starts at weight 0, so each residual branch starts as the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+    if zero_init_residual:
+        for m in model.modules():
+            if isinstance(m, Bottleneck):
+                nn.init.constant_(m.bn3.weight, 0)
+            elif isinstance(m, BasicBlock):
+                nn.init.constant_(m.bn2.weight, 0)
+
+
 class ResNet(nn.Module):
     """ImageNet ResNet: 7x7/2 stem, 3x3/2 max-pool, four stages, global pool, linear head.
 
@@ -124,47 +168,18 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
-        self.inplanes = 64
+        e = block.expansion
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.layer1 = self._make_stage(block, 64, layers[0], stride=1)
-        self.layer2 = self._make_stage(block, 128, layers[1], stride=2)
-        self.layer3 = self._make_stage(block, 256, layers[2], stride=2)
-        self.layer4 = self._make_stage(block, 512, layers[3], stride=2)
+        self.layer1 = make_stage(block, 64, 64, layers[0], stride=1)
+        self.layer2 = make_stage(block, 64 * e, 128, layers[1], stride=2)
+        self.layer3 = make_stage(block, 128 * e, 256, layers[2], stride=2)
+        self.layer4 = make_stage(block, 256 * e, 512, layers[3], stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(512 * block.expansion, num_classes)
-        self._init_weights(zero_init_residual)
-
-    def _make_stage(
-        self, block: type[BasicBlock] | type[Bottleneck], planes: int, blocks: int, stride: int
-    ) -> nn.Sequential:
-        out_ch = planes * block.expansion
-        downsample = None
-        if stride != 1 or self.inplanes != out_ch:
-            downsample = nn.Sequential(
-                _conv1x1(self.inplanes, out_ch, stride), nn.BatchNorm2d(out_ch)
-            )
-        stage = [block(self.inplanes, planes, stride, downsample)]
-        self.inplanes = out_ch
-        stage += [block(out_ch, planes) for _ in range(1, blocks)]
-        return nn.Sequential(*stage)
-
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        # The linear head keeps PyTorch's default init, as in torchvision.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, Bottleneck):
-                    nn.init.constant_(m.bn3.weight, 0)
-                elif isinstance(m, BasicBlock):
-                    nn.init.constant_(m.bn2.weight, 0)
+        self.fc = nn.Linear(512 * e, num_classes)
+        init_weights(self, zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: Tensor[N, 3, H, W] float images -> Tensor[N, num_classes] logits."""
