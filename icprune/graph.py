@@ -73,27 +73,55 @@ def out_channels(module: nn.Module) -> int:
 
 class _Tracer(fx.Tracer):
     """fx tracer that keeps prunable layers, BatchNorms and activations as single calls, also
-    when they are user subclasses (fx would otherwise trace into any non-``torch.nn`` class)."""
+    when they are user subclasses (fx would otherwise trace into any non-``torch.nn`` class),
+    and the modules named in ``leaves`` too. ``entered`` is the stack of submodules being traced
+    (qualified names); after a failed trace its last entry is where tracing failed."""
+
+    def __init__(self, leaves: Iterable[str] = ()) -> None:
+        super().__init__()
+        self.leaves = frozenset(leaves)
+        self.entered: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         leaf = isinstance(m, (*PRUNABLE_TYPES, *NORM_TYPES, *ACTIVATION_MODULES))
+        leaf = leaf or module_qualified_name in self.leaves
         return leaf or super().is_leaf_module(m, module_qualified_name)
 
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict):
+        self.entered.append(self.path_of_module(m))
+        result = super().call_module(m, forward, args, kwargs)
+        self.entered.pop()  # left in place when tracing fails inside this module
+        return result
 
-def trace(model: nn.Module) -> fx.Graph:
+
+#: What to do about a model fx cannot trace, when scoring.
+TRACE_HINT = (
+    "Either make the untraceable submodule a leaf (wrap its data-dependent code in a module that "
+    "fx does not enter), or pass layers=[...] explicitly together with read_at='output', which "
+    "need no trace."
+)
+
+
+def trace(model: nn.Module, leaves: Iterable[str] = (), hint: str = TRACE_HINT) -> fx.Graph:
     """Symbolic ``torch.fx`` trace of ``model`` (no forward pass, the model is not modified).
 
+    Args:
+        model: the network.
+        leaves: qualified names of submodules traced as single calls (fx does not enter them).
+        hint: what the error message tells the user to do when tracing fails.
+
     Raises:
-        ValueError: the model cannot be traced, with what to do about it.
+        ValueError: the model cannot be traced, naming the submodule where tracing failed and
+            what to do about it.
     """
+    tracer = _Tracer(leaves)
     try:
-        return _Tracer().trace(model)
+        return tracer.trace(model)
     except Exception as exc:
+        where = f" inside submodule '{tracer.entered[-1]}'" if tracer.entered else ""
         raise ValueError(
-            f"icprune could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: "
-            f"{exc}). Either make the untraceable submodule a leaf (wrap its data-dependent code "
-            f"in a module that fx does not enter), or pass layers=[...] explicitly together with "
-            f"read_at='output', which need no trace."
+            f"icprune could not trace {type(model).__name__} with torch.fx{where} "
+            f"({type(exc).__name__}: {exc}). {hint}"
         ) from exc
 
 
