@@ -6,7 +6,8 @@ channel dimension (dim 1) carries a *layout*: the list of channel *spaces* its c
 A prunable layer (``Conv1d/2d/3d`` with ``groups=1``, ``Linear`` on 2-D inputs) starts a new space
 with its output channels. Operations propagate or couple spaces:
 
-- BatchNorm, elementwise activations, pooling, dropout and ``Identity`` keep the layout;
+- BatchNorm, elementwise activations, pooling, dropout, ``Identity`` and ``mean``/``sum``/
+  ``amax``/``amin`` over spatial dimensions keep the layout;
 - a depthwise conv (``groups == in_channels == out_channels``) keeps the layout: its output
   channel c is its input channel c, so it is pruned with the group of its input;
 - elementwise ``add``/``sub``/``mul``/``div`` of same-shaped tensors (residual connections) unify
@@ -74,9 +75,12 @@ _ELEMENTWISE_FUNCTIONS = frozenset({
     operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
 })  # fmt: skip
 _ELEMENTWISE_METHODS = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"})
+_REDUCE_FUNCTIONS = frozenset({torch.mean, torch.sum, torch.amax, torch.amin})
+_REDUCE_METHODS = frozenset({"mean", "sum", "amax", "amin"})
 _CAT_FUNCTIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
 _FLATTEN_FUNCTIONS = frozenset({torch.flatten, torch.reshape})
 _FLATTEN_METHODS = frozenset({"flatten", "view", "reshape"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "type"})
 
 _TRACE_HINT = (
     "List that submodule in ignored_layers=[...]: it is then traced as a single call and the "
@@ -225,6 +229,17 @@ def _meta(node: object) -> TensorMetadata | None:
     return meta if isinstance(meta, TensorMetadata) else None
 
 
+def _reads_metadata(node: fx.Node) -> bool:
+    """True for ``x.size()``, ``x.dim()``, ``x.numel()``, ``x.shape`` and the like."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and node.args[1:2] in (("shape",), ("dtype",), ("device",), ("ndim",))
+    )
+
+
 def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
     if len(node.args) > index:
         return node.args[index]
@@ -270,6 +285,8 @@ class _Walker:
         if node.op in ("placeholder", "get_attr"):
             return self.opaque(node)
         meta = _meta(node)
+        if _reads_metadata(node):
+            return None  # x.size(0), x.shape: the channels are not touched
         if meta is None or len(meta.shape) < 2:
             return self.opaque(node)
         if node.op == "call_module":
@@ -282,6 +299,10 @@ class _Walker:
             not function and target in _ELEMENTWISE_METHODS
         ):
             return self.elementwise(node, meta)
+        if (function and target in _REDUCE_FUNCTIONS) or (
+            not function and target in _REDUCE_METHODS
+        ):
+            return self.reduce(node, meta)
         if function and target in _CAT_FUNCTIONS:
             return self.cat(node, meta)
         if (function and target in _FLATTEN_FUNCTIONS) or (
@@ -320,6 +341,21 @@ class _Walker:
             elif not (len(arg_meta.shape) == len(meta.shape) and arg_meta.shape[1] == 1):
                 return self.opaque(node)
         return result if result is not None else self.opaque(node)
+
+    def reduce(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
+        """``mean``/``sum``/``amax``/``amin`` over dimensions after the channels keep the
+        layout; any other reduction is opaque."""
+        src = _meta(node.args[0]) if node.args else None
+        dim = _arg(node, 1, "dim")
+        dims = (dim,) if isinstance(dim, int) else dim
+        if (
+            src is None
+            or not isinstance(dims, (tuple, list))
+            or not dims
+            or not all(isinstance(d, int) and d % len(src.shape) >= 2 for d in dims)
+        ):
+            return self.opaque(node)
+        return self.passthrough(node, meta)
 
     def cat(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
         parts = _arg(node, 0, "tensors")

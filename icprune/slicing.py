@@ -1,0 +1,94 @@
+"""Channel slicing: ``weight[out_idx][:, in_idx]`` as one fused gather.
+
+The C++ routine ``icprune._C.slice_channels`` copies the kept rows and columns of a weight in one
+pass (no intermediate tensor), with the trailing kernel elements of each (row, column) pair copied
+as one contiguous block, on OpenMP threads, with the GIL released. It handles CPU tensors of dtype
+float32, float16, bfloat16 and float64 (bits are copied, so the result is bit-identical to torch
+indexing). Everything else (other devices and dtypes, weights whose trailing dims cannot be viewed
+as one contiguous block, or no compiled extension) takes :func:`slice_channels_ref`, torch's
+two-step ``index_select``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from icprune._ext import ext
+
+#: dtypes the C++ gather takes, with the same-width integer dtype their bits are viewed as.
+_BITS = {
+    torch.float32: torch.int32,
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float64: torch.int64,
+}
+
+
+def slice_channels_ref(weight: Tensor, out_idx: Tensor, in_idx: Tensor | None = None) -> Tensor:
+    """Reference: ``weight.index_select(0, out_idx).index_select(1, in_idx)`` (torch, two steps).
+
+    Shapes and arguments as :func:`slice_channels`.
+    """
+    out = weight.index_select(0, out_idx)
+    return out if in_idx is None else out.index_select(1, in_idx)
+
+
+def _check_index(idx: Tensor, size: int, what: str) -> None:
+    if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
+        raise TypeError(f"slice_channels: {what} must be a 1-D LongTensor of indices")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        raise IndexError(
+            f"slice_channels: {what} holds indices outside [0, {size}) "
+            f"(min {int(idx.min())}, max {int(idx.max())}); negative indices are not accepted"
+        )
+
+
+def slice_channels(weight: Tensor, out_idx: Tensor, in_idx: Tensor | None = None) -> Tensor:
+    """The rows ``out_idx`` and columns ``in_idx`` of a weight, as a new tensor.
+
+    Args:
+        weight: Tensor[O, I, *K] (conv ``(out, in/groups, *kernel)``, linear ``(out, in)``) or
+            Tensor[O] (bias, BatchNorm vectors), any dtype and device.
+        out_idx: LongTensor[n_out] of row indices in ``[0, O)``, on ``weight``'s device.
+        in_idx: LongTensor[n_in] of column indices in ``[0, I)``, or None to keep every column.
+
+    Returns:
+        Tensor[n_out, n_in, *K] (Tensor[n_out] for 1-D input), same dtype and device, contiguous,
+        not sharing memory with ``weight``, without autograd history; equal bit for bit to
+        ``weight[out_idx][:, in_idx]``.
+
+    Raises:
+        TypeError: an index is not a 1-D LongTensor.
+        IndexError: an index is negative or out of range.
+    """
+    weight = weight.detach()
+    _check_index(out_idx, weight.shape[0], "out_idx")
+    if in_idx is not None:
+        if weight.dim() < 2:
+            raise ValueError(
+                f"slice_channels: in_idx needs a weight with 2+ dims, got {weight.dim()}"
+            )
+        _check_index(in_idx, weight.shape[1], "in_idx")
+    fused = ext is not None and weight.device.type == "cpu" and weight.dtype in _BITS
+    if not fused or weight.dim() < 2:
+        return slice_channels_ref(weight, out_idx, in_idx).clone(
+            memory_format=torch.contiguous_format
+        )
+    rows, cols = weight.shape[:2]
+    try:
+        src = weight.view(rows, cols, -1)  # no copy: trailing dims must form one strided block
+    except RuntimeError:
+        return slice_channels_ref(weight, out_idx, in_idx).contiguous()
+    if src.shape[2] > 1 and src.stride(2) != 1:
+        return slice_channels_ref(weight, out_idx, in_idx).contiguous()
+    cols_idx = torch.arange(cols) if in_idx is None else in_idx
+    out = torch.empty((out_idx.numel(), cols_idx.numel(), *weight.shape[2:]), dtype=weight.dtype)
+    bits = _BITS[weight.dtype]
+    ext.slice_channels(
+        src.view(bits).numpy(),
+        out_idx.numpy(),
+        cols_idx.numpy(),
+        out.view(bits).view(out.shape[0], out.shape[1], -1).numpy(),
+    )
+    return out
