@@ -55,11 +55,7 @@ void gather(const char* src, int64_t stride0, int64_t stride1, int64_t k, const 
     T* out = dst + r * n_cols * k;
     if (packed && k == 1) {
       const T* in = reinterpret_cast<const T*>(row);  // aligned: torch storage of T elements
-      for (int64_t j = 0; j < n_runs; ++j) {
-        const T* from = in + run[j].col;
-        T* to = out + run[j].out;
-        for (int64_t e = 0; e < run[j].len; ++e) to[e] = from[e];
-      }
+      for (int64_t c = 0; c < n_cols; ++c) out[c] = in[cols[c]];
     } else if (packed) {
       for (int64_t j = 0; j < n_runs; ++j) {
         std::memcpy(out + run[j].out * k, row + run[j].col * stride1,
