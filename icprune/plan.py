@@ -1,0 +1,450 @@
+"""Pruning plans: which output channels of every prunable layer to keep.
+
+:func:`plan` turns per-layer channel scores into a :class:`PruningPlan` over the model's
+dependency groups (:mod:`icprune.dependency`):
+
+1. **Group scores.** Each scored layer of a group (its conv/linear and depthwise layers) has its
+   score vector min-max normalised to [0, 1] within the layer (:func:`icprune.scoring.normalize`;
+   a constant vector becomes all zeros). The group score of channel c is the mean of its scored
+   members' normalised scores at c. Normalising makes scores of different layers and criteria
+   comparable, so one global threshold can rank channels of every group. A group none of whose
+   layers has scores is left whole.
+2. **Order.** Within a group, channels are pruned lowest score first, ties broken by channel
+   index (lower first). With ``global_ranking=True`` all groups' channels are merged into one
+   order by (score, group index, channel index); with ``global_ranking=False`` every group
+   prunes the same fraction of its channels.
+3. **Limits.** A group prunes at most ``floor(max_layer_ratio * C)`` channels and keeps at least
+   ``min_channels``; then its kept count is rounded *up* to a multiple of ``round_to`` (never
+   above C).
+4. **Target.** ``ratio`` prunes that fraction of the scored channels (globally, or of every
+   group). ``flops_reduction`` / ``params_reduction`` search the global threshold (or the
+   uniform fraction) by bisection on the analytic cost (:mod:`icprune.cost`) until the
+   reduction is within 1 percentage point of the target; an unreachable target raises.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from icprune.cost import AXIS, CostModel
+from icprune.dependency import Dependency, Group, trace_dependencies
+from icprune.scoring import LayerScores, normalize
+
+FORMAT = "icprune.plan"
+VERSION = 1
+#: Largest allowed gap between a FLOPs/params target and the plan's reduction.
+TOLERANCE = 0.01
+_UNIFORM_STEPS = 10_000
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Which channels of every dependency group to keep.
+
+    Attributes:
+        groups: the model's dependency groups (see :class:`icprune.dependency.Group`).
+        kept: one sorted LongTensor per group, the indices of its kept channels.
+        sizes: ``module -> (out, in)`` full channel counts of every module the groups touch
+            (to check that a model matches the plan).
+        macs: ``(before, after)`` multiply-accumulates for the ``example_inputs`` of
+            :func:`plan` (analytic; equal to ``icprune.count`` of the applied model).
+        params: ``(before, after)`` parameter counts.
+        settings: the options the plan was made with (JSON values).
+    """
+
+    groups: tuple[Group, ...]
+    kept: tuple[Tensor, ...]
+    sizes: dict[str, tuple[int, int]]
+    macs: tuple[int, int]
+    params: tuple[int, int]
+    settings: dict = field(default_factory=dict)
+
+    def indices(self, module: str, axis: str) -> Tensor | None:
+        """Kept channel indices along one axis of a module.
+
+        Args:
+            module: qualified module name.
+            axis: ``"out"`` (conv/linear output channels, BatchNorm channels, depthwise
+                channels) or ``"in"`` (conv/linear input channels or features).
+
+        Returns:
+            sorted LongTensor of kept indices, or None if the plan does not touch that axis.
+        """
+        size = self.sizes[module][0 if axis == "out" else 1] if module in self.sizes else 0
+        mask = None
+        for group, kept in zip(self.groups, self.kept, strict=True):
+            for dep in group.dependencies:
+                if dep.module != module or AXIS[dep.kind] != axis:
+                    continue
+                if mask is None:
+                    mask = torch.ones(size, dtype=torch.bool)
+                pruned = torch.ones(group.channels, dtype=torch.bool)
+                pruned[kept] = False
+                cut = pruned.nonzero().flatten()
+                span = dep.offset + cut[:, None] * dep.repeat + torch.arange(dep.repeat)
+                mask[span.flatten()] = False
+        return None if mask is None else mask.nonzero().flatten()
+
+    @property
+    def keep(self) -> dict[str, Tensor]:
+        """``layer -> sorted LongTensor`` of the kept output channels of every prunable layer
+        (conv, linear, depthwise conv) in a group."""
+        layers = dict.fromkeys(name for g in self.groups for name in g.layers)
+        return {name: self.indices(name, "out") for name in layers}
+
+    @property
+    def flops_reduction(self) -> float:
+        """Fraction of MACs (= FLOPs) removed, in [0, 1]."""
+        return 1.0 - self.macs[1] / self.macs[0] if self.macs[0] else 0.0
+
+    @property
+    def params_reduction(self) -> float:
+        """Fraction of parameters removed, in [0, 1]."""
+        return 1.0 - self.params[1] / self.params[0] if self.params[0] else 0.0
+
+    def to_json(self) -> str:
+        """The plan as a JSON string (see :meth:`from_json`)."""
+        return json.dumps(
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "groups": [
+                    {
+                        "channels": g.channels,
+                        "kept": k.tolist(),
+                        "dependencies": [
+                            [d.module, d.kind, d.offset, d.repeat] for d in g.dependencies
+                        ],
+                    }
+                    for g, k in zip(self.groups, self.kept, strict=True)
+                ],
+                "sizes": {name: list(size) for name, size in self.sizes.items()},
+                "macs": list(self.macs),
+                "params": list(self.params),
+                "settings": self.settings,
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> PruningPlan:
+        """Rebuild a plan written by :meth:`to_json`.
+
+        Raises:
+            ValueError: the text is not an icprune plan of a supported version.
+        """
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError("from_json: this is not an icprune pruning plan (no 'format' tag)")
+        if data.get("version") != VERSION:
+            raise ValueError(
+                f"from_json: plan version {data.get('version')!r} is not supported (this icprune "
+                f"reads version {VERSION})"
+            )
+        groups = tuple(
+            Group(g["channels"], tuple(Dependency(*d) for d in g["dependencies"]))
+            for g in data["groups"]
+        )
+        kept = tuple(torch.tensor(g["kept"], dtype=torch.int64) for g in data["groups"])
+        sizes = {name: tuple(size) for name, size in data["sizes"].items()}
+        return cls(
+            groups, kept, sizes, tuple(data["macs"]), tuple(data["params"]), data["settings"]
+        )
+
+    def table(self) -> str:
+        """A plain-text table: one row per group (its first layer, how many layers it couples,
+        channels before and after), then MACs and parameters before and after."""
+        rows = [
+            f"{'group (first layer)':<34} {'layers':>6} {'channels':>8} {'kept':>6} {'pruned':>7}"
+        ]
+        for group, kept in zip(self.groups, self.kept, strict=True):
+            share = 1 - len(kept) / group.channels
+            rows.append(
+                f"{group.layers[0]:<34} {len(group.layers):>6} {group.channels:>8} "
+                f"{len(kept):>6} {share:>7.1%}"
+            )
+        rows.append(
+            f"MACs {self.macs[0]:,} -> {self.macs[1]:,} (-{self.flops_reduction:.1%}); "
+            f"params {self.params[0]:,} -> {self.params[1]:,} (-{self.params_reduction:.1%})"
+        )
+        return "\n".join(rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _score_vectors(
+    scores: Mapping[str, LayerScores | Tensor], model: nn.Module
+) -> dict[str, Tensor]:
+    """Validated float64 CPU score vectors, one per scored layer."""
+    if not isinstance(scores, Mapping):
+        raise TypeError(
+            "scores must map layer names to LayerScores (from icprune.score) or Tensor[C] "
+            f"scores, got {type(scores).__name__}"
+        )
+    modules = dict(model.named_modules())
+    vectors = {}
+    for name, value in scores.items():
+        vec = value.score if isinstance(value, LayerScores) else value
+        if name not in modules:
+            raise ValueError(f"scores: the model has no layer named {name!r}")
+        if not isinstance(vec, Tensor) or vec.dim() != 1 or not vec.is_floating_point():
+            raise TypeError(
+                f"scores[{name!r}] must be a 1-D floating-point Tensor[C] (or LayerScores), got "
+                f"{type(vec).__name__}{tuple(vec.shape) if isinstance(vec, Tensor) else ''}"
+            )
+        weight = getattr(modules[name], "weight", None)
+        if weight is not None and weight.shape[0] != vec.numel():
+            raise ValueError(
+                f"scores[{name!r}] has {vec.numel()} values but the layer has {weight.shape[0]} "
+                f"output channels"
+            )
+        vec = vec.detach().to("cpu", torch.float64)
+        if not torch.isfinite(vec).all():
+            raise ValueError(f"scores[{name!r}] holds NaN or Inf; scores must be finite")
+        vectors[name] = vec
+    return vectors
+
+
+def _group_score(group: Group, vectors: Mapping[str, Tensor]) -> Tensor | None:
+    """Mean of the min-max normalised scores of the group's scored layers (None: no scores)."""
+    parts = []
+    for dep in group.dependencies:
+        if dep.kind in ("output", "depthwise") and dep.module in vectors:
+            vec = normalize(vectors[dep.module], "minmax")
+            parts.append(vec[dep.offset : dep.offset + group.channels])
+    return torch.stack(parts).mean(0) if parts else None
+
+
+def _check_fraction(name: str, value: object, upper_open: bool = True) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value < 0 or (value >= 1 if upper_open else value > 1):
+        bound = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
+    return float(value)
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class _Allocator:
+    """Kept channel counts per group as a monotone function of one integer parameter t."""
+
+    def __init__(
+        self,
+        channels: list[int],
+        group_scores: list[Tensor | None],
+        caps: list[int],
+        round_to: int,
+        global_ranking: bool,
+    ) -> None:
+        self.channels, self.caps, self.round_to = channels, caps, round_to
+        self.global_ranking = global_ranking
+        # Prune order within each group: lowest score first, ties by channel index.
+        self.orders = [
+            None if s is None else torch.sort(s, stable=True).indices for s in group_scores
+        ]
+        if global_ranking:
+            entries = [
+                (float(group_scores[g][c]), g, int(c))
+                for g, order in enumerate(self.orders)
+                if order is not None
+                for c in order[: caps[g]]
+            ]
+            entries.sort()
+            self.owner = np.array([g for _, g, _ in entries], dtype=np.int64)
+            self.steps = len(entries)
+        else:
+            self.steps = _UNIFORM_STEPS
+
+    def pruned(self, t: int) -> list[int]:
+        """Channels pruned per group (before rounding) at parameter t in [0, steps]."""
+        if self.global_ranking:
+            counts = np.bincount(self.owner[:t], minlength=len(self.channels))
+            return [int(x) for x in counts]
+        return [
+            0 if order is None else min(c * t // _UNIFORM_STEPS, cap)
+            for c, cap, order in zip(self.channels, self.caps, self.orders, strict=True)
+        ]
+
+    def kept(self, t: int) -> list[int]:
+        """Kept channels per group at parameter t, rounded up to multiples of round_to."""
+        out = []
+        for c, p in zip(self.channels, self.pruned(t), strict=True):
+            keep = c - p
+            if p and self.round_to > 1:
+                keep = min(c, -(-keep // self.round_to) * self.round_to)
+            out.append(keep)
+        return out
+
+    def indices(self, kept: list[int]) -> tuple[Tensor, ...]:
+        """Sorted kept indices of every group for the given kept counts."""
+        result = []
+        for c, keep, order in zip(self.channels, kept, self.orders, strict=True):
+            if order is None or keep == c:
+                result.append(torch.arange(c))
+            else:
+                result.append(order[c - keep :].sort().values)
+        return tuple(result)
+
+
+def plan(
+    model: nn.Module,
+    scores: Mapping[str, LayerScores | Tensor],
+    *,
+    example_inputs: Tensor | Sequence[Tensor],
+    ratio: float | None = None,
+    flops_reduction: float | None = None,
+    params_reduction: float | None = None,
+    global_ranking: bool = True,
+    max_layer_ratio: float = 0.9,
+    min_channels: int = 1,
+    round_to: int = 1,
+    ignored_layers: Iterable[str] = (),
+) -> PruningPlan:
+    """Choose the output channels to keep in every dependency group of ``model``.
+
+    Args:
+        model: the network; not modified.
+        scores: ``layer -> LayerScores`` (from :func:`icprune.score`) or ``layer -> Tensor[C]``
+            (any criterion; float, higher = keep). Layers in no group (the classifier, ignored
+            or opaque ones) are skipped; groups with no scored layer are kept whole.
+        example_inputs: Tensor or tuple of Tensors for ``model(*example_inputs)`` at the
+            resolution the MACs should be counted for, e.g. ``torch.randn(1, 3, 224, 224)``.
+        ratio: fraction of channels to prune, in [0, 1): of all scored channels
+            (``global_ranking=True``) or of each group.
+        flops_reduction: fraction of MACs (= FLOPs) to remove, in [0, 1).
+        params_reduction: fraction of parameters to remove, in [0, 1). Exactly one of
+            ``ratio``, ``flops_reduction``, ``params_reduction`` must be given.
+        global_ranking: rank channels of all groups together (True) or prune every group by the
+            same fraction (False).
+        max_layer_ratio: at most this fraction of a group's channels is pruned, in (0, 1].
+        min_channels: every group keeps at least this many channels (int >= 1).
+        round_to: kept channel counts are rounded up to a multiple of this (int >= 1; 8 or 16
+            keeps CPU/GPU kernels efficient).
+        ignored_layers: module names never pruned (see
+            :func:`icprune.dependency.trace_dependencies`).
+
+    Returns:
+        :class:`PruningPlan`; ``plan.keep`` maps each prunable layer to its sorted kept
+        output-channel indices (LongTensor).
+
+    Raises:
+        ValueError: bad options, bad scores (wrong length, NaN/Inf), an untraceable model, or a
+            target that cannot be reached (or not within 1 percentage point) under the limits.
+        TypeError: scores of the wrong type.
+    """
+    targets = {"ratio": ratio, "flops_reduction": flops_reduction}
+    targets["params_reduction"] = params_reduction
+    given = {k: v for k, v in targets.items() if v is not None}
+    if len(given) != 1:
+        raise ValueError(
+            "plan: give exactly one of ratio=, flops_reduction= or params_reduction= "
+            f"(got {', '.join(given) or 'none'})"
+        )
+    ((target_name, target),) = given.items()
+    target = _check_fraction(target_name, target)
+    max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio, upper_open=False)
+    if max_layer_ratio == 0:
+        raise ValueError("max_layer_ratio must be > 0 (it is the most a group may lose)")
+    min_channels = _check_count("min_channels", min_channels)
+    round_to = _check_count("round_to", round_to)
+    ignored = list(ignored_layers) if not isinstance(ignored_layers, str) else ignored_layers
+    vectors = _score_vectors(scores, model)
+    deps = trace_dependencies(model, example_inputs, ignored_layers=ignored)
+    channels = [g.channels for g in deps.groups]
+    group_scores = [_group_score(g, vectors) for g in deps.groups]
+    caps = [max(0, min(math.floor(max_layer_ratio * c), c - min_channels)) for c in channels]
+    alloc = _Allocator(channels, group_scores, caps, round_to, global_ranking)
+    cost = CostModel(deps)
+    before = cost(channels)
+
+    if target_name == "ratio":
+        if global_ranking:
+            total = sum(c for c, s in zip(channels, group_scores, strict=True) if s is not None)
+            t = round(target * total)
+            if t > alloc.steps:
+                raise ValueError(
+                    f"ratio={target} asks to prune {t} of {total} channels but at most "
+                    f"{alloc.steps} can go under max_layer_ratio={max_layer_ratio} and "
+                    f"min_channels={min_channels}; lower ratio or raise max_layer_ratio"
+                )
+        else:
+            if target > max_layer_ratio:
+                raise ValueError(
+                    f"ratio={target} is above max_layer_ratio={max_layer_ratio}; raise "
+                    f"max_layer_ratio or lower ratio"
+                )
+            t = round(target * _UNIFORM_STEPS)
+        kept = alloc.kept(t)
+    else:
+        which = 0 if target_name == "flops_reduction" else 1
+
+        def reduction(t: int) -> float:
+            return 1.0 - cost(alloc.kept(t))[which] / before[which]
+
+        kept = alloc.kept(_search(reduction, alloc.steps, target, target_name))
+
+    after = cost(kept)
+    sizes = {
+        dep.module: (deps.shapes[dep.module].out_channels, deps.shapes[dep.module].in_channels)
+        for g in deps.groups
+        for dep in g.dependencies
+    }
+    settings = {
+        target_name: target,
+        "global_ranking": bool(global_ranking),
+        "max_layer_ratio": max_layer_ratio,
+        "min_channels": min_channels,
+        "round_to": round_to,
+        "ignored_layers": sorted(ignored),
+        "example_inputs": [list(t.shape) for t in _inputs(example_inputs)],
+    }
+    return PruningPlan(
+        deps.groups,
+        alloc.indices(kept),
+        sizes,
+        (before[0], after[0]),
+        (before[1], after[1]),
+        settings,
+    )
+
+
+def _inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+
+
+def _search(reduction, steps: int, target: float, name: str) -> int:
+    """The parameter t in [0, steps] whose reduction is closest to ``target`` (bisection on the
+    monotone ``reduction(t)``), within :data:`TOLERANCE`."""
+    top = reduction(steps)
+    if top < target - TOLERANCE:
+        raise ValueError(
+            f"{name}={target:.3f} cannot be reached: pruning as much as max_layer_ratio, "
+            f"min_channels, round_to and ignored_layers allow removes {top:.3f}; lower the target "
+            f"or relax those limits"
+        )
+    low, high = 0, steps  # reduction(high) >= target or high == steps
+    while low < high:
+        mid = (low + high) // 2
+        if reduction(mid) >= target:
+            high = mid
+        else:
+            low = mid + 1
+    best = min({low, max(low - 1, 0)}, key=lambda t: (abs(reduction(t) - target), t))
+    if abs(reduction(best) - target) > TOLERANCE:
+        raise ValueError(
+            f"{name}={target:.3f} cannot be met within {TOLERANCE:.0%}: the nearest plans remove "
+            f"{reduction(max(low - 1, 0)):.3f} and {reduction(low):.3f} (one group's rounding "
+            f"step is too coarse); use a smaller round_to or another target"
+        )
+    return best
