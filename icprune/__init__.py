@@ -8,12 +8,18 @@ independence), after Tang et al., arXiv:2303.03645. Exact definitions: docs/meth
     scores = icprune.score(model, data)                     # from feature maps
     scores = icprune.score(model, source="weights")         # data-free
     stats = icprune.calibrate(model, data)                  # reusable statistics
+    result = icprune.prune(model, data, flops_reduction=0.5)  # score -> plan -> apply
 """
 
 from icprune._ext import HAVE_EXT, build_info
+from icprune.applying import apply
 from icprune.calibrate import calibrate
 from icprune.counting import count
+from icprune.dependency import Dependency, Group, dependency_groups
+from icprune.planning import PruningPlan, plan
+from icprune.pruning import PruneResult, prune
 from icprune.scoring import LayerScores, layer_scores, score
+from icprune.serialization import load, save
 from icprune.stats import ChannelStats
 from icprune.weight_stats import weight_stats
 
@@ -22,12 +28,22 @@ __version__ = "0.1.0"
 __all__ = [
     "HAVE_EXT",
     "ChannelStats",
+    "Dependency",
+    "Group",
     "LayerScores",
+    "PruneResult",
+    "PruningPlan",
     "__version__",
+    "apply",
     "build_info",
     "calibrate",
     "count",
+    "dependency_groups",
     "layer_scores",
+    "load",
+    "plan",
+    "prune",
+    "save",
     "score",
     "weight_stats",
 ]

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from icprune.graph import NORM_TYPES
-from icprune.plan import PruningPlan
+from icprune.planning import PruningPlan
 from icprune.slicing import slice_channels
 
 
