@@ -11,6 +11,8 @@ two-step ``index_select``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -37,6 +39,14 @@ def slice_channels_ref(weight: Tensor, out_idx: Tensor, in_idx: Tensor | None = 
 def _check_index(idx: Tensor, what: str) -> None:
     if not isinstance(idx, Tensor) or idx.dtype != torch.int64 or idx.dim() != 1:
         raise TypeError(f"slice_channels: {what} must be a 1-D LongTensor of indices")
+
+
+def _check_range(idx: Tensor, size: int, what: str) -> None:
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= size):
+        raise IndexError(
+            f"slice_channels: {what} holds indices outside [0, {size}) (min {int(idx.min())}, "
+            f"max {int(idx.max())}); negative indices are refused too"
+        )
 
 
 def slice_channels(weight: Tensor, out_idx: Tensor, in_idx: Tensor | None = None) -> Tensor:
@@ -66,17 +76,20 @@ def slice_channels(weight: Tensor, out_idx: Tensor, in_idx: Tensor | None = None
             )
         _check_index(in_idx, "in_idx")
     fused = ext is not None and weight.device.type == "cpu" and weight.dtype in _BITS
-    if not fused or weight.dim() < 2:
-        return slice_channels_ref(weight, out_idx, in_idx).clone(
-            memory_format=torch.contiguous_format
-        )
-    rows, cols = weight.shape[:2]
-    try:
-        src = weight.view(rows, cols, -1)  # no copy: trailing dims must form one strided block
-    except RuntimeError:
-        return slice_channels_ref(weight, out_idx, in_idx).contiguous()
-    if src.shape[2] > 1 and src.stride(2) != 1:
-        return slice_channels_ref(weight, out_idx, in_idx).contiguous()
+    src = None
+    if fused and weight.dim() >= 2:
+        rows, cols = weight.shape[:2]
+        try:  # no copy: the trailing dims must form one contiguous block per (row, column)
+            src = weight.view(rows, cols, math.prod(weight.shape[2:]))
+        except RuntimeError:
+            src = None
+        if src is not None and src.shape[2] > 1 and src.stride(2) != 1:
+            src = None
+    if src is None:
+        _check_range(out_idx, weight.shape[0], "out_idx")
+        if in_idx is not None:
+            _check_range(in_idx, weight.shape[1], "in_idx")
+        return slice_channels_ref(weight, out_idx, in_idx)  # index_select: a fresh tensor
     cols_idx = torch.arange(cols) if in_idx is None else in_idx
     out = torch.empty((out_idx.numel(), cols_idx.numel(), *weight.shape[2:]), dtype=weight.dtype)
     bits = _BITS[weight.dtype]
@@ -84,6 +97,6 @@ def slice_channels(weight: Tensor, out_idx: Tensor, in_idx: Tensor | None = None
         src.view(bits).numpy(),
         out_idx.numpy(),
         cols_idx.numpy(),
-        out.view(bits).view(out.shape[0], out.shape[1], -1).numpy(),
+        out.view(bits).view(out.shape[0], out.shape[1], src.shape[2]).numpy(),
     )
     return out

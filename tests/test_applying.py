@@ -1,0 +1,129 @@
+"""applying: the pruned model equals the masked original; the original is left untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import icprune
+from icprune.applying import apply
+from icprune.models import mobilenet_v2, resnet18, resnet50, resnet56, vgg16_bn
+from icprune.planning import PruningPlan, plan
+
+ZOO = [
+    (resnet18, (2, 3, 64, 64)),
+    (resnet50, (2, 3, 64, 64)),
+    (resnet56, (2, 3, 32, 32)),
+    (vgg16_bn, (2, 3, 64, 64)),
+    (mobilenet_v2, (2, 3, 64, 64)),
+]
+
+
+def randomize_norms(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine terms, so a zeroed channel's BN output is
+    not zero by accident."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 2 - 1)
+    return model.eval()
+
+
+def l1_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """L1 norm of every prunable layer's filters: a cheap criterion (plan takes any scores)."""
+    return {
+        name: m.weight.detach().flatten(1).abs().sum(1)
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    }
+
+
+def masked_output(model: nn.Module, chosen: PruningPlan, x: torch.Tensor) -> torch.Tensor:
+    """The original model's output with the pruned channels zeroed at the output of every module
+    of their group (the conv/linear producers, their BatchNorms, depthwise convs)."""
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in dict.fromkeys(
+        d.module for g in chosen.groups for d in g.dependencies if d.kind != "input"
+    ):
+        mask = torch.zeros(chosen.sizes[name][0])
+        mask[chosen.indices(name, "out")] = 1.0
+
+        def hook(module, args, out, mask=mask):
+            return out * mask.view(1, -1, *([1] * (out.dim() - 2)))
+
+        hooks.append(modules[name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize(("factory", "shape"), ZOO, ids=lambda v: getattr(v, "__name__", None))
+def test_pruned_equals_masked_original(factory, shape):
+    torch.manual_seed(0)
+    model = randomize_norms(factory())
+    x = torch.randn(shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], flops_reduction=0.5)
+    pruned = apply(model, chosen)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # untouched
+    with torch.no_grad():
+        got = pruned(x)
+    want = masked_output(model, chosen, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    macs, params = icprune.count(pruned, x[:1])
+    assert (macs, params) == (chosen.macs[1], chosen.params[1])  # analytic cost is exact
+    assert abs(chosen.flops_reduction - 0.5) <= 0.01
+    for name, kept in chosen.keep.items():
+        assert dict(pruned.named_modules())[name].weight.shape[0] == len(kept)
+
+
+class CatNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 8, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.dw_bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16 * 4, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        y = nn.functional.adaptive_avg_pool2d(self.dw_bn(self.dw(y)), 2)
+        return self.head(torch.relu(self.fc(torch.flatten(y, 1))))
+
+
+def test_cat_depthwise_flatten_equivalence():
+    torch.manual_seed(0)
+    model = randomize_norms(CatNet())
+    x = torch.randn(3, 3, 8, 8)
+    scores = {n: torch.randn(getattr(model, n).weight.shape[0]) for n in ("a", "b", "fc")}
+    chosen = plan(model, scores, example_inputs=x, ratio=0.5, global_ranking=False)
+    pruned = apply(model, chosen)
+    assert pruned.dw.groups == pruned.dw.in_channels == pruned.dw.out_channels == 8
+    assert pruned.fc.in_features == 8 * 4 and pruned.fc.out_features == 6
+    torch.testing.assert_close(pruned(x).detach(), masked_output(model, chosen, x))
+
+
+def test_inplace_and_flags():
+    torch.manual_seed(0)
+    model = resnet56().train()
+    model.conv1.weight.requires_grad_(False)
+    x = torch.randn(1, 3, 32, 32)
+    chosen = plan(model, icprune.score(model, source="weights"), example_inputs=x, ratio=0.3)
+    copy = apply(model, chosen)
+    assert copy is not model and copy.training and not copy.conv1.weight.requires_grad
+    assert copy.layer1[0].bn1.num_batches_tracked is not model.layer1[0].bn1.num_batches_tracked
+    same = apply(model, chosen, inplace=True)
+    assert same is model and model.conv1.out_channels == len(chosen.keep["conv1"])
+    with pytest.raises(ValueError, match="does not match this model"):
+        apply(model, chosen)  # already pruned: channel counts differ
