@@ -19,6 +19,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/channel_stats.py --out bench/results/cpu-reference.md
+	$(PY) bench/slicing.py --out bench/results/cpu-slicing.md
+	$(PY) bench/pruned_latency.py --out bench/results/cpu-pruned_latency.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
