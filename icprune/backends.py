@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from typing import NamedTuple
 
 import torch
@@ -62,14 +63,15 @@ def _triton_kernels():
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device, name: str = "<unnamed>") -> str:
-    """The backend that computes a batch on ``device``: ``backend`` itself when it is available
-    there, the best available one for ``"auto"``.
+def resolve_backend(
+    backend: str, device: torch.device, name: str = "<unnamed>", dtype: torch.dtype | None = None
+) -> str:
+    """The backend that computes a batch of ``dtype`` (None: any) on ``device``: ``backend``
+    itself when it is available there, the best available one for ``"auto"`` (float64 on CUDA
+    goes to torch: the Triton kernels read 16/32-bit floats).
 
     Raises:
         ValueError: unknown backend name, or a forced backend that cannot run here (the message
@@ -79,7 +81,7 @@ def resolve_backend(backend: str, device: torch.device, name: str = "<unnamed>")
         raise ValueError(f"layer '{name}': backend must be one of {BACKENDS}, got {backend!r}")
     cuda = device.type == "cuda"
     if backend == "auto":
-        if cuda and HAVE_TRITON:
+        if cuda and HAVE_TRITON and dtype != torch.float64:
             return "triton"
         if device.type == "cpu" and HAVE_EXT:
             return "cpp"
@@ -100,6 +102,11 @@ def resolve_backend(backend: str, device: torch.device, name: str = "<unnamed>")
             raise ValueError(
                 f"layer '{name}': backend='triton' but Triton is not installed; "
                 f"pip install 'icprune[triton]', or use backend='auto'"
+            )
+        if dtype == torch.float64:
+            raise ValueError(
+                f"layer '{name}': backend='triton' reads float16/bfloat16/float32 feature maps, "
+                f"got float64; use backend='torch' (or 'auto') for float64"
             )
         if not cuda and not _interpreting():
             raise ValueError(

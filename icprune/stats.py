@@ -155,7 +155,7 @@ class ChannelStats:
         self._check(x)
         if x.numel() == 0:
             return
-        backend = resolve_backend(self.backend, self.device, self.name)
+        backend = resolve_backend(self.backend, self.device, self.name, x.dtype)
         if backend == "torch":
             samples = self._handle_nonfinite(self._as_samples(x))
             self._accumulate_moments(samples)
