@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m icprune.demo
 
 bench: $(STAMP)
-	$(PY) bench/channel_stats.py --out bench/results/cpu-reference.md
+	$(PY) bench/channel_stats.py --write
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -39,6 +39,9 @@ constexpr int64_t kMaxShift = 62;       // _MAX_SHIFT
 constexpr int64_t kItemValues = 1 << 15;
 // Bytes per NHWC tile of rows (all channels): read twice, the second time from L2.
 constexpr int64_t kTileBytes = 1 << 17;
+// Smaller batches run on one thread: waking a team costs more than it saves (and much more on a
+// loaded machine).
+constexpr int64_t kParallelValues = 1 << 16;
 
 // Loads: each returns the value in the compute type F, exactly (float for 16/32-bit inputs,
 // double for float64), branch-free so that the loops vectorise.
@@ -373,7 +376,8 @@ int64_t planes(const BatchView& v, int bins, int64_t* counts, int64_t* exponent,
   const size_t esize = element_size(v.dtype);
   const char* base = static_cast<const char*>(v.data);
   std::vector<std::vector<int32_t>> subs(max_threads(), std::vector<int32_t>(4 * bins));
-#pragma omp parallel for schedule(dynamic, 1)
+  const bool parallel = v.n * v.c * v.s >= kParallelValues;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
   for (int64_t i = 0; i < items; ++i) {
     const int64_t ch = i / items_per_channel, n0 = (i % items_per_channel) * per_item;
     const int64_t rows = std::min(per_item, v.n - n0);
@@ -383,7 +387,7 @@ int64_t planes(const BatchView& v, int bins, int64_t* counts, int64_t* exponent,
   }
   int64_t nonfinite = 0;
   for (const Partial& p : parts) nonfinite += p.nonfinite;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t ch = 0; ch < v.c; ++ch) {
     std::vector<const Partial*> mine;
     for (int64_t i = 0; i < items_per_channel; ++i) mine.push_back(&parts[ch * items_per_channel + i]);
@@ -400,8 +404,10 @@ int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, i
   const int64_t c = v.c, total = v.n * v.s;
   const size_t esize = element_size(v.dtype);
   const int64_t tile = std::max<int64_t>(8, kTileBytes / static_cast<int64_t>(c * esize));
-  const int threads = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(max_threads(), (total + tile - 1) / tile)));
+  const int threads = total * c < kParallelValues
+                          ? 1
+                          : static_cast<int>(std::max<int64_t>(
+                                1, std::min<int64_t>(max_threads(), (total + tile - 1) / tile)));
   std::vector<std::vector<Partial>> state(threads, std::vector<Partial>(c));
   std::vector<std::vector<int64_t>> hists(threads, std::vector<int64_t>(c * bins, 0));
   const char* base = static_cast<const char*>(v.data);
@@ -424,7 +430,7 @@ int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, i
   }
   int64_t nonfinite = 0;
   for (int t = 0; t < threads; ++t) nonfinite += state[t][0].nonfinite;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (threads > 1)
   for (int64_t ch = 0; ch < c; ++ch) {
     std::vector<const Partial*> mine;
     for (int t = 0; t < threads; ++t)

@@ -187,7 +187,7 @@ def _gram(
     tl.store(out, acc, mask=(ci < C)[:, None] & (cj < C)[None, :])
 
 
-def channel_stats(x: torch.Tensor, bins: int):
+def channel_stats(x: torch.Tensor, bins: int, gram: bool = True):
     """Statistics of one batch, computed on ``x``'s device by the Triton kernels.
 
     Args:
@@ -195,6 +195,8 @@ def channel_stats(x: torch.Tensor, bins: int):
             channels_last feature maps are read in place), on a CUDA device - or on the CPU under
             ``TRITON_INTERPRET=1``.
         bins: number of histogram bins B (>= 2).
+        gram: compute the Gram matrix (False: ``gram`` is None; for benchmarking the one-pass
+            histogram kernel alone).
 
     Returns:
         (counts Tensor[C, B] int64 in each channel's own batch layout, exponent Tensor[C] int64,
@@ -247,7 +249,8 @@ def channel_stats(x: torch.Tensor, bins: int):
     counts = counts.view(tiles, c, bins).sum(0)
     sums = t_sum.double().sum(0)
     nonfinite = t_bad.sum(dtype=torch.int64)
-    gram = _gram_matrix(x, torch.maximum(lo.abs().max(), hi.abs().max()))
+    maxabs = torch.maximum(lo.abs().max(), hi.abs().max())
+    gram = _gram_matrix(x, maxabs) if gram else None
     return counts, k, off, lo, hi, sums, gram, nonfinite
 
 

@@ -180,3 +180,34 @@ def test_cuda_updates_never_synchronise_with_the_host():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert s.count == 4 * 4 * 64
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)
+    ).eval()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_calibrate_with_a_fast_backend_equals_the_reference(backend):
+    from icprune.calibrate import calibrate
+
+    net = _tiny_net().to(_device(backend))
+    data = [torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    data = [x.to(_device(backend)) for x in data]
+    fast = calibrate(net, data, backend=backend, progress=False)
+    ref = calibrate(net, data, backend="torch", progress=False)
+    assert list(fast) == list(ref) == ["0"]
+    assert fast["0"].backend == backend
+    _assert_close(fast["0"], ref["0"])
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="no Triton")
+def test_calibrate_reports_device_side_non_finite_values_at_the_end():
+    from icprune.calibrate import calibrate
+
+    net = _tiny_net().to(_device("triton"))
+    bad = torch.full((1, 3, 6, 6), float("nan"), device=_device("triton"))
+    with pytest.raises(ValueError, match=r"layer '0'.*non-finite.*found on the device"):
+        calibrate(net, [bad], backend="triton", progress=False)
