@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m icprune.demo
 
 bench: $(STAMP)
-	$(PY) bench/channel_stats.py --out bench/results/cpu-reference.md
+	$(PY) bench/channel_stats.py --write
 	$(PY) bench/slicing.py --out bench/results/cpu-slicing.md
 	$(PY) bench/pruned_latency.py --out bench/results/cpu-pruned_latency.md
 

@@ -53,7 +53,7 @@ def extensions():
             sorted(glob("csrc/*.cpp")),
             include_dirs=["csrc"],
             cxx_std=17,
-            extra_compile_args=["-O3", *openmp],
+            extra_compile_args=["-O3", "-fno-trapping-math", *openmp],  # vectorises FP selects
             extra_link_args=openmp,
         )
     ]

@@ -1,8 +1,10 @@
 // Python bindings of icprune._C. Only PYBIND11_MODULE lives here; each concern has its own file.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include "build_info.h"
 #include "slicing.h"
+#include "channel_stats.h"
 
 namespace py = pybind11;
 
@@ -26,4 +28,32 @@ PYBIND11_MODULE(_C, m) {
         "dst[:] = src[rows][:, cols] in one pass for src (O, I, K) of 2/4/8-byte elements (dims "
         "0-1 any stride, K contiguous), int64 rows/cols, C-contiguous dst (len(rows), len(cols), "
         "K); bit-identical copy, OpenMP threads, GIL released.");
+  m.def(
+      "channel_stats",
+      [](py::array x, int dtype, int bins) {
+        if (x.ndim() != 3 || dtype < 0 || dtype > 3 || bins < 2)
+          throw std::invalid_argument("channel_stats: expected an (N, C, S) array, dtype 0-3, bins >= 2");
+        const icprune::Dtype dt = static_cast<icprune::Dtype>(dtype);
+        const py::ssize_t size = x.itemsize();
+        const int64_t c = x.shape(1);
+        py::array_t<int64_t> counts({c, static_cast<int64_t>(bins)}), exponent(c), offset(c);
+        py::array_t<double> minimum(c), maximum(c), sums(c);
+        const icprune::BatchView view{x.data(), dt, x.shape(0), c, x.shape(2),
+                                      x.strides(0) / size, x.strides(1) / size, x.strides(2) / size};
+        int64_t nonfinite;
+        {
+          py::gil_scoped_release release;
+          nonfinite = icprune::channel_stats(view, bins, counts.mutable_data(),
+                                             exponent.mutable_data(), offset.mutable_data(),
+                                             minimum.mutable_data(), maximum.mutable_data(),
+                                             sums.mutable_data());
+        }
+        return py::make_tuple(counts, exponent, offset, minimum, maximum, sums, nonfinite);
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("bins"),
+      "Histogram, extremes and sums of one batch, one pass (csrc/channel_stats.h). x: array "
+      "(N, C, S) of float16 (dtype 0), bfloat16 bits as int16/uint16 (1), float32 (2) or float64 "
+      "(3), any strides. Returns (counts int64[C, bins] in each channel's own batch layout, "
+      "exponent int64[C], offset int64[C], minimum float64[C], maximum float64[C], sums "
+      "float64[C], nonfinite int); non-finite values are read as 0.");
 }

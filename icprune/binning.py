@@ -21,6 +21,8 @@ K_MIN = -120
 INDEX_BITS = 40
 #: Largest shift applied to an int64 bin index when coarsening (indices are below 2**40).
 _MAX_SHIFT = 62
+#: Fitting steps of bin_layout after its lower bound (2 suffice; one spare).
+_LAYOUT_STEPS = 3
 
 
 def _floor_log2(x: torch.Tensor) -> torch.Tensor:
@@ -73,11 +75,10 @@ def bin_layout(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple[torch.Ten
     nonzero = maxabs > 0
     k_mag = _floor_log2(torch.where(nonzero, maxabs, torch.ones_like(maxabs))) + 1 - INDEX_BITS
     k = torch.where(nonzero, torch.maximum(k, k_mag), k)
-    while True:  # at most a few steps: k starts within 2 of the answer
-        too_wide = bin_index(hi, k) - bin_index(lo, k) > bins - 1
-        if not bool(too_wide.any()):
-            break
-        k = k + too_wide.to(torch.int64)
+    # k is now at most 2 below the answer (span / 2**k < 4 * 2**bitlen(B-1)); a fixed number of
+    # steps, not a data-dependent loop, so that nothing waits for the device (CUDA tensors).
+    for _ in range(_LAYOUT_STEPS):
+        k = k + (bin_index(hi, k) - bin_index(lo, k) > bins - 1).to(torch.int64)
     off = torch.where(seen, bin_index(lo, k), torch.zeros_like(k))
     return k, off
 

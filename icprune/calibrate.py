@@ -95,6 +95,7 @@ def calibrate(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    backend: str = "auto",
 ) -> dict[str, ChannelStats]:
     """Collect the channel statistics of every prunable layer over calibration data.
 
@@ -117,6 +118,10 @@ def calibrate(
         device: device to run on; batches are moved there. Default: the model's device. The model
             itself is never moved.
         progress: show a tqdm progress bar (only on a terminal).
+        backend: who computes each batch's statistics (see :class:`ChannelStats`): ``"auto"``
+            (Triton on CUDA, the C++ extension on the CPU, else torch), ``"triton"``, ``"cpp"``
+            or ``"torch"``. On CUDA no layer synchronises with the host per batch; non-finite
+            values found on the device are reported once, at the end.
 
     Returns:
         dict qualified layer name -> :class:`ChannelStats` over all samples of all batches
@@ -141,6 +146,7 @@ def calibrate(
             name=name,
             read_at=points[name].read_at,
             device=dev,
+            backend=backend,
         )
         for name, module in selected.items()
     }
@@ -168,4 +174,6 @@ def calibrate(
             handle.remove()
     if seen == 0:
         raise ValueError("data yielded no batches; pass at least one batch of model inputs")
+    for layer in stats.values():
+        layer.sync()  # one host synchronisation per layer, after all batches
     return stats

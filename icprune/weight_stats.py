@@ -46,6 +46,7 @@ def weight_stats(
             name=name,
             read_at="weights",
             device=weight.device,
+            backend="torch",  # weights are small: the float64 reference costs nothing here
         )
         # (C, K) -> K samples of C channels, laid out (N=K, C).
         layer.update(weight.reshape(channels, -1).T)

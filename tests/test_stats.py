@@ -22,6 +22,7 @@ def _features(seed: int, n=12, c=5, h=4, w=3, dtype=torch.float32) -> torch.Tens
 
 
 def _stats(x, bins=16, range_mode="layer", **kw) -> ChannelStats:
+    kw.setdefault("backend", "torch")  # the reference; other backends: test_backends.py
     s = ChannelStats(x.shape[1], bins=bins, range_mode=range_mode, name="layer.test", **kw)
     s.update(x)
     return s
@@ -89,7 +90,7 @@ def test_any_split_order_and_merge_gives_the_single_batch_result(
     cuts = sorted(data.draw(st.lists(st.integers(1, max(n - 1, 1)), max_size=4, unique=True)))
     pieces = [p for p in torch.tensor_split(x, [k for k in cuts if k < n]) if p.shape[0]]
     order = data.draw(st.permutations(range(len(pieces))))
-    streamed = ChannelStats(c, bins=bins, range_mode=range_mode, name="layer.test")
+    streamed = ChannelStats(c, bins=bins, range_mode=range_mode, name="layer.test", backend="torch")
     for i in order:
         streamed.update(pieces[i])
     _assert_same(whole, streamed)
@@ -261,7 +262,9 @@ def test_state_dict_round_trips_bit_identically_through_a_weights_only_load():
     buffer = io.BytesIO()
     torch.save(s.state_dict(), buffer)
     buffer.seek(0)
-    restored = ChannelStats.from_state_dict(torch.load(buffer, weights_only=True))
+    restored = ChannelStats.from_state_dict(
+        torch.load(buffer, weights_only=True), backend=s.backend
+    )
     assert restored.name == s.name and restored.read_at == "bn" and restored.nan_policy == "zero"
     for key, value in s.state_dict().items():
         other = restored.state_dict()[key]

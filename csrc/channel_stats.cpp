@@ -1,0 +1,455 @@
+// One pass over a batch: per-channel extremes, sums and exact power-of-two histograms.
+//
+// The work is split into items (a run of rows of one channel plane, or a tile of NHWC rows).
+// Each item bins its values in a layout computed from its own range; a layout for a larger range
+// is always coarser and aligned (icprune/binning.py), so item histograms move into the channel's
+// batch layout exactly (rebin) - the counts equal binning every value at once, bit for bit.
+// Each item is read from memory once: its second sweep (the histogram) hits the cache.
+#include "channel_stats.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__GNUC__) && defined(__x86_64__) && !defined(__clang__)
+#define ICPRUNE_MULTIVERSION \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define ICPRUNE_MULTIVERSION
+#endif
+#if defined(__GNUC__)
+#define ICPRUNE_INLINE inline __attribute__((always_inline))
+#else
+#define ICPRUNE_INLINE inline
+#endif
+
+namespace icprune {
+namespace {
+
+// Constants of icprune/binning.py.
+constexpr int64_t kMinExponent = -120;  // K_MIN
+constexpr int64_t kIndexBits = 40;      // INDEX_BITS
+constexpr int64_t kMaxShift = 62;       // _MAX_SHIFT
+// Values per item: small enough that an item stays in L2 between its two sweeps.
+constexpr int64_t kItemValues = 1 << 15;
+// Bytes per NHWC tile of rows (all channels): read twice, the second time from L2.
+constexpr int64_t kTileBytes = 1 << 17;
+// Smaller batches run on one thread: waking a team costs more than it saves (and much more on a
+// loaded machine).
+constexpr int64_t kParallelValues = 1 << 16;
+
+// Loads: each returns the value in the compute type F, exactly (float for 16/32-bit inputs,
+// double for float64), branch-free so that the loops vectorise.
+struct LoadF16 {
+  using type = uint16_t;
+  using F = float;
+  static ICPRUNE_INLINE float get(uint16_t h) {
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    const uint32_t normal = sign | ((exp + 112u) << 23) | (mant << 13);
+    const uint32_t special = sign | 0x7f800000u | (mant << 13);  // inf, nan
+    const uint32_t bits = exp == 0x1f ? special : normal;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    const float sub = static_cast<float>(mant) * 5.9604644775390625e-08f;  // mant * 2^-24, exact
+    return exp == 0 ? (sign ? -sub : sub) : f;
+  }
+};
+struct LoadBF16 {
+  using type = uint16_t;
+  using F = float;
+  static ICPRUNE_INLINE float get(uint16_t h) {
+    const uint32_t bits = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+};
+struct LoadF32 {
+  using type = float;
+  using F = float;
+  static ICPRUNE_INLINE float get(float v) { return v; }
+};
+struct LoadF64 {
+  using type = double;
+  using F = double;
+  static ICPRUNE_INLINE double get(double v) { return v; }
+};
+
+// A non-finite value reads as 0 (v - v is 0 exactly for finite v, NaN otherwise).
+template <typename F>
+ICPRUNE_INLINE F finite_or_zero(F v) {
+  return (v - v) == F(0) ? v : F(0);
+}
+
+// 2^-k as torch.ldexp computes it (x * 2**other), exact for the exponents binning uses.
+ICPRUNE_INLINE double scale_of(int64_t k) { return std::ldexp(1.0, static_cast<int>(-k)); }
+
+int64_t floor_log2(double v) {
+  int e;
+  std::frexp(v, &e);
+  return static_cast<int64_t>(e) - 1;
+}
+
+int64_t bin_index(double x, int64_t k) {
+  return static_cast<int64_t>(std::floor(x * scale_of(k)));
+}
+
+int bit_length(int64_t v) {
+  int bits = 0;
+  for (; v > 0; v >>= 1) ++bits;
+  return bits;
+}
+
+// icprune.binning.bin_layout for one range [lo, hi] (lo <= hi, finite).
+void layout(double lo, double hi, int bins, int64_t& k, int64_t& off) {
+  const double half_span = hi / 2 - lo / 2;
+  k = kMinExponent;
+  if (half_span > 0) k = std::max(k, floor_log2(half_span) + 1 - bit_length(bins - 1));
+  const double maxabs = std::max(std::fabs(lo), std::fabs(hi));
+  if (maxabs > 0) k = std::max(k, floor_log2(maxabs) + 1 - kIndexBits);
+  while (bin_index(hi, k) - bin_index(lo, k) > bins - 1) ++k;
+  off = bin_index(lo, k);
+}
+
+// icprune.binning.rebin of one channel: add src (layout k0, off0) into dst (layout k1, off1).
+template <typename C>
+void rebin_add(const C* src, int64_t k0, int64_t off0, int64_t* dst, int64_t k1, int64_t off1,
+               int bins) {
+  const int64_t shift = std::min(std::max<int64_t>(k1 - k0, 0), kMaxShift);
+  for (int j = 0; j < bins; ++j) {
+    if (src[j] == 0) continue;
+    const int64_t target = ((off0 + j) >> shift) - off1;
+    dst[std::min<int64_t>(std::max<int64_t>(target, 0), bins - 1)] += src[j];
+  }
+}
+
+// Running statistics of one channel over some of its values, binned in their own layout.
+struct Partial {
+  double lo = INFINITY, hi = -INFINITY, sum = 0.0;
+  int64_t k = kMinExponent, off = 0, nonfinite = 0;
+  int64_t* hist = nullptr;  // [bins]
+};
+
+// Bin of a finite value v in a layout with scale 2^-k and offset off, both exact in F (see
+// csrc/channel_stats.h): floor(v * scale) - off. Only an underflow of v * scale can be inexact,
+// and it only matters for a negative v rounding to -0, whose bin is -1.
+template <typename F>
+ICPRUNE_INLINE int32_t index_in(F v, F scale, F off) {
+  const F t = v * scale;
+  return static_cast<int32_t>(std::floor(t) - off) - ((t == F(0)) & (v < F(0)));
+}
+
+// ---------------------------------------------------------------- planes (NCHW): one channel
+
+// Extremes, sum and non-finite count of values, accumulated per SIMD lane (W lanes of F):
+// element-wise updates of small arrays, which compilers vectorise without fast-math.
+template <typename F>
+struct Lanes {
+  static constexpr int W = 64 / sizeof(F);
+  F lo[W], hi[W];
+  double sum[W];
+  int32_t bad[W];
+  Lanes() {
+    std::fill(lo, lo + W, F(INFINITY));
+    std::fill(hi, hi + W, F(-INFINITY));
+    std::fill(sum, sum + W, 0.0);
+    std::fill(bad, bad + W, 0);
+  }
+  ICPRUNE_INLINE void add(int l, F raw) {
+    const F v = finite_or_zero(raw);
+    bad[l] += (raw - raw) != F(0);
+    lo[l] = v < lo[l] ? v : lo[l];
+    hi[l] = v > hi[l] ? v : hi[l];
+    sum[l] += v;
+  }
+};
+
+template <typename L>
+ICPRUNE_INLINE void scan(const typename L::type* p, int64_t count, Lanes<typename L::F>& acc) {
+  constexpr int W = Lanes<typename L::F>::W;
+  int64_t j = 0;
+  for (; j + W <= count; j += W)
+    for (int l = 0; l < W; ++l) acc.add(l, L::get(p[j + l]));
+  for (; j < count; ++j) acc.add(0, L::get(p[j]));
+}
+
+// Runs of `count` values at base + i*step_n (i < rows) + j (j < count), of one channel.
+// sub: [4 * bins] scratch.
+template <typename L>
+ICPRUNE_INLINE void plane_item(const typename L::type* base, int64_t step_n, int64_t rows,
+                               int64_t count, int bins, Partial& out, int32_t* sub) {
+  using F = typename L::F;
+  Lanes<F> acc;
+  for (int64_t r = 0; r < rows; ++r) scan<L>(base + r * step_n, count, acc);
+  out.lo = INFINITY;
+  out.hi = -INFINITY;
+  out.sum = 0.0;
+  out.nonfinite = 0;
+  for (int l = 0; l < Lanes<F>::W; ++l) {
+    out.lo = std::min<double>(out.lo, acc.lo[l]);
+    out.hi = std::max<double>(out.hi, acc.hi[l]);
+    out.sum += acc.sum[l];
+    out.nonfinite += acc.bad[l];
+  }
+  layout(out.lo, out.hi, bins, out.k, out.off);
+  // Four interleaved sub-histograms keep repeated bins from serialising on one counter.
+  std::fill(sub, sub + 4 * bins, 0);
+  const F scale = static_cast<F>(scale_of(out.k)), off = static_cast<F>(out.off);
+  int32_t idx[256];
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename L::type* p = base + r * step_n;
+    for (int64_t j0 = 0; j0 < count; j0 += 256) {
+      const int64_t len = std::min<int64_t>(256, count - j0);
+      for (int64_t j = 0; j < len; ++j)
+        idx[j] = index_in(finite_or_zero(L::get(p[j0 + j])), scale, off) +
+                 static_cast<int32_t>(j & 3) * bins;
+      for (int64_t j = 0; j < len; ++j) ++sub[idx[j]];
+    }
+  }
+  for (int b = 0; b < bins; ++b)
+    out.hist[b] = static_cast<int64_t>(sub[b]) + sub[bins + b] + sub[2 * bins + b] +
+                  sub[3 * bins + b];
+}
+
+using PlaneFn = void (*)(const void*, int64_t, int64_t, int64_t, int, Partial&, int32_t*);
+
+#define ICPRUNE_PLANE(NAME, LOAD)                                                             \
+  ICPRUNE_MULTIVERSION void NAME(const void* base, int64_t step_n, int64_t rows, int64_t count, \
+                                 int bins, Partial& out, int32_t* sub) {                      \
+    plane_item<LOAD>(static_cast<const LOAD::type*>(base), step_n, rows, count, bins, out,    \
+                     sub);                                                                    \
+  }
+ICPRUNE_PLANE(plane_f16, LoadF16)
+ICPRUNE_PLANE(plane_bf16, LoadBF16)
+ICPRUNE_PLANE(plane_f32, LoadF32)
+ICPRUNE_PLANE(plane_f64, LoadF64)
+
+// ------------------------------------------------------------ rows (NHWC): all channels at once
+
+// Scratch of one thread for rows_tile, all [C] except idx [tile rows * C].
+struct RowsScratch {
+  std::vector<double> lo, hi, sum, scale, off;
+  std::vector<int32_t> idx;
+  std::vector<int64_t> rebin;  // [bins]
+  RowsScratch(int64_t c, int64_t rows, int bins)
+      : lo(c), hi(c), sum(c), scale(c), off(c), idx(rows * c), rebin(bins) {}
+};
+
+// Widen p's range to [lo, hi], moving its counts to the new layout (scratch: [bins]); returns
+// whether the layout changed.
+bool widen(Partial& p, double lo, double hi, int bins, int64_t* scratch) {
+  if (lo >= p.lo && hi <= p.hi) return false;
+  const bool empty = !(p.lo <= p.hi);
+  p.lo = std::min(p.lo, lo);
+  p.hi = std::max(p.hi, hi);
+  int64_t k, off;
+  layout(p.lo, p.hi, bins, k, off);
+  if (!empty && (k != p.k || off != p.off)) {
+    std::fill(scratch, scratch + bins, 0);
+    rebin_add(p.hist, p.k, p.off, scratch, k, off, bins);
+    std::copy(scratch, scratch + bins, p.hist);
+  }
+  p.k = k;
+  p.off = off;
+  return true;
+}
+
+// Tile of `rows` rows; row r starts at row_ptr[r] and holds C contiguous channel values.
+// state: the C running partials of this thread, whose histograms are one [C * bins] block.
+template <typename L>
+ICPRUNE_INLINE void rows_tile(const typename L::type* const* row_ptr, int64_t rows, int64_t c,
+                              int bins, Partial* state, RowsScratch& w) {
+  using F = typename L::F;
+  F* __restrict tlo = reinterpret_cast<F*>(w.lo.data());
+  F* __restrict thi = reinterpret_cast<F*>(w.hi.data());
+  double* __restrict tsum = w.sum.data();
+  std::fill(tlo, tlo + c, F(INFINITY));
+  std::fill(thi, thi + c, F(-INFINITY));
+  std::fill(tsum, tsum + c, 0.0);
+  int64_t bad = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename L::type* __restrict p = row_ptr[r];
+    for (int64_t j = 0; j < c; ++j) {
+      const F raw = L::get(p[j]);
+      const F v = finite_or_zero(raw);
+      bad += (raw - raw) != F(0);
+      tlo[j] = std::min(tlo[j], v);
+      thi[j] = std::max(thi[j], v);
+      tsum[j] += v;
+    }
+  }
+  state[0].nonfinite += bad;
+  // scale/off hold F values of each channel's current layout, off folding in the row j * bins.
+  F* __restrict scale = reinterpret_cast<F*>(w.scale.data());
+  F* __restrict off = reinterpret_cast<F*>(w.off.data());
+  for (int64_t j = 0; j < c; ++j) {
+    state[j].sum += tsum[j];
+    if (widen(state[j], tlo[j], thi[j], bins, w.rebin.data())) {
+      scale[j] = static_cast<F>(scale_of(state[j].k));
+      off[j] = static_cast<F>(state[j].off);
+    }
+  }
+  int32_t* __restrict idx = w.idx.data();
+  for (int64_t r = 0; r < rows; ++r) {
+    const typename L::type* __restrict p = row_ptr[r];
+    int32_t* __restrict out = idx + r * c;
+#pragma omp simd
+    for (int64_t j = 0; j < c; ++j)
+      out[j] = index_in(finite_or_zero(L::get(p[j])), scale[j], off[j]) +
+               static_cast<int32_t>(j) * bins;
+  }
+  int64_t* hist = state[0].hist;
+  for (int64_t i = 0; i < rows * c; ++i) ++hist[idx[i]];
+}
+
+using RowsFn = void (*)(const void* const*, int64_t, int64_t, int, Partial*, RowsScratch&);
+
+#define ICPRUNE_ROWS(NAME, LOAD)                                                               \
+  ICPRUNE_MULTIVERSION void NAME(const void* const* row_ptr, int64_t rows, int64_t c, int bins, \
+                                 Partial* state, RowsScratch& w) {                             \
+    rows_tile<LOAD>(reinterpret_cast<const LOAD::type* const*>(row_ptr), rows, c, bins, state, \
+                    w);                                                                        \
+  }
+ICPRUNE_ROWS(rows_f16, LoadF16)
+ICPRUNE_ROWS(rows_bf16, LoadBF16)
+ICPRUNE_ROWS(rows_f32, LoadF32)
+ICPRUNE_ROWS(rows_f64, LoadF64)
+
+size_t element_size(Dtype dtype) {
+  return dtype == Dtype::kFloat64 ? 8 : dtype == Dtype::kFloat32 ? 4 : 2;
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+int team_size() {
+#ifdef _OPENMP
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
+int thread_id() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+// Merge the partials of channel j (a list of pointers) into the channel's own batch layout.
+void finish_channel(const std::vector<const Partial*>& parts, int bins, int64_t* counts,
+                    int64_t& k, int64_t& off, double& lo, double& hi, double& sum) {
+  lo = INFINITY;
+  hi = -INFINITY;
+  sum = 0.0;
+  for (const Partial* p : parts) {
+    lo = std::min(lo, p->lo);
+    hi = std::max(hi, p->hi);
+    sum += p->sum;
+  }
+  layout(lo, hi, bins, k, off);
+  std::fill(counts, counts + bins, 0);
+  for (const Partial* p : parts) rebin_add(p->hist, p->k, p->off, counts, k, off, bins);
+}
+
+int64_t planes(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, int64_t* offset,
+               double* minimum, double* maximum, double* sums) {
+  static const PlaneFn fns[] = {plane_f16, plane_bf16, plane_f32, plane_f64};
+  const PlaneFn fn = fns[static_cast<int>(v.dtype)];
+  const int64_t per_item = std::max<int64_t>(1, kItemValues / std::max<int64_t>(v.s, 1));
+  const int64_t items_per_channel = (v.n + per_item - 1) / per_item;
+  const int64_t items = v.c * items_per_channel;
+  std::vector<Partial> parts(items);
+  std::vector<int64_t> hists(items * bins);
+  const size_t esize = element_size(v.dtype);
+  const char* base = static_cast<const char*>(v.data);
+  std::vector<std::vector<int32_t>> subs(max_threads(), std::vector<int32_t>(4 * bins));
+  const bool parallel = v.n * v.c * v.s >= kParallelValues;
+#pragma omp parallel for schedule(dynamic, 1) if (parallel)
+  for (int64_t i = 0; i < items; ++i) {
+    const int64_t ch = i / items_per_channel, n0 = (i % items_per_channel) * per_item;
+    const int64_t rows = std::min(per_item, v.n - n0);
+    parts[i].hist = hists.data() + i * bins;
+    const char* start = base + (n0 * v.stride_n + ch * v.stride_c) * esize;
+    fn(start, v.stride_n, rows, v.s, bins, parts[i], subs[thread_id()].data());
+  }
+  int64_t nonfinite = 0;
+  for (const Partial& p : parts) nonfinite += p.nonfinite;
+#pragma omp parallel for schedule(static) if (parallel)
+  for (int64_t ch = 0; ch < v.c; ++ch) {
+    std::vector<const Partial*> mine;
+    for (int64_t i = 0; i < items_per_channel; ++i) mine.push_back(&parts[ch * items_per_channel + i]);
+    finish_channel(mine, bins, counts + ch * bins, exponent[ch], offset[ch], minimum[ch],
+                   maximum[ch], sums[ch]);
+  }
+  return nonfinite;
+}
+
+int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, int64_t* offset,
+             double* minimum, double* maximum, double* sums) {
+  static const RowsFn fns[] = {rows_f16, rows_bf16, rows_f32, rows_f64};
+  const RowsFn fn = fns[static_cast<int>(v.dtype)];
+  const int64_t c = v.c, total = v.n * v.s;
+  const size_t esize = element_size(v.dtype);
+  const int64_t tile = std::max<int64_t>(8, kTileBytes / static_cast<int64_t>(c * esize));
+  const int threads = total * c < kParallelValues
+                          ? 1
+                          : static_cast<int>(std::max<int64_t>(
+                                1, std::min<int64_t>(max_threads(), (total + tile - 1) / tile)));
+  std::vector<std::vector<Partial>> state(threads, std::vector<Partial>(c));
+  std::vector<std::vector<int64_t>> hists(threads, std::vector<int64_t>(c * bins, 0));
+  const char* base = static_cast<const char*>(v.data);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = thread_id(), team = team_size();
+    for (int64_t j = 0; j < c; ++j) state[t][j].hist = hists[t].data() + j * bins;
+    RowsScratch scratch(c, tile, bins);
+    std::vector<const void*> row_ptr(tile);
+    const int64_t per_thread = (total + team - 1) / team;
+    const int64_t r_begin = t * per_thread, r_end = std::min(total, r_begin + per_thread);
+    for (int64_t r0 = r_begin; r0 < r_end; r0 += tile) {
+      const int64_t len = std::min(tile, r_end - r0);
+      for (int64_t r = 0; r < len; ++r) {
+        const int64_t n = (r0 + r) / v.s, s = (r0 + r) % v.s;
+        row_ptr[r] = base + (n * v.stride_n + s * v.stride_s) * esize;
+      }
+      fn(row_ptr.data(), len, c, bins, state[t].data(), scratch);
+    }
+  }
+  int64_t nonfinite = 0;
+  for (int t = 0; t < threads; ++t) nonfinite += state[t][0].nonfinite;
+#pragma omp parallel for schedule(static) if (threads > 1)
+  for (int64_t ch = 0; ch < c; ++ch) {
+    std::vector<const Partial*> mine;
+    for (int t = 0; t < threads; ++t)
+      if (state[t][ch].lo <= state[t][ch].hi) mine.push_back(&state[t][ch]);
+    finish_channel(mine, bins, counts + ch * bins, exponent[ch], offset[ch], minimum[ch],
+                   maximum[ch], sums[ch]);
+  }
+  return nonfinite;
+}
+
+}  // namespace
+
+int64_t channel_stats(const BatchView& view, int bins, int64_t* counts, int64_t* exponent,
+                      int64_t* offset, double* minimum, double* maximum, double* sums) {
+  const bool contiguous_planes = view.s > 1 && view.stride_s == 1;
+  if (!contiguous_planes && view.stride_c == 1) {
+    return rows(view, bins, counts, exponent, offset, minimum, maximum, sums);
+  }
+  return planes(view, bins, counts, exponent, offset, minimum, maximum, sums);
+}
+
+}  // namespace icprune
