@@ -96,6 +96,11 @@ def histogram_pass(backend: str, x: torch.Tensor):
     return backends.triton_kernels().channel_stats(x3, BINS, gram=False)
 
 
+def ratio(value: float) -> str:
+    """A speed ratio for a table: two significant digits below 10 (``0.39x``), whole above."""
+    return f"{value:.2g}x" if value < 10 else f"{value:.0f}x"
+
+
 def throughput_table(batch: int, repeat: int, device: torch.device) -> list[str]:
     """Markdown rows: GB/s of each way to compute one batch's statistics, per SHAPES entry."""
     fast = fast_backends(device)
@@ -117,8 +122,8 @@ def throughput_table(batch: int, repeat: int, device: torch.device) -> list[str]
         for b in fast:
             one_pass = run(lambda b=b, x=x: histogram_pass(b, x))
             update = run(lambda b=b, c=c, x=x: ChannelStats(c, device=device, backend=b).update(x))
-            cells += [f"{one_pass:.2f}", f"{update:.3f}", f"{one_pass / ref:.0f}x"]
-            cells += [f"{one_pass / naive:.0f}x"]
+            cells += [f"{one_pass:.2f}", f"{update:.3f}", ratio(one_pass / ref)]
+            cells += [ratio(one_pass / naive)]
         rows.append("| " + " | ".join(cells) + " | |")
     return rows
 
@@ -229,7 +234,7 @@ def baselines_table(batch: int, repeat: int, device: torch.device) -> list[str]:
         shape = "x".join(map(str, x.shape))
         rows.append(
             f"| {name} | {shape} | {ours_s:.4f} | {hrank_s:.3f} | {chip_s:.2f} | "
-            f"{hrank_s / ours_s:.0f}x | {chip_s / ours_s:.0f}x |"
+            f"{ratio(hrank_s / ours_s)} | {ratio(chip_s / ours_s)} |"
         )
     return rows
 
