@@ -8,11 +8,13 @@ independence), after Tang et al., arXiv:2303.03645. Exact definitions: docs/meth
     scores = icprune.score(model, data)                     # from feature maps
     scores = icprune.score(model, source="weights")         # data-free
     stats = icprune.calibrate(model, data)                  # reusable statistics
+    icprune.recalibrate_bn(pruned_model, data)              # re-estimate BN statistics
 """
 
 from icprune._ext import HAVE_EXT, build_info
 from icprune.calibrate import calibrate
 from icprune.counting import count
+from icprune.recalibrate import recalibrate_bn
 from icprune.scoring import LayerScores, layer_scores, score
 from icprune.stats import ChannelStats
 from icprune.weight_stats import weight_stats
@@ -28,6 +30,7 @@ __all__ = [
     "calibrate",
     "count",
     "layer_scores",
+    "recalibrate_bn",
     "score",
     "weight_stats",
 ]
