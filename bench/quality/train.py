@@ -55,17 +55,18 @@ def train(
     recipe: Recipe,
     seed: int,
     desc: str = "train",
+    progress: bool = True,
 ) -> nn.Module:
     """Train ``model`` in place with ``recipe`` on images ``x`` (Tensor[N, 1, H, W] float32)
-    and labels ``y`` (Tensor[N] int64); batch order and translations come from ``seed``.
-    Returns ``model``, left in eval mode."""
+    and labels ``y`` (Tensor[N] int64); batch order and translations come from ``seed``; a
+    progress bar per epoch unless ``progress`` is False. Returns ``model``, in eval mode."""
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=recipe.lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     steps = recipe.epochs * math.ceil(len(x) / recipe.batch)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     model.train()
-    for _ in tqdm(range(recipe.epochs), desc=desc, unit="epoch", leave=False):
+    for _ in tqdm(range(recipe.epochs), desc=desc, unit="epoch", leave=False, disable=not progress):
         order = torch.randperm(len(x), generator=generator)
         for idx in order.split(recipe.batch):
             if len(idx) < 2:  # BatchNorm needs two samples
