@@ -175,9 +175,7 @@ def write(results: Results, out: Path, results_file: Path, quick: bool = False) 
         "seeds; the best mean of each column in bold.",
         "",
         "Unpruned accuracy: "
-        + ", ".join(
-            f"{a} {_cell([results.unpruned[a, s] for s in cfg.seeds])}" for a in cfg.archs
-        )
+        + ", ".join(f"{a} {_cell([results.unpruned[a, s] for s in cfg.seeds])}" for a in cfg.archs)
         + ". MAC reduction reached by `same counts`: "
         + ", ".join(
             f"{a} -{t:.0%} → {100 * _reached(results, a, t):.1f} %"

@@ -1,6 +1,6 @@
 """Run the comparison and write its report.
 
-    python -m bench.quality [--quick] [--out DIR] [--results FILE] [--no-progress]
+    python -m bench.quality [--quick] [--out DIR] [--results FILE] [--no-progress] [--threads N]
 
 (``make quality`` runs the full comparison.) The protocol is in :mod:`bench.quality`; the full
 run takes about 5 minutes on two idle CPU cores, ``--quick`` well under a minute.
@@ -88,7 +88,8 @@ class Results:
 
     def mean(self, **where) -> float:
         """Mean accuracy of the rows whose fields equal ``where``."""
-        values = [r.accuracy for r in self.rows if all(getattr(r, k) == v for k, v in where.items())]
+        items = where.items()
+        values = [r.accuracy for r in self.rows if all(getattr(r, k) == v for k, v in items)]
         if not values:
             raise KeyError(f"no rows with {where}")
         return mean(values)
@@ -172,7 +173,8 @@ def run(config: Config, progress: bool = True) -> Results:
         for name in tuned:
             for target in config.targets:
                 keep = _kept(costs[arch], all_scores[arch, seed, name], target, "same counts")
-                acc, cut = _measure(model, pruned, keep, costs[arch], digits, config.fine_tune, seed)
+                tune = config.fine_tune
+                acc, cut = _measure(model, pruned, keep, costs[arch], digits, tune, seed)
                 row = Row(arch, seed, name, target, "same counts", "fine-tuned", acc, cut)
                 results.rows.append(row)
                 bar.update()
@@ -214,13 +216,27 @@ def main(argv: Sequence[str] | None = None) -> Results:
         help="timings file (default bench/results/cpu-quality.md; with --quick, in --out)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these small models gain little from more, and "
+        "several threads slow down badly on a machine shared with other jobs)",
+    )
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     config = QUICK if args.quick else FULL
     results_file = args.results
     if results_file is None:
         quick_file = args.out / "cpu-quality.md"
         results_file = quick_file if args.quick else Path("bench/results/cpu-quality.md")
-    results = run(config, progress=not args.no_progress)
-    report.write(results, args.out, results_file, quick=args.quick)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        results = run(config, progress=not args.no_progress)
+        report.write(results, args.out, results_file, quick=args.quick)
+    finally:
+        torch.set_num_threads(threads)
     print(f"wrote {args.out / 'quality.md'}, {args.out / 'quality.png'} and {results_file}")
     return results
