@@ -15,6 +15,11 @@ each varied along read point, range mode, independence form, lambda, bins and no
 plus capacity alone (``IC``) and independence alone (``II``). Independence alone on weights with
 ``distance`` ranks channels as FPGM does (see :func:`icprune.baselines.fpgm`), so it is left to
 the ``FPGM`` row.
+
+Two more rows call :func:`icprune.score` with no scoring argument at all, so the table always
+measures icprune's current defaults: ``icprune default`` (data-free, ``score(model)``) and
+``icprune default, feat`` (the same settings on feature maps, ``score(model, data)``). They are
+not candidates for the best variant.
 """
 
 from __future__ import annotations
@@ -158,11 +163,22 @@ def _hrank(ctx: Context) -> dict[str, torch.Tensor]:
     return {name: total / images for name, total in sums.items()}
 
 
+def _default_weights(ctx: Context) -> dict[str, torch.Tensor]:
+    scores = icprune.score(ctx.model, layers=[p.layer for p in ctx.pruned])
+    return {name: s.score for name, s in scores.items()}
+
+
+def _default_features(ctx: Context) -> dict[str, torch.Tensor]:
+    layers = [p.layer for p in ctx.pruned]
+    scores = icprune.score(ctx.model, ctx.calib, layers=layers, progress=False)
+    return {name: s.score for name, s in scores.items()}
+
+
 Criterion = Callable[[Context], dict[str, torch.Tensor]]
 
 
 def registry() -> dict[str, Criterion]:
-    """All criteria, by name, in table order: ICII variants first, then the baselines."""
+    """All criteria, by name, in table order: ICII variants, icprune's defaults, baselines."""
     icii: dict[str, Variant] = {
         "ICII feat": FEAT,
         "ICII feat, read=output": replace(FEAT, read_at="output"),
@@ -187,6 +203,10 @@ def registry() -> dict[str, Criterion]:
         "ICII wts, norm=zscore": replace(WTS, norm="zscore"),
         "IC wts": replace(WTS, term="capacity"),
     }
+    defaults: dict[str, Criterion] = {
+        "icprune default": _default_weights,
+        "icprune default, feat": _default_features,
+    }
     baselines: dict[str, Criterion] = {
         "L1 norm": _l1,
         "BN scale": _bn_scale,
@@ -194,7 +214,7 @@ def registry() -> dict[str, Criterion]:
         "HRank": _hrank,
         "random": _random,
     }
-    return {**icii, **baselines}
+    return {**icii, **defaults, **baselines}
 
 
 def variants() -> dict[str, Variant]:

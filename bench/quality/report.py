@@ -15,6 +15,8 @@ from bench.quality import criteria
 if TYPE_CHECKING:
     from bench.quality.run import Results
 
+#: The row that measures icprune's defaults, ``icprune.score(model)``.
+DEFAULT = "icprune default"
 #: Criteria drawn in the plot, besides the best ICII variant.
 PLOTTED = ("random", "L1 norm", "BN scale", "FPGM", "HRank", "ICII feat", "ICII wts")
 
@@ -112,6 +114,33 @@ def _verdict(results: Results) -> list[str]:
     return lines
 
 
+def _defaults_check(results: Results) -> list[str]:
+    """Whether ``icprune.score(model)`` (the ``icprune default`` row) kept the same accuracy as
+    the best ICII variant in every measured cell."""
+    if not results.best or not _has(results, criterion=DEFAULT):
+        return []
+
+    def cells(name: str) -> dict:
+        return {
+            (r.arch, r.seed, r.target, r.allocation, r.stage): r.accuracy
+            for r in results.rows
+            if r.criterion == name and r.stage == "recalibrated"
+        }
+
+    same = cells(DEFAULT) == cells(results.best)
+    verdict = (
+        "the same accuracy as the best ICII variant in every cell: icprune's defaults are the "
+        "best variant."
+        if same
+        else "accuracies that differ from the best ICII variant: icprune's defaults are not the "
+        "best variant of this run; set them to it."
+    )
+    return [
+        "",
+        f"The `{DEFAULT}` row, `icprune.score(model)` with no other argument, has {verdict}",
+    ]
+
+
 def _plot(results: Results, path: Path) -> None:
     import matplotlib
 
@@ -199,6 +228,7 @@ def write(results: Results, out: Path, results_file: Path, quick: bool = False) 
             "",
         ]
     lines += _verdict(results)
+    lines += _defaults_check(results)
     sections = [
         ("1. Same per-layer channel counts, after BN recalibration", "same counts", "recalibrated"),
         ("2. Each criterion's own allocation, after BN recalibration", "own", "recalibrated"),
@@ -215,8 +245,10 @@ def write(results: Results, out: Path, results_file: Path, quick: bool = False) 
         "Criteria: `ICII feat` / `ICII wts` are `icprune.score` on feature maps / weights (base "
         "arguments in [bench/quality/criteria.py](../bench/quality/criteria.py)); each "
         "`ICII ..., x=y` row changes one argument of its base; `IC` and `II` rows use capacity "
-        "or independence alone. `own` ranks the per-layer min-max normalised scores of all "
-        "pruned layers together (at least one channel stays per layer).",
+        "or independence alone; `icprune default` is `icprune.score(model)` and `icprune default, "
+        "feat` is `icprune.score(model, data)`, each with no other argument. `own` ranks the "
+        "per-layer min-max normalised scores of all pruned layers together (at least one "
+        "channel stays per layer).",
         "",
     ]
     (out / "quality.md").write_text("\n".join(lines), encoding="utf-8")

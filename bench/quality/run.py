@@ -2,8 +2,9 @@
 
     python -m bench.quality [--quick] [--out DIR] [--results FILE] [--no-progress] [--threads N]
 
-(``make quality`` runs the full comparison.) The protocol is in :mod:`bench.quality`; the full
-run takes about 5 minutes on two idle CPU cores, ``--quick`` well under a minute.
+(``make quality`` runs the full comparison.) The protocol is in :mod:`bench.quality`; the
+wall-clock time of the last full run is in bench/results/cpu-quality.md; ``--quick`` (one seed,
+one target, six criteria, one training epoch on 256 images) takes well under a minute.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ from bench.quality.train import FINE_TUNE, TRAIN, Recipe, accuracy, train
 
 ALLOCATIONS = ("same counts", "own")
 #: Criteria that are also fine-tuned, besides the best ICII variant.
-FINE_TUNED = ("L1 norm", "BN scale", "FPGM", "HRank", "random", "ICII feat", "ICII wts")
+FINE_TUNED = (
+    "L1 norm",
+    "BN scale",
+    "FPGM",
+    "HRank",
+    "random",
+    "ICII feat",
+    "ICII wts",
+    "icprune default, feat",
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +65,7 @@ QUICK = Config(
     targets=(0.5,),
     train=Recipe(epochs=1, lr=0.05),
     fine_tune=Recipe(epochs=1, lr=0.01),
-    criteria=("ICII feat", "ICII wts", "L1 norm", "HRank", "random"),
+    criteria=("ICII feat", "ICII wts", "icprune default", "L1 norm", "HRank", "random"),
     max_train=256,
 )
 
