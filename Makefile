@@ -29,5 +29,9 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
+.PHONY: quality
+quality: $(STAMP)
+	$(PY) -m bench.quality
+
 clean:
 	rm -rf $(VENV) build *.egg-info icprune/_C*.so

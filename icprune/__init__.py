@@ -9,6 +9,7 @@ independence), after Tang et al., arXiv:2303.03645. Exact definitions: docs/meth
     scores = icprune.score(model, source="weights")         # data-free
     stats = icprune.calibrate(model, data)                  # reusable statistics
     result = icprune.prune(model, data, flops_reduction=0.5)  # score -> plan -> apply
+    icprune.recalibrate_bn(pruned_model, data)              # re-estimate BN statistics
 """
 
 from icprune._ext import HAVE_EXT, build_info
@@ -18,6 +19,7 @@ from icprune.counting import count
 from icprune.dependency import Dependency, Group, dependency_groups
 from icprune.planning import PruningPlan, plan
 from icprune.pruning import PruneResult, prune
+from icprune.recalibrate import recalibrate_bn
 from icprune.scoring import LayerScores, layer_scores, score
 from icprune.serialization import load, save
 from icprune.stats import ChannelStats
@@ -43,6 +45,7 @@ __all__ = [
     "load",
     "plan",
     "prune",
+    "recalibrate_bn",
     "save",
     "score",
     "weight_stats",

@@ -23,6 +23,9 @@ from icprune.scoring import LayerScores, layer_scores, score
 
 #: Share of each layer's channels compared between the feature and weight rankings.
 PRUNE_SHARE = 0.25
+#: Independence shown (and fused into the rankings): correlation-based, in [0, 1] for both
+#: sources, so the feature and weight columns compare; icprune's default is "distance".
+INDEPENDENCE = "correlation"
 
 
 def lowest(scores: LayerScores, share: float = PRUNE_SHARE) -> torch.Tensor:
@@ -48,9 +51,11 @@ def main() -> None:
     start = time.perf_counter()
     stats = calibrate(model, batches)
     calib_s = time.perf_counter() - start
-    features = {name: layer_scores(layer) for name, layer in stats.items()}
+    features = {
+        name: layer_scores(layer, independence=INDEPENDENCE) for name, layer in stats.items()
+    }
     start = time.perf_counter()
-    weights = score(model, source="weights")
+    weights = score(model, source="weights", independence=INDEPENDENCE)
     weights_s = time.perf_counter() - start
 
     header = (

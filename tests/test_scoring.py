@@ -64,12 +64,14 @@ def test_normalize():
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0, 3.0])
 @pytest.mark.parametrize("form", ["correlation", "distance"])
-def test_score_is_normalised_capacity_plus_lambda_times_normalised_independence(lam, form):
+@pytest.mark.parametrize("norm", ["minmax", "zscore"])
+def test_score_is_normalised_capacity_plus_lambda_times_normalised_independence(lam, form, norm):
     s = _stats_of(_toy_rows())
-    out = layer_scores(s, lam=lam, independence=form)
+    out = layer_scores(s, lam=lam, independence=form, norm=norm)
     assert torch.equal(out.capacity, s.entropy())
     assert torch.equal(out.independence, independence_of(s, form))
-    expected = normalize(s.entropy()) + lam * normalize(independence_of(s, form))
+    ic, ii = normalize(s.entropy(), norm), normalize(independence_of(s, form), norm)
+    expected = ic + lam * ii
     assert torch.equal(out.score, expected)
     assert out.score.dtype == torch.float64 and out.score.shape == (5,)
 
@@ -114,10 +116,41 @@ def test_data_free_scores_come_from_the_weights():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_defaults_are_the_measured_best_variant_data_free_without_data():
+    # docs/quality.md: data-free, layer range, 64 bins, distance, lam=1, z-score.
+    model = _model()
+    default = icprune.score(model)
+    best = icprune.score(
+        model,
+        source="weights",
+        range_mode="layer",
+        bins=64,
+        independence="distance",
+        lam=1.0,
+        norm="zscore",
+    )
+    assert list(default) == list(best)
+    for name in best:
+        assert torch.equal(default[name].score, best[name].score)
+    stats = icprune.weight_stats(model)["layer1.0.conv1"]
+    assert torch.equal(layer_scores(stats).score, best["layer1.0.conv1"].score)
+
+
+def test_data_or_stats_select_feature_maps_by_default():
+    model = _model()
+    stats = icprune.calibrate(model, _data(), progress=False)
+    for scores in (
+        icprune.score(model, _data(), progress=False),
+        icprune.score(model, stats=stats),
+    ):
+        expected = layer_scores(stats["layer1.0.conv1"], independence="distance", norm="zscore")
+        assert torch.equal(scores["layer1.0.conv1"].score, expected.score)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({}, "source='features' needs calibration data"),
+        ({"source": "features"}, "source='features' needs calibration data"),
         ({"data": _data(), "stats": {}}, "either data or precomputed stats"),
         ({"source": "weights", "data": _data()}, "data-free: pass neither"),
         ({"source": "activations"}, "source must be one of"),

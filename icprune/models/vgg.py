@@ -17,18 +17,21 @@ _CFG_D: list[int | str] = [
 ]  # fmt: skip
 
 
-def make_vgg_features(cfg: list[int | str], batch_norm: bool = True) -> nn.Sequential:
+def make_vgg_features(
+    cfg: list[int | str], batch_norm: bool = True, in_channels: int = 3
+) -> nn.Sequential:
     """Build the convolutional trunk: 3x3 conv (+BN) + ReLU per width, max-pool per "M".
 
     Args:
         cfg: list of output channel counts and "M" markers.
         batch_norm: insert ``BatchNorm2d`` after each conv.
+        in_channels: channels C_in of the input images (3 for RGB).
 
     Returns:
-        Sequential mapping Tensor[N, 3, H, W] -> Tensor[N, C_last, H/2^k, W/2^k], k = #"M".
+        Sequential mapping Tensor[N, C_in, H, W] -> Tensor[N, C_last, H/2^k, W/2^k], k = #"M".
     """
     layers: list[nn.Module] = []
-    in_ch = 3
+    in_ch = in_channels
     for item in cfg:
         if item == "M":
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
