@@ -3,9 +3,9 @@
 Prints four tables, all measured side by side in one run on this device (medians of repeats):
 
 1. Batch-statistics throughput (GB/s of fp32 feature map read) at ResNet-50 layer shapes, per
-   backend, next to a plain ``x.clone()`` of the same tensor (the copy roofline of this device,
-   measured here) and the naive per-channel ``torch.histc`` loop. "histogram pass" is the
-   one-pass kernel alone (histogram, extremes, sums); "update" is a whole
+   backend, next to ``y.copy_(x)`` of the same tensor into a preallocated ``y`` (the copy
+   roofline of this device, measured here) and the naive per-channel ``torch.histc`` loop.
+   "histogram pass" is the one-pass kernel alone (histogram, extremes, sums); "update" is a whole
    ``ChannelStats.update`` (plus the Gram matrix and the exact rebinning).
 2. Where an update's time goes on ResNet-50 (every prunable layer, one batch): histogram pass
    vs Gram matrix, and the FLOPs of all Gram matrices vs the forward pass.
@@ -115,7 +115,8 @@ def throughput_table(batch: int, repeat: int, device: torch.device) -> list[str]
         def run(fn, gb=gb):
             return gb / median_time(fn, repeat, device)
 
-        copy = run(x.clone)
+        target = torch.empty_like(x)
+        copy = run(lambda x=x, target=target: target.copy_(x))
         naive = run(lambda x=x: histc_loop(x))
         ref = run(lambda c=c, x=x: ChannelStats(c, device=device, backend="torch").update(x))
         cells = [f"{c}x{h}x{w}", f"{gb * 1e3:.0f}", f"{copy:.2f}", f"{naive:.3f}", f"{ref:.3f}"]
