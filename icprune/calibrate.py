@@ -75,6 +75,13 @@ def _total(data: Iterable, max_batches: int | None) -> int | None:
     return total if max_batches is None else min(total, max_batches)
 
 
+def _progress(batches: Iterator, data: Iterable, max_batches: int | None, desc: str, show: bool):
+    """``batches`` wrapped in a tqdm bar named ``desc`` (only on a terminal, and only if
+    ``show``), with the number of batches when ``data`` has a length."""
+    total = _total(data, max_batches)
+    return tqdm(batches, total=total, desc=desc, unit="batch", disable=None if show else True)
+
+
 def _hook(point: ReadPoint, stats: ChannelStats):
     def hook(_module, _inputs, output):
         feature = output if point.activation is None else point.activation(output)
@@ -159,13 +166,7 @@ def calibrate(
             for point in points.values():
                 hook = _hook(point, stats[point.layer])
                 handles.append(modules[point.module].register_forward_hook(hook))
-            bar = tqdm(
-                batches,
-                total=_total(data, max_batches),
-                desc="calibrate",
-                unit="batch",
-                disable=None if progress else True,
-            )
+            bar = _progress(batches, data, max_batches, "calibrate", progress)
             for batch in bar:
                 model(batch_input(batch).to(dev))
                 seen += 1

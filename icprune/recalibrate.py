@@ -12,9 +12,8 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from icprune.calibrate import _batches, _total, batch_input, model_device
+from icprune.calibrate import _batches, _progress, batch_input, model_device
 from icprune.graph import NORM_TYPES
 
 
@@ -80,13 +79,7 @@ def recalibrate_bn(
             norm.reset_running_stats()
             norm.momentum = None  # cumulative moving average over the batches
             norm.train()
-        bar = tqdm(
-            batches,
-            total=_total(data, max_batches),
-            desc="recalibrate_bn",
-            unit="batch",
-            disable=None if progress else True,
-        )
+        bar = _progress(batches, data, max_batches, "recalibrate_bn", progress)
         with torch.no_grad():
             for batch in bar:
                 model(batch_input(batch).to(dev))
