@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m icprune.demo
+	$(PY) -m icprune demo --out icprune-demo --force
 
 bench: $(STAMP)
 	$(PY) bench/channel_stats.py --write

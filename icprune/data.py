@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -54,3 +56,58 @@ def sample_images(count: int = 32, size: int = 224, seed: int = 0) -> torch.Tens
         )[0]
         crops.append((crop - mean) / std)
     return torch.stack(crops)
+
+
+@dataclass(frozen=True)
+class Digits:
+    """scikit-learn's handwritten digits, upsampled, split and standardised.
+
+    Attributes:
+        train_x, test_x: Tensor[N, 1, size, size] float32, standardised with the training
+            split's mean and standard deviation.
+        train_y, test_y: Tensor[N] int64 class labels 0..9.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def digits(
+    size: int = 16, test_fraction: float = 0.25, seed: int = 0, max_train: int | None = None
+) -> Digits:
+    """``sklearn.datasets.load_digits`` (1797 greyscale 8x8 images, values 0..16) scaled to
+    [0, 1], upsampled to ``size`` x ``size`` (bilinear), split stratified into train and test.
+
+    Args:
+        size: side of the upsampled images in pixels.
+        test_fraction: share of the images held out for testing.
+        seed: seed of the split.
+        max_train: keep only the first this many training images (None: all).
+
+    Returns:
+        :class:`Digits` (1347 training and 450 test images with the defaults).
+    """
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:
+        raise ImportError(
+            f"digits needs scikit-learn ({exc}): pip install 'icprune[data]'"
+        ) from exc
+    data = load_digits()
+    images = torch.from_numpy(data.images).float()[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
+    images = torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bilinear", align_corners=False
+    )
+    labels = torch.from_numpy(data.target).long()
+    train_idx, test_idx = train_test_split(
+        range(len(labels)), test_size=test_fraction, stratify=data.target, random_state=seed
+    )
+    train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
+    if max_train is not None:
+        train_idx = train_idx[:max_train]
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    return Digits(images[train_idx], labels[train_idx], images[test_idx], labels[test_idx])

@@ -21,3 +21,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def photo_folder(tmp_path_factory):
+    """A folder of real photographs (crops of scikit-learn's bundled samples) as PNG and JPEG
+    files, 6 per class in two class subfolders ``a/`` and ``b/``, 40-64 px on a side."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    root = tmp_path_factory.mktemp("photos")
+    photos = load_sample_images().images
+    for c, name in enumerate("ab"):
+        (root / name).mkdir()
+        for i in range(6):
+            side = 40 + 4 * i
+            crop = np.ascontiguousarray(photos[c][50 * i : 50 * i + side, 30 : 30 + side + 8])
+            suffix = ".png" if i % 2 else ".jpg"
+            Image.fromarray(crop).save(root / name / f"img{i}{suffix}")
+    return root

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from icprune.data import digits
 
 #: Side of the upsampled images, in pixels.
 SIZE = 16
@@ -38,8 +39,8 @@ class Digits:
 
 
 def load(max_train: int | None = None) -> Digits:
-    """Load ``sklearn.datasets.load_digits`` (1797 images of 8x8 pixels, values 0..16),
-    upsample to SIZE x SIZE (bilinear), split stratified into train and test.
+    """Load the digits with :func:`icprune.data.digits` at SIZE x SIZE with this comparison's
+    split, and draw the calibration batches.
 
     Args:
         max_train: keep only the first this many training images (for quick smoke runs).
@@ -47,26 +48,8 @@ def load(max_train: int | None = None) -> Digits:
     Returns:
         :class:`Digits`.
     """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as exc:
-        raise ImportError(
-            f"bench.quality needs scikit-learn ({exc}): pip install -e '.[data]'"
-        ) from exc
-    digits = load_digits()
-    images = torch.from_numpy(digits.images).float()[:, None] / 16.0  # (1797, 1, 8, 8) in [0, 1]
-    images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
-    labels = torch.from_numpy(digits.target).long()
-    train_idx, test_idx = train_test_split(
-        range(len(labels)), test_size=TEST_FRACTION, stratify=digits.target, random_state=SPLIT_SEED
-    )
-    train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
-    if max_train is not None:
-        train_idx = train_idx[:max_train]
-    mean, std = images[train_idx].mean(), images[train_idx].std()
-    images = (images - mean) / std
-    train_x, train_y = images[train_idx], labels[train_idx]
-    order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(CALIB_SEED))
+    split = digits(SIZE, TEST_FRACTION, SPLIT_SEED, max_train)
+    train_x, train_y = split.train_x, split.train_y
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(CALIB_SEED))
     calib = list(train_x[order[:CALIB_IMAGES]].split(CALIB_BATCH))
-    return Digits(train_x, train_y, images[test_idx], labels[test_idx], calib)
+    return Digits(train_x, train_y, split.test_x, split.test_y, calib)

@@ -5,40 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from icprune.graph import read_points
-from icprune.models.resnet import BasicBlock, init_weights, make_stage
+from icprune.models.cifar_resnet import CifarResNet
 from icprune.models.vgg import VGG, make_vgg_features
 
 ARCHS = ("resnet20", "vgg")
 VGG_CFG: list[int | str] = [16, 16, "M", 32, 32, "M", 64, 64, "M"]
-
-
-class DigitResNet(nn.Module):
-    """CIFAR-style ResNet-(6n+2) for one-channel images: 3x3 stem, three stages of n
-    BasicBlocks (widths w, 2w, 4w; the last two halve the resolution), global pool, linear head.
-
-    Shapes: x: Tensor[N, 1, H, W] float -> Tensor[N, num_classes] logits.
-    """
-
-    def __init__(self, blocks_per_stage: int = 3, width: int = 16, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, width, kernel_size=3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.relu = nn.ReLU(inplace=True)
-        self.layer1 = make_stage(BasicBlock, width, width, blocks_per_stage, stride=1)
-        self.layer2 = make_stage(BasicBlock, width, 2 * width, blocks_per_stage, stride=2)
-        self.layer3 = make_stage(BasicBlock, 2 * width, 4 * width, blocks_per_stage, stride=2)
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(4 * width, num_classes)
-        init_weights(self)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: Tensor[N, 1, H, W] -> Tensor[N, num_classes] logits."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.avgpool(x).flatten(1))
 
 
 def build(arch: str) -> nn.Module:
@@ -51,7 +25,7 @@ def build(arch: str) -> nn.Module:
         Model mapping Tensor[N, 1, 16, 16] -> Tensor[N, 10] logits.
     """
     if arch == "resnet20":
-        return DigitResNet(blocks_per_stage=3, width=16)
+        return CifarResNet(blocks_per_stage=3, num_classes=10, in_channels=1)
     if arch == "vgg":
         head = nn.Sequential(nn.Linear(int(VGG_CFG[-2]), 10))
         return VGG(make_vgg_features(VGG_CFG, in_channels=1), head, nn.AdaptiveAvgPool2d((1, 1)))
@@ -77,12 +51,12 @@ class Prunable:
 def pruned_layers(model: nn.Module) -> list[Prunable]:
     """The layers pruned in the comparison, in forward order.
 
-    ResNet (:class:`DigitResNet`): the first conv of every block (its channels feed only the
+    ResNet (:class:`CifarResNet`): the first conv of every block (its channels feed only the
     block's second conv; the residual stream is left alone). VGG: every conv of ``features``
     (each feeds the next conv, the last one the linear head).
     """
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    if isinstance(model, DigitResNet):
+    if isinstance(model, CifarResNet):
         layers = [n for n in convs if n.endswith(".conv1")]
         consumers = [n[: -len("conv1")] + "conv2" for n in layers]
     elif isinstance(model, VGG):

@@ -19,14 +19,15 @@ class CifarResNet(nn.Module):
     Args:
         blocks_per_stage: n, the number of ``BasicBlock`` in each of the three stages.
         num_classes: size of the output logits.
+        in_channels: channels of the input images (3 for CIFAR, 1 for greyscale digits).
 
-    Shapes: x: Tensor[N, 3, 32, 32] float images -> Tensor[N, num_classes] logits.
+    Shapes: x: Tensor[N, in_channels, H, W] float images -> Tensor[N, num_classes] logits.
     """
 
-    def __init__(self, blocks_per_stage: int, num_classes: int = 10) -> None:
+    def __init__(self, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         n = blocks_per_stage
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 16, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
         self.layer1 = make_stage(BasicBlock, 16, 16, n, stride=1)
@@ -37,22 +38,22 @@ class CifarResNet(nn.Module):
         init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: Tensor[N, 3, H, W] float images -> Tensor[N, num_classes] logits."""
+        """x: Tensor[N, in_channels, H, W] float images -> Tensor[N, num_classes] logits."""
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet20(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-20, n=3 (272,474 params at 10 classes). Input Tensor[N, 3, 32, 32]."""
-    return CifarResNet(3, num_classes)
+def resnet20(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-20, n=3 (272,474 params at 10 classes). Input [N, in_channels, 32, 32]."""
+    return CifarResNet(3, num_classes, in_channels)
 
 
-def resnet56(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-56, n=9 (855,770 params at 10 classes). Input Tensor[N, 3, 32, 32]."""
-    return CifarResNet(9, num_classes)
+def resnet56(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-56, n=9 (855,770 params at 10 classes). Input [N, in_channels, 32, 32]."""
+    return CifarResNet(9, num_classes, in_channels)
 
 
-def resnet110(num_classes: int = 10) -> CifarResNet:
-    """CIFAR ResNet-110, n=18 (1,730,714 params at 10 classes). Input Tensor[N, 3, 32, 32]."""
-    return CifarResNet(18, num_classes)
+def resnet110(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
+    """CIFAR ResNet-110, n=18 (1,730,714 params at 10 classes). Input [N, in_channels, 32, 32]."""
+    return CifarResNet(18, num_classes, in_channels)

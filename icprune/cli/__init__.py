@@ -1,0 +1,299 @@
+"""The ``icprune`` command line: ``icprune prune``, ``icprune score``, ``icprune demo``.
+
+Run ``icprune --help`` or ``icprune <command> --help``; ``python -m icprune`` is the same
+program. Exit codes are listed in :mod:`icprune.cli.exit_codes`. Progress bars and notes go
+to stderr (bars only on a terminal, none with ``--quiet``); results go to stdout and ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from icprune.cli.exit_codes import CommandError, ExitCode
+from icprune.sources import DataLoadError
+from icprune.zoo import ZOO, ModelLoadError
+
+EPILOG = (
+    "exit codes: 0 ok, 1 the run failed, 2 bad arguments, 3 model cannot be loaded, "
+    "4 data cannot be read, 5 --out exists or cannot be written, 130 interrupted"
+)
+MODEL_HELP = (
+    f"a zoo model ({', '.join(ZOO)}) or your own as 'package.module:factory' (a function "
+    f"taking no arguments that returns the nn.Module)"
+)
+DATA_HELP = (
+    "an image folder (one subfolder per class gives labels), a .pt/.npy/.npz tensor file of "
+    "normalised inputs [N, C, H, W] (optionally with 'targets'), or 'synthetic' (noise)"
+)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = text.replace("x", ",").split(",")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W such as 3,224,224, got {text!r}")
+    return shape
+
+
+def _model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="checkpoint of a zoo model (state_dict; read with weights_only=True)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=_positive_int,
+        metavar="N",
+        help="classes of a zoo model (default: the checkpoint's, else the zoo's)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=_shape,
+        metavar="C,H,W",
+        help="input of one sample (default: the zoo model's, e.g. 3,224,224)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="samples per batch (default 32)",
+    )
+    parser.add_argument(
+        "--max-samples",
+        type=_positive_int,
+        default=256,
+        metavar="N",
+        help="use at most N samples of --data (default 256)",
+    )
+    parser.add_argument(
+        "--source",
+        choices=("features", "weights"),
+        help="score from feature maps over --data, or data-free from the weights "
+        "(default: features with --data, else weights)",
+    )
+    parser.add_argument(
+        "--lam",
+        type=_non_negative,
+        default=1.0,
+        help="weight of independence against capacity (default 1)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of random initialisation, image subsets and noise (default 0)",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the files icprune writes in an existing --out",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``icprune`` argument parser with its three subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="icprune",
+        description="Prune CNN filters by information capacity and independence.",
+        epilog=EPILOG,
+    )
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    prune_p = commands.add_parser(
+        "prune",
+        help="prune a model to a FLOPs/params/channel target and report",
+        description="Score every channel, plan the pruning (coupled channels together), build "
+        "the smaller model, re-estimate BatchNorm statistics on --data, optionally "
+        "fine-tune, then write the model, its plan, scores and a report to --out.",
+        epilog=EPILOG,
+    )
+    _model_options(prune_p)
+    prune_p.add_argument("--data", metavar="SRC", help=DATA_HELP)
+    target = prune_p.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--flops-reduction",
+        type=_fraction,
+        metavar="F",
+        help="remove this fraction of MACs, in (0, 1)",
+    )
+    target.add_argument(
+        "--params-reduction",
+        type=_fraction,
+        metavar="F",
+        help="remove this fraction of parameters, in (0, 1)",
+    )
+    target.add_argument(
+        "--ratio",
+        type=_fraction,
+        metavar="F",
+        help="remove this fraction of scored channels, in (0, 1)",
+    )
+    prune_p.add_argument(
+        "--round-to",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="keep a multiple of N channels per group (default 1)",
+    )
+    prune_p.add_argument(
+        "--max-layer-ratio",
+        type=_fraction,
+        default=0.9,
+        metavar="F",
+        help="prune at most this fraction of any group (default 0.9)",
+    )
+    prune_p.add_argument(
+        "--ignore",
+        nargs="+",
+        action="extend",
+        metavar="LAYER",
+        help="qualified names of layers never pruned",
+    )
+    prune_p.add_argument(
+        "--finetune-epochs",
+        type=_count,
+        default=0,
+        metavar="N",
+        help="fine-tune on labelled --data for N epochs (default 0)",
+    )
+    prune_p.add_argument(
+        "--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)"
+    )
+    prune_p.add_argument(
+        "--no-distill",
+        action="store_true",
+        help="fine-tune on labels only (default: also distil the unpruned model)",
+    )
+    prune_p.add_argument(
+        "--val-data", metavar="SRC", help="labelled data to measure accuracy before and after"
+    )
+    prune_p.add_argument(
+        "--latency-batch",
+        type=_count,
+        default=8,
+        metavar="N",
+        help="time both models on N copies of one sample (default 8; 0: skip)",
+    )
+    prune_p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    prune_p.set_defaults(handler="prune")
+
+    score_p = commands.add_parser(
+        "score",
+        help="write every channel's capacity, independence and score",
+        description="Score every output channel of every prunable layer and write the scores "
+        "as JSON or CSV (one row per channel).",
+        epilog=EPILOG,
+    )
+    _model_options(score_p)
+    score_p.add_argument("--data", metavar="SRC", help=DATA_HELP)
+    score_p.add_argument(
+        "--out", required=True, metavar="FILE", help="scores.json or scores.csv to create"
+    )
+    score_p.set_defaults(handler="score")
+
+    demo_p = commands.add_parser(
+        "demo",
+        help="the whole job on bundled digits, no downloads (what `make demo` runs)",
+        description="Train a small residual CNN on scikit-learn's bundled digits, score it, "
+        "prune about half its FLOPs, re-estimate BatchNorm, fine-tune briefly, and "
+        "print accuracy, MACs, parameters and latency before and after; write the "
+        "report to --out.",
+        epilog=EPILOG,
+    )
+    demo_p.add_argument(
+        "--out",
+        default="icprune-demo",
+        metavar="DIR",
+        help="folder to create (default ./icprune-demo)",
+    )
+    demo_p.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the files icprune writes in an existing --out",
+    )
+    demo_p.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo_p.set_defaults(handler="demo")
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from icprune.cli import commands  # imported here so --help stays fast
+    from icprune.demo import run_demo
+
+    if args.handler == "prune":
+        return commands.run_prune(args)
+    if args.handler == "score":
+        return commands.run_score(args)
+    return run_demo(args.out, force=args.force, progress=not args.quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``icprune`` command with ``argv`` (default ``sys.argv[1:]``).
+
+    Returns:
+        the exit code (see :class:`ExitCode`); argparse itself exits with 2 on bad arguments.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return int(_run(args))
+    except CommandError as exc:
+        message, code = str(exc), exc.code
+    except ModelLoadError as exc:
+        message, code = str(exc), ExitCode.MODEL
+    except DataLoadError as exc:
+        message, code = str(exc), ExitCode.DATA
+    except (ValueError, TypeError, RuntimeError) as exc:
+        message, code = str(exc), ExitCode.FAILURE
+    except KeyboardInterrupt:
+        message, code = "interrupted", ExitCode.INTERRUPTED
+    print(f"icprune: error: {message}", file=sys.stderr)
+    return int(code)

@@ -1,0 +1,205 @@
+"""What ``icprune prune`` and ``icprune score`` do, given parsed arguments."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from icprune.cli.exit_codes import CommandError, ExitCode
+from icprune.cli.output import SCORE_FORMATS, claim, write_scores, writing
+from icprune.counting import count
+from icprune.evaluation import accuracy, latency
+from icprune.finetune import finetune
+from icprune.pruning import prune
+from icprune.recalibrate import recalibrate_bn
+from icprune.report import ModelSummary, comparison_table, write_report
+from icprune.scoring import score
+from icprune.serialization import save
+from icprune.sources import SYNTHETIC, DataLoadError, Source, load_source
+from icprune.zoo import build_model
+
+#: Files ``icprune prune`` writes into ``--out`` besides the report.
+MODEL_FILE = "model.pt"
+PLAN_FILE = "plan.json"
+SCORES_FILE = "scores.json"
+
+
+def _model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int] | None]:
+    torch.manual_seed(args.seed)  # a zoo model without --weights is seeded, so runs repeat
+    model, zoo_shape = build_model(args.model, args.weights, args.num_classes)
+    shape = args.input_shape or zoo_shape
+    modules = dict(model.named_modules())
+    unknown = [name for name in getattr(args, "ignore", None) or [] if name not in modules]
+    if unknown:
+        raise CommandError(
+            f"--ignore: {args.model} has no layer {unknown[0]!r}; layer names are qualified "
+            f"module names such as {next(n for n in modules if n)!r}",
+            ExitCode.USAGE,
+        )
+    return model, shape
+
+
+def _data(spec: str | None, shape, args: argparse.Namespace, what: str) -> Source | None:
+    if spec is None:
+        return None
+    source = load_source(
+        spec, shape, batch_size=args.batch_size, max_samples=args.max_samples, seed=args.seed
+    )
+    if what != "--data" and not source.labelled:
+        raise DataLoadError(
+            f"{what} {spec!r} has no labels: use a folder with one subfolder per class, or a "
+            f"tensor file with 'targets'"
+        )
+    return source
+
+
+def _example(data: Source | None, shape) -> torch.Tensor:
+    if data is not None:
+        first = data.batches[0]
+        return (first[0] if isinstance(first, (tuple, list)) else first)[:1]
+    if shape is None:
+        raise CommandError(
+            "the model's input shape is unknown: pass --input-shape C,H,W (or --data)",
+            ExitCode.USAGE,
+        )
+    return torch.zeros(1, *shape)
+
+
+def _settings(args: argparse.Namespace, **extra) -> dict[str, object]:
+    keep = {k: v for k, v in vars(args).items() if k not in ("handler", "force", "quiet")}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}, **extra}
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """``icprune prune``: score, plan, apply, recalibrate, fine-tune, measure, write ``--out``.
+
+    Writes ``model.pt`` (:func:`icprune.save`), ``plan.json``, ``scores.json`` and the report
+    (``report.json``, ``report.md``, PNG plots) into ``--out``; prints the before/after table.
+    """
+    targets = {
+        "flops_reduction": args.flops_reduction,
+        "params_reduction": args.params_reduction,
+        "ratio": args.ratio,
+    }
+    source_kind = args.source or ("features" if args.data is not None else "weights")
+    if source_kind == "features" and args.data is None:
+        raise CommandError(
+            "--source features needs --data (or use --source weights)", ExitCode.USAGE
+        )
+    if args.finetune_epochs and args.data is None:
+        raise CommandError("--finetune-epochs needs labelled --data", ExitCode.USAGE)
+    out = claim(args.out, force=args.force, is_dir=True)
+    model, shape = _model(args)
+    data = _data(args.data, shape, args, "--data")
+    val = _data(args.val_data, shape, args, "--val-data")
+    if args.finetune_epochs and not data.labelled:
+        raise DataLoadError(
+            f"--finetune-epochs needs labels, and --data {args.data!r} has none: use a folder "
+            f"with one subfolder per class, or a tensor file with 'targets'"
+        )
+    example = _example(data, shape)
+    progress = not args.quiet
+    timings = {}
+    start = time.perf_counter()
+    result = prune(
+        model,
+        data.batches if source_kind == "features" else None,
+        example_inputs=example,
+        **{k: v for k, v in targets.items() if v is not None},
+        source=source_kind,
+        lam=args.lam,
+        round_to=args.round_to,
+        max_layer_ratio=args.max_layer_ratio,
+        ignored_layers=args.ignore or [],
+        progress=progress,
+    )
+    timings["score_plan_apply_s"] = time.perf_counter() - start
+    pruned = result.model
+    if data is not None and args.data != SYNTHETIC:
+        start = time.perf_counter()
+        recalibrate_bn(pruned, data.batches, progress=progress)
+        timings["recalibrate_bn_s"] = time.perf_counter() - start
+    if args.finetune_epochs:
+        start = time.perf_counter()
+        teacher = None if args.no_distill else model
+        finetune(
+            pruned,
+            data.batches,
+            args.finetune_epochs,
+            lr=args.lr,
+            teacher=teacher,
+            progress=progress,
+            inplace=True,
+        )
+        timings["finetune_s"] = time.perf_counter() - start
+    before, after = _measure(model, pruned, example, val, args.latency_batch)
+    settings = _settings(args, source=source_kind, data_description=data and data.description)
+    with writing(out):
+        out.mkdir(exist_ok=True)
+        save(pruned, out / MODEL_FILE)
+        (out / PLAN_FILE).write_text(result.plan.to_json())
+        write_scores(result.scores, out / SCORES_FILE, settings)
+        write_report(
+            out,
+            plan=result.plan,
+            scores=result.scores,
+            before=before,
+            after=after,
+            settings=settings,
+            timings=timings,
+            title=f"icprune prune {args.model}",
+        )
+    print(comparison_table(before, after))
+    print(
+        f"\nwrote {out}/: {MODEL_FILE} (load with icprune.load(path, <model factory>)), "
+        f"{PLAN_FILE}, {SCORES_FILE}, report.md, report.json and plots"
+    )
+    return ExitCode.OK
+
+
+def _measure(model, pruned, example, val, latency_batch):
+    macs = [count(m, example) for m in (model, pruned)]
+    accs = [accuracy(m, val.batches) if val is not None else None for m in (model, pruned)]
+    times = [None, None]
+    if latency_batch:
+        batch = example.expand(latency_batch, *example.shape[1:]).contiguous()
+        timed = latency({"unpruned": model, "pruned": pruned}, batch)
+        times = [timed["unpruned"], timed["pruned"]]
+    return tuple(ModelSummary(m[0], m[1], a, t) for m, a, t in zip(macs, accs, times, strict=True))
+
+
+def run_score(args: argparse.Namespace) -> int:
+    """``icprune score``: channel scores of every prunable layer, written to ``--out``
+    (``.json`` or ``.csv``, see :func:`icprune.cli.output.write_scores`)."""
+    if Path(args.out).suffix.lower() not in SCORE_FORMATS:
+        raise CommandError(
+            f"--out {args.out!r}: write scores to a {' or '.join(SCORE_FORMATS)} file",
+            ExitCode.USAGE,
+        )
+    source_kind = args.source or ("features" if args.data is not None else "weights")
+    if source_kind == "features" and args.data is None:
+        raise CommandError(
+            "--source features needs --data (or use --source weights)", ExitCode.USAGE
+        )
+    if source_kind == "weights" and args.data is not None:
+        raise CommandError("--source weights is data-free: drop --data", ExitCode.USAGE)
+    out = claim(args.out, force=args.force, is_dir=False)
+    model, shape = _model(args)
+    data = _data(args.data, shape, args, "--data")
+    scores = score(
+        model,
+        data.batches if data is not None else None,
+        source=source_kind,
+        lam=args.lam,
+        progress=not args.quiet,
+    )
+    settings = _settings(args, source=source_kind, data_description=data and data.description)
+    with writing(out):
+        write_scores(scores, out, settings)
+    channels = sum(s.score.numel() for s in scores.values())
+    print(f"scored {len(scores)} layers, {channels} channels ({source_kind}); wrote {out}")
+    return ExitCode.OK
