@@ -1,17 +1,58 @@
-from icprune import demo
-from icprune.graph import prunable_layers
-from icprune.models import resnet18
+import json
+
+import pytest
+
+import icprune
+from icprune.cli.exit_codes import CommandError
+from icprune.demo import DemoConfig, Shuffled, run_demo
+from icprune.models import resnet20
+
+QUICK = DemoConfig(
+    max_train=256,
+    train_epochs=1,
+    finetune_epochs=1,
+    calib_images=128,
+    latency_batch=16,
+    latency_rounds=2,
+)
 
 
-def test_demo_prints_a_row_per_layer_and_a_summary(capsys):
-    demo.main()
-    out = capsys.readouterr().out
-    layers = list(prunable_layers(resnet18()))
-    rows = [line for line in out.splitlines() if line.split() and line.split()[0] in layers]
-    assert [row.split()[0] for row in rows] == layers
-    for row in rows:  # C, read point, four finite means, the overlap
-        fields = row.split()
-        assert fields[2] in ("output", "bn", "activation")
-        assert all(float(v) >= 0 for v in fields[3:7])
-        assert fields[7].endswith("%")
-    assert "scored 20 layers, 4800 channels" in out
+def test_demo_prints_before_and_after_and_writes_its_report(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert run_demo(out, progress=False, config=QUICK) == 0
+    printed = capsys.readouterr().out
+    for word in ("accuracy", "MACs", "params", "latency"):
+        assert word in printed
+    report = json.loads((out / "report.json").read_text())
+    assert 0.45 <= report["plan"]["flops_reduction"] <= 0.55
+    assert report["after"]["macs"] < report["before"]["macs"]
+    assert report["before"]["accuracy"] > 0.3  # one epoch on 256 digits, far above chance
+    assert report["after"]["latency_s"] > 0
+    for name in (
+        "report.md",
+        "channels_kept.png",
+        "capacity_vs_independence.png",
+        "score_distributions.png",
+        "plan.json",
+        "scores.json",
+    ):
+        assert (out / name).is_file()
+    pruned = icprune.load(out / "model.pt", lambda: resnet20(in_channels=1))
+    assert (
+        icprune.count(pruned, __import__("torch").zeros(1, 1, 16, 16))[0]
+        == (report["after"]["macs"])
+    )
+    with pytest.raises(CommandError, match="already exists"):
+        run_demo(out, progress=False, config=QUICK)
+
+
+def test_shuffled_batches_cover_the_data_in_a_new_order_each_pass():
+    import torch
+
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    batches = Shuffled(x, y, batch=4, seed=0)
+    assert len(batches) == 3
+    first = torch.cat([b[1] for b in batches])
+    second = torch.cat([b[1] for b in batches])
+    assert sorted(first.tolist()) == list(range(10)) == sorted(second.tolist())
+    assert not torch.equal(first, second)
