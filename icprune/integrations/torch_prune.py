@@ -99,9 +99,15 @@ def apply_masks(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -
         device, 0 at pruned channels, 1 elsewhere).
 
     Raises:
+        TypeError: ``plan`` is no :class:`icprune.PruningPlan`.
         ValueError: the plan does not match the model (a module is missing or has other channel
             counts than when the plan was made).
     """
+    if not isinstance(plan, PruningPlan):
+        raise TypeError(
+            f"apply_masks: plan must be a PruningPlan (from icprune.plan or "
+            f"PruningPlan.from_json), got {type(plan).__name__}"
+        )
     check_sizes(model, plan, caller="apply_masks")
     target = model if inplace else _copy(model)
     modules = dict(target.named_modules())

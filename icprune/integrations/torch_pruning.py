@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 try:
     import torch_pruning as tp
-except ImportError as exc:  # pragma: no cover - torch-pruning is in the dev extra
+except ImportError as exc:
     raise ImportError(
         f"icprune.integrations.torch_pruning needs Torch-Pruning 1.6 ({exc}): "
         "pip install 'icprune[torch-pruning]'"

@@ -167,6 +167,8 @@ def test_plan_of_another_model_raises():
     shrunk = icprune.apply(resnet20(), plan)
     with pytest.raises(ValueError, match=r"apply_masks: the plan does not match this model at"):
         apply_masks(shrunk, plan)
+    with pytest.raises(TypeError, match="plan must be a PruningPlan"):
+        apply_masks(shrunk, plan.to_json())
     with pytest.raises(ValueError, match="the model has no such module"):
         apply_masks(nn.Sequential(nn.Conv2d(3, 16, 3)), plan)
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -244,6 +247,8 @@ def test_errors(model, batches):
     stats = icprune.calibrate(model, batches, progress=False)
     with pytest.raises(ValueError, match="not both"):
         InformationImportance(model, batches, stats=stats)
+    with pytest.raises(ValueError, match="yielded no batches"):
+        InformationImportance(model, [], progress=False)
     with pytest.raises(TypeError, match="one-shot generator"):
         InformationImportance(model, (b for b in batches))
     with pytest.raises(TypeError, match="dict layer -> ChannelStats"):
@@ -275,6 +280,23 @@ def test_scores_lie_in_unit_interval(seed, lam, norm):
         assert imp.min() >= 0 and imp.max() <= 1
         if _root(group, net) == "e":
             assert imp.min() == 0 and imp.max() == 1
+
+
+def test_import_errors_and_version_warning(monkeypatch):
+    name = "icprune.integrations.torch_pruning"
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(tp, "__version__", "1.7.0")
+    with pytest.warns(UserWarning, match="tested for Torch-Pruning 1.6.x; version 1.7.0"):
+        importlib.import_module(name)
+    monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torch_pruning", None)
+    with pytest.raises(ImportError, match=r"pip install 'icprune\[torch-pruning\]'"):
+        importlib.import_module(name)
+
+
+def test_import_icprune_does_not_import_torch_pruning():
+    code = "import icprune, icprune.integrations, sys; assert 'torch_pruning' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_readme_snippet_runs():
