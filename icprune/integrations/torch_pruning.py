@@ -148,6 +148,8 @@ class InformationImportance(tp.importance.Importance):
             raise ValueError(
                 f"InformationImportance: source must be one of {SOURCES} or None, got {source!r}"
             )
+        if layers is not None and not isinstance(layers, str):
+            layers = list(layers)  # read again at every re-calibration
         self.model = model
         self.source = source
         self.data = data
@@ -276,6 +278,11 @@ class InformationImportance(tp.importance.Importance):
             raise TypeError(
                 "InformationImportance: stats must be the dict layer -> ChannelStats that "
                 f"icprune.calibrate returns, got {type(stats).__name__}"
+            )
+        if not stats:
+            raise ValueError(
+                "InformationImportance: stats is empty, so no group could be scored; pass the "
+                "statistics icprune.calibrate returned for this model"
             )
         modules = dict(self.model.named_modules())
         for name, layer in stats.items():

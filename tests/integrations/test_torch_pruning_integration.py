@@ -17,6 +17,7 @@ from torch import nn
 
 import icprune
 from icprune.dependency import dependency_groups
+from icprune.graph import prunable_layers
 from icprune.models import resnet20
 from icprune.planning import _group_score, normalized_scores
 from icprune.stats import ChannelStats
@@ -201,7 +202,8 @@ def test_iterative_steps_rescore_the_pruned_model(model, batches):
     assert removed == _lowest(icprune.score(after_first)["layer1.0.conv1"].score, 4)
 
     pruned = copy.deepcopy(model)
-    importance = InformationImportance(pruned, batches, progress=False)
+    layers = iter(prunable_layers(pruned))  # a one-shot iterable of names is kept as a list
+    importance = InformationImportance(pruned, batches, layers=layers, progress=False)
     pruner = tp.pruner.MetaPruner(
         pruned, EXAMPLE, importance, iterative_steps=2, ignored_layers=[pruned.fc]
     )
@@ -253,6 +255,8 @@ def test_errors(model, batches):
         InformationImportance(model, (b for b in batches))
     with pytest.raises(TypeError, match="dict layer -> ChannelStats"):
         InformationImportance(model, stats={"conv1": torch.zeros(16)})
+    with pytest.raises(ValueError, match="stats is empty"):
+        InformationImportance(model, stats={})
     with pytest.raises(ValueError, match=r"stats\['layer1.0.conv1'\] holds 5 channels"):
         InformationImportance(model, stats={"layer1.0.conv1": ChannelStats(5)})
     with pytest.raises(ValueError, match=r"stats\['layer9.conv'\] names no Conv/Linear"):
