@@ -55,14 +55,23 @@ def _replace(module: nn.Module, name: str, value: Tensor) -> None:
         )
 
 
-def _check(name: str, module: nn.Module | None, size: tuple[int, int]) -> None:
-    expected = _sizes(module) if module is not None else None
-    if expected != tuple(size):
-        found = "no such module" if module is None else f"{type(module).__name__}{expected}"
-        raise ValueError(
-            f"apply: the plan does not match this model at {name!r}: it expects (out, in) channels "
-            f"{tuple(size)}, the model has {found}. Make the plan on this same model."
-        )
+def check_sizes(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> None:
+    """Check that ``model`` has the modules and channel counts ``plan`` was made for.
+
+    Raises:
+        ValueError: a module of ``plan.sizes`` is missing or has other (out, in) channel counts;
+            the message starts with ``caller`` and names the module.
+    """
+    modules = dict(model.named_modules())
+    for name, size in plan.sizes.items():
+        module = modules.get(name)
+        expected = _sizes(module) if module is not None else None
+        if expected != tuple(size):
+            found = "no such module" if module is None else f"{type(module).__name__}{expected}"
+            raise ValueError(
+                f"{caller}: the plan does not match this model at {name!r}: it expects (out, in) "
+                f"channels {tuple(size)}, the model has {found}. Make the plan on this same model."
+            )
 
 
 def _sizes(module: nn.Module) -> tuple[int, int] | None:
@@ -115,9 +124,7 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -> nn.M
         ValueError: the plan does not match the model (a module is missing or has other
             channel counts than when the plan was made).
     """
-    modules = dict(model.named_modules())
-    for name, size in plan.sizes.items():
-        _check(name, modules.get(name), size)
+    check_sizes(model, plan)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     for name in plan.sizes:

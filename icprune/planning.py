@@ -179,10 +179,24 @@ class PruningPlan:
         return self.table()
 
 
-def _score_vectors(
+def normalized_scores(
     scores: Mapping[str, LayerScores | Tensor], model: nn.Module
 ) -> dict[str, Tensor]:
-    """Validated float64 CPU score vectors, one per scored layer."""
+    """Per-layer score vectors on one common scale, the parts a group score averages.
+
+    Args:
+        scores: ``layer -> LayerScores`` or ``layer -> Tensor[C]`` (float, higher = keep).
+        model: the network the scores are for (names and output channel counts are checked).
+
+    Returns:
+        dict layer -> Tensor[C] float64 on the CPU, min-max normalised to [0, 1] within the layer
+        (:func:`icprune.scoring.normalize`; a constant vector becomes all zeros).
+
+    Raises:
+        TypeError: scores of the wrong type.
+        ValueError: an unknown layer name, a vector whose length is not the layer's output
+            channel count, or NaN/Inf values.
+    """
     if not isinstance(scores, Mapping):
         raise TypeError(
             "scores must map layer names to LayerScores (from icprune.score) or Tensor[C] "
@@ -208,17 +222,18 @@ def _score_vectors(
         vec = vec.detach().to("cpu", torch.float64)
         if not torch.isfinite(vec).all():
             raise ValueError(f"scores[{name!r}] holds NaN or Inf; scores must be finite")
-        vectors[name] = vec
+        vectors[name] = normalize(vec, "minmax")
     return vectors
 
 
 def _group_score(group: Group, vectors: Mapping[str, Tensor]) -> Tensor | None:
-    """Mean of the min-max normalised scores of the group's scored layers (None: no scores)."""
-    parts = []
-    for dep in group.dependencies:
-        if dep.kind in ("output", "depthwise") and dep.module in vectors:
-            vec = normalize(vectors[dep.module], "minmax")
-            parts.append(vec[dep.offset : dep.offset + group.channels])
+    """Mean of the normalised scores (:func:`normalized_scores`) of the group's scored layers
+    (None: no scores)."""
+    parts = [
+        vectors[dep.module][dep.offset : dep.offset + group.channels]
+        for dep in group.dependencies
+        if dep.kind in ("output", "depthwise") and dep.module in vectors
+    ]
     return torch.stack(parts).mean(0) if parts else None
 
 
@@ -359,7 +374,7 @@ def plan(
     min_channels = _check_count("min_channels", min_channels)
     round_to = _check_count("round_to", round_to)
     ignored = list(ignored_layers) if not isinstance(ignored_layers, str) else ignored_layers
-    vectors = _score_vectors(scores, model)
+    vectors = normalized_scores(scores, model)
     deps = trace_dependencies(model, example_inputs, ignored_layers=ignored)
     channels = [g.channels for g in deps.groups]
     group_scores = [_group_score(g, vectors) for g in deps.groups]
