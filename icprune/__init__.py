@@ -23,6 +23,7 @@ from icprune.finetune import finetune
 from icprune.planning import PruningPlan, plan
 from icprune.pruning import PruneResult, prune
 from icprune.recalibrate import recalibrate_bn
+from icprune.report import ModelSummary, write_report
 from icprune.scoring import LayerScores, layer_scores, score
 from icprune.serialization import load, save
 from icprune.stats import ChannelStats
@@ -36,6 +37,7 @@ __all__ = [
     "Dependency",
     "Group",
     "LayerScores",
+    "ModelSummary",
     "PruneResult",
     "PruningPlan",
     "__version__",
@@ -55,4 +57,5 @@ __all__ = [
     "save",
     "score",
     "weight_stats",
+    "write_report",
 ]
