@@ -17,7 +17,7 @@ from icprune.calibrate import _batches, model_device
 from icprune.modes import frozen
 
 
-def labelled(batch: object, where: str) -> tuple[Tensor, Tensor]:
+def labelled_batch(batch: object, where: str) -> tuple[Tensor, Tensor]:
     """The ``(inputs, targets)`` of one labelled batch.
 
     Args:
@@ -82,13 +82,14 @@ def accuracy(
 
     Raises:
         ValueError: ``data`` yields no sample, or the model's output is not [N, K].
-        TypeError: ``data`` is not iterable or yields unlabelled batches (see :func:`labelled`).
+        TypeError: ``data`` is not iterable or yields unlabelled batches (see
+            :func:`labelled_batch`).
     """
     dev = model_device(model, device)
     correct = total = 0
     with frozen(model):
         for step, batch in enumerate(_batches(data, None)):
-            inputs, targets = labelled(batch, f"data batch {step}")
+            inputs, targets = labelled_batch(batch, f"data batch {step}")
             logits = model(inputs.to(dev))
             if not isinstance(logits, Tensor) or logits.shape[:1] != targets.shape:
                 shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)

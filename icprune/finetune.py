@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icprune.calibrate import _batches, _progress, model_device
-from icprune.evaluation import labelled
+from icprune.evaluation import labelled_batch
 from icprune.modes import frozen
 
 
@@ -162,7 +162,7 @@ def finetune(
             and step; with ``inplace=True`` the model keeps the last finite update).
         TypeError: ``train_data`` is a Tensor, not iterable, a one-shot iterator with
             ``epochs > 1``, or yields unlabelled batches (see
-            :func:`icprune.evaluation.labelled`).
+            :func:`icprune.evaluation.labelled_batch`).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"finetune: epochs must be an int >= 0, got {epochs!r}")
@@ -197,12 +197,14 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, total))
     student.train()
     for epoch in range(1, epochs + 1):
-        bar = _progress(_batches(train_data, None), train_data, None, f"finetune {epoch}", progress)
+        bar = _progress(
+            _batches(train_data, None), train_data, None, f"finetune {epoch}/{epochs}", progress
+        )
         loss_sum = 0.0
         step = 0
         for step, batch in enumerate(bar, start=1):
             where = f"train_data batch {step} of epoch {epoch}"
-            inputs, targets = labelled(batch, where)
+            inputs, targets = labelled_batch(batch, where)
             inputs, targets = inputs.to(dev), targets.to(dev)
             logits = student(inputs)
             teacher_logits = None

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import icprune
-from icprune.evaluation import accuracy, labelled, latency
+from icprune.evaluation import accuracy, labelled_batch, latency
 
 
 def bn_net():
@@ -58,9 +58,9 @@ def test_accuracy_rejects_a_model_that_does_not_return_logits():
 
 def test_labelled_passes_extra_elements_and_names_the_batch():
     x, y = torch.randn(2, 3), torch.tensor([0, 1])
-    assert labelled((x, y, "index"), "here") == (x, y)
+    assert labelled_batch((x, y, "index"), "here") == (x, y)
     with pytest.raises(TypeError, match="^batch 7 is a bare Tensor"):
-        labelled(x, "batch 7")
+        labelled_batch(x, "batch 7")
 
 
 def test_latency_times_every_model_and_restores_modes():
