@@ -157,13 +157,16 @@ def finetune(
 
     Raises:
         ValueError: bad numbers, an epoch with no batch, a model without trainable parameters,
-            ``teacher is model`` with ``inplace=True``, a model or teacher whose output is not
-            logits [N, K] matching the other, or a non-finite loss (the message names the epoch
-            and step; with ``inplace=True`` the model keeps the last finite update).
-        TypeError: ``train_data`` is a Tensor, not iterable, a one-shot iterator with
-            ``epochs > 1``, or yields unlabelled batches (see
-            :func:`icprune.evaluation.labelled_batch`).
+            ``teacher is model`` with ``inplace=True``, ``device`` or the teacher's device not
+            the model's, a model or teacher whose output is not logits [N, K] matching the
+            other, or a non-finite loss (the message names the epoch and step; with
+            ``inplace=True`` the model keeps the last finite update).
+        TypeError: ``model`` or ``teacher`` is not a Module; ``train_data`` is a Tensor, not
+            iterable, a one-shot iterator with ``epochs > 1``, or yields unlabelled batches
+            (see :func:`icprune.evaluation.labelled_batch`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"finetune: model must be an nn.Module, got {type(model).__name__}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"finetune: epochs must be an int >= 0, got {epochs!r}")
     lr = _number("lr", lr, 0.0, math.inf, open_low=True, open_high=True)

@@ -237,6 +237,12 @@ def test_bad_models_and_teachers_are_rejected(digits):
         finetune(model, data, 1, teacher=wrong, progress=False)
     with pytest.raises(ValueError, match=r"must return logits Tensor\[N, K\]"):
         finetune(nn.Sequential(nn.Conv2d(1, 2, 3)), data, 1, progress=False)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        finetune(model.state_dict(), data, 1)
+    with pytest.raises(ValueError, match="move the model first"):
+        finetune(model, data, 1, device="meta")
+    with pytest.raises(ValueError, match="move the model first"):
+        finetune(model, data, 1, teacher=small_cnn().to("meta"))
     frozen = small_cnn().requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         finetune(frozen, data, 1, progress=False)
