@@ -2,9 +2,10 @@
 
 ResNet-50 (torchvision layout, seeded random weights) is scored data-free (``source="weights"``),
 planned at 50 % and 77 % FLOPs reduction, each with ``round_to=1`` and ``round_to=8``, and
-applied. All five models (unpruned + four pruned) are then timed on the same input, interleaved
-round-robin (the order rotates every round), in eval mode under ``torch.inference_mode()``,
-after warm-up; the median per model is reported with its ratio to the unpruned median.
+applied. All five models (unpruned + four pruned) are then timed on the same input by
+:func:`icprune.latency`: interleaved round-robin (the order rotates every round), in eval mode
+under ``torch.inference_mode()``, after warm-up; the median per model is reported with its
+ratio to the unpruned median.
 MACs come from ``icprune.count`` (FlopCounterMode) of each model, params from its parameters.
 
 Run: ``python bench/pruned_latency.py [--batch N] [--size S] [--rounds R] [--out FILE]``.
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -44,17 +43,8 @@ def main() -> None:
         )
         models[f"-{reduction:.0%} FLOPs, round_to={round_to}"] = (icprune.apply(base, plan), plan)
     x = torch.randn(args.batch, 3, args.size, args.size)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    with torch.inference_mode():
-        for model, _ in models.values():
-            model(x)  # warm-up
-        for r in range(args.rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
-                start = time.perf_counter()
-                models[name][0](x)
-                times[name].append(time.perf_counter() - start)
-    base_s = statistics.median(times["unpruned"])
+    times = icprune.latency({name: m for name, (m, _) in models.items()}, x, rounds=args.rounds)
+    base_s = times["unpruned"]
     base_macs, base_params = icprune.count(base, example)
     lines = [
         f"# Pruned ResNet-50 latency on {platform.machine()} CPU, {torch.get_num_threads()} "
@@ -70,7 +60,7 @@ def main() -> None:
     ]
     for name, (model, _) in models.items():
         macs, params = icprune.count(model, example)
-        median = statistics.median(times[name])
+        median = times[name]
         lines.append(
             f"| {name} | {macs / 1e9:.2f} | {macs / base_macs:.3f} | {params / 1e6:.2f} | "
             f"{params / base_params:.3f} | {median * 1e3:.1f} | {median / base_s:.3f} |"

@@ -10,6 +10,7 @@ independence), after Tang et al., arXiv:2303.03645. Exact definitions: docs/meth
     stats = icprune.calibrate(model, data)                  # reusable statistics
     result = icprune.prune(model, data, flops_reduction=0.5)  # score -> plan -> apply
     icprune.recalibrate_bn(pruned_model, data)              # re-estimate BN statistics
+    tuned = icprune.finetune(pruned_model, train_data, 2, teacher=model)  # recover accuracy
 """
 
 from icprune._ext import HAVE_EXT, build_info
@@ -17,9 +18,12 @@ from icprune.applying import apply
 from icprune.calibrate import calibrate
 from icprune.counting import count
 from icprune.dependency import Dependency, Group, dependency_groups
+from icprune.evaluation import accuracy, latency
+from icprune.finetune import finetune
 from icprune.planning import PruningPlan, plan
 from icprune.pruning import PruneResult, prune
 from icprune.recalibrate import recalibrate_bn
+from icprune.report import ModelSummary, write_report
 from icprune.scoring import LayerScores, layer_scores, score
 from icprune.serialization import load, save
 from icprune.stats import ChannelStats
@@ -33,14 +37,18 @@ __all__ = [
     "Dependency",
     "Group",
     "LayerScores",
+    "ModelSummary",
     "PruneResult",
     "PruningPlan",
     "__version__",
+    "accuracy",
     "apply",
     "build_info",
     "calibrate",
     "count",
     "dependency_groups",
+    "finetune",
+    "latency",
     "layer_scores",
     "load",
     "plan",
@@ -49,4 +57,5 @@ __all__ = [
     "save",
     "score",
     "weight_stats",
+    "write_report",
 ]

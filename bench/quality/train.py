@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from icprune.modes import frozen
+from icprune import evaluation
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,4 @@ def train(
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
     """Top-1 accuracy (fraction in [0, 1]) of ``model`` in eval mode on images ``x``
     (Tensor[N, 1, H, W]) with labels ``y`` (Tensor[N] int64); the model's mode is restored."""
-    with frozen(model):
-        pairs = zip(x.split(batch), y.split(batch), strict=True)
-        correct = sum(int((model(xb).argmax(1) == yb).sum()) for xb, yb in pairs)
-    return correct / len(x)
+    return evaluation.accuracy(model, list(zip(x.split(batch), y.split(batch), strict=True)))
