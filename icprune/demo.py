@@ -149,7 +149,7 @@ def run_demo(
         save(pruned, out / "model.pt")
         (out / "plan.json").write_text(result.plan.to_json())
         write_scores(result.scores, out / "scores.json", settings)
-        write_report(
+        report = write_report(
             out,
             plan=result.plan,
             scores=result.scores,
@@ -159,7 +159,7 @@ def run_demo(
             timings=timings,
             title="icprune demo: ResNet-20 on digits",
         )
-    print(f"\n{comparison_table(before, after)}")
+    print(f"\n{comparison_table(report)}")
     print(
         f"\naccuracy right after pruning and BatchNorm re-estimation: "
         f"{recalibrated_accuracy:.1%}; latency: batch of {len(batch)} test images, median of "

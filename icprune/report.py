@@ -310,20 +310,56 @@ def _cell(value: object) -> str:
     return text.replace("|", "\\|")
 
 
-def _markdown(report: dict) -> str:
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{1e3 * x:.3g} ms"
+
+
+def _ratio_text(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _comparison_rows(report: dict) -> list[tuple[str, str, str, str]]:
+    """``(quantity, before, after, after / before)`` for accuracy, MACs, parameters, latency."""
     b, a, change = report["before"], report["after"], report["change"]
-
-    def pct(x: float | None) -> str:
-        return "n/a" if x is None else f"{100 * x:.2f} %"
-
-    def ms(x: float | None) -> str:
-        return "n/a" if x is None else f"{1e3 * x:.3g} ms"
-
-    def ratio(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f}"
-
     accuracy_change = change["accuracy_change"]
     speedup = change["speedup"]
+    return [
+        (
+            "top-1 accuracy",
+            _pct(b["accuracy"]),
+            _pct(a["accuracy"]),
+            "n/a" if accuracy_change is None else f"{100 * accuracy_change:+.2f} pp",
+        ),
+        ("MACs", _si(b["macs"]), _si(a["macs"]), _ratio_text(change["macs_ratio"])),
+        ("parameters", _si(b["params"]), _si(a["params"]), _ratio_text(change["params_ratio"])),
+        (
+            "latency",
+            _ms(b["latency_s"]),
+            _ms(a["latency_s"]),
+            _ratio_text(change["latency_ratio"])
+            + ("" if speedup is None else f" ({speedup:.2f}x faster)"),
+        ),
+    ]
+
+
+def comparison_table(report: dict) -> str:
+    """The before/after table of a report (the dict :func:`write_report` returns) as aligned
+    plain text for a terminal: accuracy, MACs, parameters and latency, with after/before."""
+    rows = [("", "before", "after", "after / before"), *_comparison_rows(report)]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        f"{row[0]:<{widths[0]}}  "
+        + "  ".join(f"{c:>{w}}" for c, w in zip(row[1:], widths[1:], strict=True))
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _markdown(report: dict) -> str:
     lines = [
         f"# {report['title']}",
         "",
@@ -333,22 +369,13 @@ def _markdown(report: dict) -> str:
         "",
         "| | before | after | after / before |",
         "|---|---:|---:|---:|",
-        f"| top-1 accuracy | {pct(b['accuracy'])} | {pct(a['accuracy'])} | "
-        + ("n/a" if accuracy_change is None else f"{100 * accuracy_change:+.2f} pp")
-        + " |",
-        f"| MACs | {_si(b['macs'])} | {_si(a['macs'])} | {ratio(change['macs_ratio'])} |",
-        f"| parameters | {_si(b['params'])} | {_si(a['params'])} | "
-        f"{ratio(change['params_ratio'])} |",
-        f"| latency | {ms(b['latency_s'])} | {ms(a['latency_s'])} | "
-        f"{ratio(change['latency_ratio'])}"
-        + ("" if speedup is None else f" ({speedup:.2f}x faster)")
-        + " |",
+        *(f"| {' | '.join(row)} |" for row in _comparison_rows(report)),
         "",
     ]
     plan = report["plan"]
     lines += [
-        f"The plan removes {pct(plan['flops_reduction'])} of the MACs ({plan['macs'][0]:,} -> "
-        f"{plan['macs'][1]:,}) and {pct(plan['params_reduction'])} of the parameters "
+        f"The plan removes {_pct(plan['flops_reduction'])} of the MACs ({plan['macs'][0]:,} -> "
+        f"{plan['macs'][1]:,}) and {_pct(plan['params_reduction'])} of the parameters "
         f"({plan['params'][0]:,} -> {plan['params'][1]:,}), counted analytically at the "
         "plan's example input.",
         "",

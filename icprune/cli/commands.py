@@ -143,7 +143,7 @@ def run_prune(args: argparse.Namespace) -> int:
         save(pruned, out / MODEL_FILE)
         (out / PLAN_FILE).write_text(result.plan.to_json())
         write_scores(result.scores, out / SCORES_FILE, settings)
-        write_report(
+        report = write_report(
             out,
             plan=result.plan,
             scores=result.scores,
@@ -153,7 +153,7 @@ def run_prune(args: argparse.Namespace) -> int:
             timings=timings,
             title=f"icprune prune {args.model}",
         )
-    print(comparison_table(before, after))
+    print(comparison_table(report))
     print(
         f"\nwrote {out}/: {MODEL_FILE} (load with icprune.load(path, <model factory>)), "
         f"{PLAN_FILE}, {SCORES_FILE}, report.md, report.json and plots"

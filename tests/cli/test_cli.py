@@ -198,7 +198,9 @@ def test_unreachable_target_exits_1(capsys, tmp_path):
         "--input-shape",
         "3,32,32",
         "--flops-reduction",
-        0.99,
+        0.9,
+            "--max-layer-ratio",
+            0.5,
         "--out",
         tmp_path / "o",
         *FAST,
@@ -269,7 +271,7 @@ def test_score_writes_json_and_csv_with_the_same_values(capsys, tmp_path):
         code, stdout, _ = run(
             capsys, "score", "resnet20", "--data", data, "--out", tmp_path / name, "--quiet"
         )
-        assert code == ExitCode.OK and "scored 19 layers" in stdout
+        assert code == ExitCode.OK and "scored 21 layers, 784 channels" in stdout
     layers = json.loads((tmp_path / "s.json").read_text())["layers"]
     expected = icprune.score(resnet20_seeded(), [torch.load(data)], progress=False)
     assert list(layers) == list(expected)
