@@ -9,12 +9,25 @@ precise condition is in :func:`add_`). A total that is exact is a function of th
 terms alone, so it is bit-identical for any order and any grouping of the additions; and since
 ``(hi, lo)`` is renormalised after every addition, ``hi`` is that total correctly rounded.
 
-Everything is elementwise torch code: it runs on any device and never synchronises with the host.
+Contiguous CPU tensors go through one fused pass of the C++ extension (csrc/compensated.cpp,
+no temporaries); everything else through elementwise torch code, which runs on any device and
+never synchronises with the host. Both perform the same IEEE operations in the same order, so
+they give the same bits.
 """
 
 from __future__ import annotations
 
 import torch
+
+from icprune._ext import HAVE_EXT, ext
+
+
+def _fused(*tensors: torch.Tensor | None) -> bool:
+    """True when the C++ pass can update these tensors in place (CPU, contiguous float64)."""
+    return HAVE_EXT and all(
+        t is None or (t.device.type == "cpu" and t.is_contiguous() and t.dtype == torch.float64)
+        for t in tensors
+    )
 
 
 def add_(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor, x_lo: torch.Tensor | None = None):
@@ -36,6 +49,10 @@ def add_(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor, x_lo: torch.Tensor
         x_lo: optional Tensor[...] float64, the remainder belonging to ``x`` when ``x`` is the
             ``hi`` of another compensated total (merging two totals).
     """
+    if _fused(hi, lo, x, x_lo):
+        none = x_lo is None
+        ext.compensated_add(hi.numpy(), lo.numpy(), x.numpy(), None if none else x_lo.numpy())
+        return
     # TwoSum(hi, x) = (s, err) with s + err == hi + x exactly.
     s = hi + x
     v = s - hi

@@ -3,11 +3,15 @@
 import itertools
 import math
 from fractions import Fraction
+from unittest import mock
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from icprune import compensated
+from icprune._ext import HAVE_EXT
 from icprune.compensated import add_
 
 # Terms a * 2**e with a 53-bit significand and |e| <= 25: they span at most ~105 binary orders
@@ -71,3 +75,22 @@ def test_works_in_place_on_matrices_without_reallocating():
     exact = Fraction(0.1) + Fraction(0.2)
     assert Fraction(float(hi[1, 2])) + Fraction(float(lo[1, 2])) == exact
     assert float(hi[0, 0]) == float(exact) == 0.30000000000000004
+
+
+@pytest.mark.skipif(not HAVE_EXT, reason="the C++ extension icprune._C is not built")
+@settings(max_examples=30, deadline=None)
+@given(terms=st.lists(_term, min_size=1, max_size=12), n=st.integers(1, 70000))
+def test_cpp_pass_gives_the_bits_of_the_torch_code(terms, n):
+    """The fused C++ pass (contiguous CPU tensors) and the torch ops agree bit for bit, also on
+    terms beyond the exactness condition (the same rounding happens in the same place)."""
+    gen = torch.Generator().manual_seed(len(terms))
+    results = []
+    for fused in (True, False):
+        hi, lo = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+        for i, t in enumerate(terms):
+            x = torch.randn(n, generator=gen.manual_seed(i), dtype=torch.float64) * t
+            x_lo = x * 2.0**-60 if i % 2 else None
+            with mock.patch.object(compensated, "_fused", lambda *_, f=fused: f):
+                add_(hi, lo, x * 2.0 ** (40 * (i % 3)), x_lo)
+        results.append((hi, lo))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
