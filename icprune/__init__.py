@@ -17,6 +17,7 @@ from icprune.applying import apply
 from icprune.calibrate import calibrate
 from icprune.counting import count
 from icprune.dependency import Dependency, Group, dependency_groups
+from icprune.distributed import all_reduce_stats
 from icprune.planning import PruningPlan, plan
 from icprune.pruning import PruneResult, prune
 from icprune.recalibrate import recalibrate_bn
@@ -36,6 +37,7 @@ __all__ = [
     "PruneResult",
     "PruningPlan",
     "__version__",
+    "all_reduce_stats",
     "apply",
     "build_info",
     "calibrate",
