@@ -21,6 +21,7 @@ bench: $(STAMP)
 	$(PY) bench/channel_stats.py --write
 	$(PY) bench/slicing.py --out bench/results/cpu-slicing.md
 	$(PY) bench/pruned_latency.py --out bench/results/cpu-pruned_latency.md
+	$(PY) -m bench.compensated --out bench/results/cpu-compensated.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,10 +1,14 @@
 // Python bindings of icprune._C. Only PYBIND11_MODULE lives here; each concern has its own file.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
 
 #include "build_info.h"
 #include "slicing.h"
 #include "channel_stats.h"
+#include "compensated.h"
 
 namespace py = pybind11;
 
@@ -56,4 +60,25 @@ PYBIND11_MODULE(_C, m) {
       "(3), any strides. Returns (counts int64[C, bins] in each channel's own batch layout, "
       "exponent int64[C], offset int64[C], minimum float64[C], maximum float64[C], sums "
       "float64[C], nonfinite int); non-finite values are read as 0.");
+  m.def(
+      "compensated_add",
+      [](py::array_t<double, 0> hi, py::array_t<double, 0> lo, py::array_t<double, 0> x,
+         std::optional<py::array_t<double, 0>> x_lo) {
+        const py::ssize_t n = hi.size();
+        auto fits = [n](const py::array& a) {
+          return a.size() == n && (a.flags() & py::array::c_style);
+        };
+        if (!fits(hi) || !fits(lo) || !fits(x) || (x_lo && !fits(*x_lo)))
+          throw std::invalid_argument("compensated_add: expected C-contiguous float64 arrays of one size");
+        double* h = hi.mutable_data();
+        double* l = lo.mutable_data();
+        const double* xs = x.data();
+        const double* xl = x_lo ? x_lo->data() : nullptr;
+        py::gil_scoped_release release;
+        icprune::compensated_add(h, l, xs, xl, n);
+      },
+      py::arg("hi"), py::arg("lo"), py::arg("x"), py::arg("x_lo") = py::none(),
+      "(hi, lo) += x (+ x_lo) in place, compensated (TwoSum, renormalised), one pass "
+      "(csrc/compensated.h): the same results as icprune.compensated.add_'s torch code. All "
+      "C-contiguous float64 arrays of one size, not overlapping; x_lo may be None.");
 }

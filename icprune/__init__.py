@@ -18,6 +18,7 @@ from icprune.applying import apply
 from icprune.calibrate import calibrate
 from icprune.counting import count
 from icprune.dependency import Dependency, Group, dependency_groups
+from icprune.distributed import all_reduce_stats
 from icprune.evaluation import accuracy, latency
 from icprune.finetune import finetune
 from icprune.planning import PruningPlan, plan
@@ -42,6 +43,7 @@ __all__ = [
     "PruningPlan",
     "__version__",
     "accuracy",
+    "all_reduce_stats",
     "apply",
     "build_info",
     "calibrate",

@@ -4,10 +4,16 @@ Forward hooks read each prunable layer's feature map at its read point (see
 :mod:`icprune.graph`) and add it to that layer's statistics; no feature map is kept. The model
 runs in eval mode without gradients, and its mode, parameters and buffers are left exactly as
 they were.
+
+Calibration can checkpoint its statistics to a file every few batches and resume from it after
+an interruption, and can combine the statistics of several processes (``distributed=True``, see
+:mod:`icprune.distributed`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable, Iterator
 from itertools import islice
 
@@ -15,9 +21,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from icprune.distributed import all_reduce_stats, check_initialized
 from icprune.graph import ReadPoint, out_channels, prunable_layers, read_points
 from icprune.modes import frozen
 from icprune.stats import ChannelStats
+
+#: Format tag and version of calibration checkpoint files.
+CHECKPOINT_FORMAT = "icprune.calibration"
+CHECKPOINT_VERSION = 1
+#: Values of each batch input (and model tensor) that enter a fingerprint, evenly spaced.
+FINGERPRINT_VALUES = 4096
 
 
 def model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
@@ -75,11 +88,144 @@ def _total(data: Iterable, max_batches: int | None) -> int | None:
     return total if max_batches is None else min(total, max_batches)
 
 
-def _progress(batches: Iterator, data: Iterable, max_batches: int | None, desc: str, show: bool):
+def _progress(
+    batches: Iterator,
+    data: Iterable,
+    max_batches: int | None,
+    desc: str,
+    show: bool,
+    initial: int = 0,
+):
     """``batches`` wrapped in a tqdm bar named ``desc`` (only on a terminal, and only if
-    ``show``), with the number of batches when ``data`` has a length."""
+    ``show``), with the number of batches when ``data`` has a length, starting at ``initial``
+    (batches already done before ``batches``)."""
     total = _total(data, max_batches)
-    return tqdm(batches, total=total, desc=desc, unit="batch", disable=None if show else True)
+    return tqdm(
+        batches,
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="batch",
+        disable=None if show else True,
+    )
+
+
+def _fingerprint(digest, x: torch.Tensor) -> None:
+    """Feed the dtype, shape and up to :data:`FINGERPRINT_VALUES` evenly spaced values of ``x``
+    into the hashlib ``digest`` (cheap: a strided read, whatever the size of ``x``)."""
+    flat = x.detach().reshape(-1)
+    step = max(1, flat.numel() // FINGERPRINT_VALUES)
+    sample = flat[::step][:FINGERPRINT_VALUES].to("cpu", torch.float64)
+    digest.update(repr((str(x.dtype), tuple(x.shape))).encode())
+    digest.update(sample.numpy().tobytes())
+
+
+def _settings(model: nn.Module, stats: dict[str, ChannelStats], **options) -> dict[str, object]:
+    """What a checkpoint must match to be resumed: the options, the layers and a fingerprint of
+    the model's parameters and buffers (plain Python values only)."""
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        digest.update(key.encode())
+        _fingerprint(digest, value)
+    layers = {name: [s.num_channels, s.read_at] for name, s in stats.items()}
+    return {**options, "layers": layers, "model": digest.hexdigest()}
+
+
+def _save_checkpoint(path: str, settings: dict, stats: dict[str, ChannelStats], done: int, digest):
+    """Write the statistics after ``done`` batches to ``path`` atomically (tmp file + rename)."""
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "settings": settings,
+        "batches": done,
+        "data": digest.hexdigest(),
+        "stats": {name: s.state_dict() for name, s in stats.items()},
+    }
+    tmp = f"{path}.tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: str, settings: dict) -> dict:
+    """The checkpoint at ``path``, checked against ``settings`` (a clear error if it differs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(
+            f"checkpoint {path!r} cannot be read ({type(exc).__name__}: {exc}); delete it or pass "
+            f"another checkpoint path to start over"
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint {path!r} is not an icprune calibration checkpoint; pass another path"
+        )
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"checkpoint {path!r} has version {state.get('version')!r}, this icprune writes "
+            f"version {CHECKPOINT_VERSION}; delete it or pass another path to start over"
+        )
+    saved = state["settings"]
+    for key in [*settings, *(k for k in saved if k not in settings)]:  # options, layers, model
+        mine, theirs = settings.get(key), saved.get(key)
+        if mine == theirs:
+            continue
+        if key == "layers":
+            name = next(n for n in [*theirs, *mine] if theirs.get(n) != mine.get(n))
+            key = f"layers (first: '{name}')"
+            mine, theirs = mine.get(name), theirs.get(name)
+        what = "the model's parameters or buffers" if key == "model" else key
+        raise ValueError(
+            f"checkpoint {path!r} was written with other settings: {what} differ (checkpoint: "
+            f"{theirs!r}, now: {mine!r}); delete the file or pass another checkpoint path to "
+            f"start over"
+        )
+    return state
+
+
+def _resume(
+    path: str | None,
+    settings: dict | None,
+    stats: dict[str, ChannelStats],
+    batches: Iterator,
+    max_batches: int | None,
+):
+    """Load the checkpoint at ``path`` into ``stats`` if it exists and draw the batches it holds
+    from ``batches``, checking their fingerprint. Returns (batches done, running data digest)."""
+    digest = hashlib.sha256()
+    if path is None or not os.path.exists(path):
+        return 0, digest
+    state = _load_checkpoint(path, settings)
+    done = int(state["batches"])
+    if max_batches is not None and done > max_batches:
+        raise ValueError(
+            f"checkpoint {path!r} holds {done} batches, more than max_batches={max_batches}; "
+            f"raise max_batches, or delete the file or pass another path to start over"
+        )
+    for name, layer in stats.items():
+        layer.load_state_dict(state["stats"][name])
+    end = object()
+    for drawn in range(done):
+        batch = next(batches, end)
+        if batch is end:
+            raise ValueError(
+                f"checkpoint {path!r} holds {done} batches but data yielded only {drawn}; pass "
+                f"the same data as the interrupted run, or delete the file to start over"
+            )
+        _fingerprint(digest, batch_input(batch))
+    if digest.hexdigest() != state["data"]:
+        raise ValueError(
+            f"checkpoint {path!r}: data does not yield the same first {done} batches as the run "
+            f"that wrote it; resuming needs the same batches in the same order (no shuffling, "
+            f"or a seeded one) - or delete the file to start over"
+        )
+    return done, digest
+
+
+def _global_sum(value: int, device: torch.device) -> int:
+    """Sum of an int over the processes of the default group."""
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(total)
+    return int(total)
 
 
 def _hook(point: ReadPoint, stats: ChannelStats):
@@ -103,6 +249,9 @@ def calibrate(
     device: torch.device | str | None = None,
     progress: bool = True,
     backend: str = "auto",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    distributed: bool = False,
 ) -> dict[str, ChannelStats]:
     """Collect the channel statistics of every prunable layer over calibration data.
 
@@ -129,6 +278,28 @@ def calibrate(
             (Triton on CUDA, the C++ extension on the CPU, else torch), ``"triton"``, ``"cpp"``
             or ``"torch"``. On CUDA no layer synchronises with the host per batch; non-finite
             values found on the device are reported once, at the end.
+        checkpoint: file to make calibration resumable (None: no checkpoint). Every
+            ``checkpoint_every`` batches, and at the end, the statistics, the number of batches
+            done, the settings and fingerprints of the model and of the data seen are written to
+            it atomically (a ``.tmp`` file renamed over it; read back with
+            ``torch.load(weights_only=True)``). If the file exists when calibration starts, it
+            resumes: the statistics are loaded and the batches already done are drawn from
+            ``data`` but not run through the model, so ``data`` must yield the same batches in
+            the same order (no shuffling, or a seeded one) - checked by the fingerprint (shape,
+            dtype and 4096 evenly spaced values of every batch input). The result is bit-identical
+            to an uninterrupted run. The file is kept after success, holding the final
+            statistics: a rerun returns them without running the model (delete the file to
+            start over). With ``distributed=True`` each process needs its own file (it holds
+            that process's statistics).
+        checkpoint_every: batches between checkpoint writes (an int >= 1; used with
+            ``checkpoint``).
+        distributed: combine the statistics of all processes of the default
+            ``torch.distributed`` process group (:func:`icprune.distributed.all_reduce_stats`):
+            every process calls ``calibrate`` with its own shard of the batches (a shard may be
+            empty) and gets the statistics of all of them, identical on every process and equal
+            to one process calibrating every batch. An error on one process (e.g. a non-finite
+            feature map raised during its forward) leaves the others waiting until the process
+            group's timeout.
 
     Returns:
         dict qualified layer name -> :class:`ChannelStats` over all samples of all batches
@@ -136,9 +307,18 @@ def calibrate(
 
     Raises:
         ValueError: unknown layer names, untraceable model (see :func:`icprune.graph.trace`),
-            ``data`` yielding no batch, non-finite feature maps (``nan_policy="raise"``).
+            ``data`` yielding no batch, non-finite feature maps (``nan_policy="raise"``), a
+            checkpoint written with other settings, another model or other data, or holding
+            more batches than ``max_batches``; ``checkpoint_every`` not an int >= 1.
         TypeError: ``data`` not iterable or yielding something other than Tensors/tuples.
+        RuntimeError: ``distributed=True`` without an initialised process group.
     """
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    if checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
+    if distributed:
+        check_initialized()
     selected = prunable_layers(model, layers)
     if not selected:
         raise ValueError(f"{type(model).__name__} has no prunable (Conv/Linear) layer to calibrate")
@@ -159,20 +339,39 @@ def calibrate(
     }
     modules = dict(model.named_modules())
     batches = _batches(data, max_batches)
-    seen = 0
+    path = None if checkpoint is None else os.fspath(checkpoint)
+    settings = None
+    if path is not None:
+        options = {"bins": bins, "range_mode": range_mode, "read_at": read_at}
+        options |= {"nan_policy": nan_policy, "backend": backend}
+        settings = _settings(model, stats, **options)
+    seen, digest = _resume(path, settings, stats, batches, max_batches)
+    saved = seen
     handles = []
     try:
         with frozen(model):
             for point in points.values():
                 hook = _hook(point, stats[point.layer])
                 handles.append(modules[point.module].register_forward_hook(hook))
-            bar = _progress(batches, data, max_batches, "calibrate", progress)
+            bar = _progress(batches, data, max_batches, "calibrate", progress, initial=seen)
             for batch in bar:
-                model(batch_input(batch).to(dev))
+                x = batch_input(batch)
+                if path is not None:
+                    _fingerprint(digest, x)
+                model(x.to(dev))
                 seen += 1
+                if path is not None and seen % checkpoint_every == 0:
+                    _save_checkpoint(path, settings, stats, seen, digest)
+                    saved = seen
     finally:
         for handle in handles:
             handle.remove()
+    if path is not None and seen != saved:  # batches run since the last write
+        _save_checkpoint(path, settings, stats, seen, digest)
+    if distributed:  # every rank raises alike, or none does
+        if _global_sum(seen, dev) == 0:
+            raise ValueError("data yielded no batches on any process; pass model inputs")
+        return all_reduce_stats(stats)
     if seen == 0:
         raise ValueError("data yielded no batches; pass at least one batch of model inputs")
     for layer in stats.values():

@@ -18,12 +18,25 @@ import torch
 
 from icprune.backends import BATCH_FUNCTIONS, BatchStats, resolve_backend
 from icprune.binning import K_MIN, bin_index, bin_layout, rebin
+from icprune.compensated import add_
 
 RANGE_MODES = ("layer", "channel")
 NAN_POLICIES = ("raise", "zero")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: The tensors of :meth:`ChannelStats.state_dict`, in a fixed order.
+STATE_TENSORS = (
+    "sums",
+    "gram",
+    "sums_lo",
+    "gram_lo",
+    "counts",
+    "minimum",
+    "maximum",
+    "bin_exponent",
+    "bin_offset",
+)
 #: Bump when the meaning or layout of :meth:`ChannelStats.state_dict` changes.
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class ChannelStats:
@@ -35,16 +48,28 @@ class ChannelStats:
     - ``count``: int, number of samples M seen so far (per channel, the same for all);
     - ``sums``: Tensor[C] float64, per-channel sum of the samples;
     - ``gram``: Tensor[C, C] float64, ``A @ A.T`` for the C x M matrix A of all samples;
+      both are float64 totals; ``sums_lo`` and ``gram_lo`` (same shapes) hold their
+      compensation terms, the remainders that make ``sums + sums_lo`` the exact total (see below);
     - ``counts``: Tensor[C, bins] int64 histogram, binned exactly (see :mod:`icprune.binning`)
       over a range shared by the layer (``range_mode="layer"``) or per channel (``"channel"``);
     - ``minimum``/``maximum``: Tensor[C] float64, per-channel extremes (they fix the bin layout);
     - ``nonfinite``: int, number of NaN/Inf values replaced by 0 under ``nan_policy="zero"``.
 
-    The result never depends on how the data is split into ``update`` calls or across merged
-    instances: histogram counts are bit-identical, the Gram matrix equal within fp64 round-off.
-    No feature map is kept. The faster backends compute the per-batch Gram matrix in float32
-    (documented in docs/method.md): it matches the float64 reference within 1e-5 of its largest
-    entry.
+    The result never depends on how the batches are distributed over ``update`` calls, merged
+    instances or processes (:func:`icprune.distributed.all_reduce_stats`): histogram counts,
+    extremes and bin layouts are bit-identical always. ``sums`` and ``gram`` are double-double
+    totals (:mod:`icprune.compensated`): each batch's float64 contribution is added without
+    rounding, so the stored value is the exact total of the batch contributions, correctly
+    rounded, and bit-identical for any grouping and order of the batches. Limits: (1) this holds
+    while an entry's batch contributions span fewer than about 105 binary orders of magnitude,
+    from the lowest set bit of any of them to the sum of their magnitudes (float32 Gram entries
+    of the fast backends may then differ by a factor up to ~1e24, float64 ones of the torch
+    reference by ~1e15); beyond, the total is accurate to ~1e-31 relative but its last bit may
+    depend on the grouping; (2) a batch's own contribution is a matrix product that rounds, so
+    cutting the same samples into *different* batches changes ``gram`` and ``sums`` within fp64
+    (or fp32, fast backends) round-off. No feature map is kept. The faster backends compute the
+    per-batch Gram matrix in float32 (documented in docs/method.md): it matches the float64
+    reference within 1e-5 of its largest entry.
 
     Args:
         num_channels: C, the number of channels (>= 1).
@@ -108,6 +133,9 @@ class ChannelStats:
         self._pending_nonfinite: torch.Tensor | None = None
         self.sums = torch.zeros(c, **f64)
         self.gram = torch.zeros(c, c, **f64)
+        # Compensation terms: sums + sums_lo and gram + gram_lo are the exact totals.
+        self.sums_lo = torch.zeros(c, **f64)
+        self.gram_lo = torch.zeros(c, c, **f64)
         self.counts = torch.zeros(c, bins, **i64)
         self.minimum = torch.full((c,), float("inf"), **f64)
         self.maximum = torch.full((c,), float("-inf"), **f64)
@@ -215,8 +243,8 @@ class ChannelStats:
 
     def _accumulate_moments(self, samples: torch.Tensor) -> None:
         self.count += samples.shape[0]
-        self.sums += samples.sum(0)
-        self.gram.addmm_(samples.T, samples)
+        add_(self.sums, self.sums_lo, samples.sum(0))
+        add_(self.gram, self.gram_lo, samples.T @ samples)
 
     def _accumulate_histogram(self, samples: torch.Tensor) -> None:
         lo = torch.minimum(self.minimum, samples.amin(0))
@@ -243,8 +271,15 @@ class ChannelStats:
         self.bin_exponent, self.bin_offset = k, off
         self.minimum, self.maximum = lo, hi
 
-    def _add(self, batch: BatchStats, count: int) -> None:
-        """Add the statistics of ``count`` samples, given in their own bin layout, exactly."""
+    def _add(
+        self,
+        batch: BatchStats,
+        count: int,
+        sums_lo: torch.Tensor | None = None,
+        gram_lo: torch.Tensor | None = None,
+    ) -> None:
+        """Add the statistics of ``count`` samples, given in their own bin layout, exactly
+        (``sums_lo``/``gram_lo``: compensation terms of ``batch.sums``/``batch.gram``, if any)."""
         lo = torch.minimum(self.minimum, batch.minimum)
         hi = torch.maximum(self.maximum, batch.maximum)
         self._relayout(lo, hi)
@@ -252,8 +287,8 @@ class ChannelStats:
             batch.counts, batch.exponent, batch.offset, self.bin_exponent, self.bin_offset
         )
         self.count += count
-        self.sums += batch.sums
-        self.gram += batch.gram
+        add_(self.sums, self.sums_lo, batch.sums, sums_lo)
+        add_(self.gram, self.gram_lo, batch.gram, gram_lo)
 
     def sync(self) -> None:
         """Read back the non-finite values counted on the device by Triton updates (one host
@@ -281,7 +316,8 @@ class ChannelStats:
         """Add the statistics of ``other`` (same channels, bins, range mode and read point) into
         ``self``.
 
-        Merging is exact: the result equals one instance updated with both data sets.
+        Merging is exact: the result equals one instance updated with the batches of both, bit
+        for bit (within the limits stated in the class docstring).
 
         Args:
             other: statistics of the same layer over other samples (any device).
@@ -307,6 +343,8 @@ class ChannelStats:
         self._add(
             BatchStats(*(t.to(dev) for t in parts), other.sums.to(dev), other.gram.to(dev), 0),
             other.count,
+            other.sums_lo.to(dev),
+            other.gram_lo.to(dev),
         )
         self.nonfinite += other.nonfinite
         return self
@@ -329,6 +367,8 @@ class ChannelStats:
             "nonfinite": self.nonfinite,
             "sums": self.sums.clone(),
             "gram": self.gram.clone(),
+            "sums_lo": self.sums_lo.clone(),
+            "gram_lo": self.gram_lo.clone(),
             "counts": self.counts.clone(),
             "minimum": self.minimum.clone(),
             "maximum": self.maximum.clone(),
@@ -357,7 +397,7 @@ class ChannelStats:
         self.read_at = state["read_at"]
         self.count = int(state["count"])
         self.nonfinite = int(state["nonfinite"])
-        for key in ("sums", "gram", "counts", "minimum", "maximum", "bin_exponent", "bin_offset"):
+        for key in STATE_TENSORS:
             value = state[key]
             current = getattr(self, key)
             if not isinstance(value, torch.Tensor) or value.shape != current.shape:

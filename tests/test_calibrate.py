@@ -14,6 +14,7 @@ from torch import nn
 from icprune.calibrate import calibrate
 from icprune.graph import prunable_layers
 from icprune.models import resnet20
+from icprune.scoring import score
 from icprune.stats import ChannelStats
 
 N = 8  # batch size; inputs are N x 3 x 32 x 32
@@ -428,3 +429,95 @@ def test_progress_false_silent_even_on_a_terminal(model, data, monkeypatch):
     assert terminal.getvalue() == ""
     calibrate(model, data, progress=True)  # the fake terminal does show a bar
     assert "calibrate" in terminal.getvalue()
+
+
+# ---------------------------------------------------------------------- resumable calibration
+
+
+def _assert_identical_stats(a: dict, b: dict) -> None:
+    assert list(a) == list(b)
+    for name in a:
+        sa, sb = a[name].state_dict(), b[name].state_dict()
+        for key, value in sa.items():
+            same = (
+                torch.equal(value, sb[key]) if isinstance(value, torch.Tensor) else value == sb[key]
+            )
+            assert same, (name, key)
+
+
+def _interrupted(data, after: int):
+    """Yields the first ``after`` batches of ``data``, then fails like a dying data loader."""
+    yield from data[:after]
+    raise RuntimeError("loader died")
+
+
+def test_interrupted_run_resumes_to_identical_stats_and_scores(model, tmp_path):
+    data = _batches(5)
+    path = tmp_path / "calib.pt"
+    whole = calibrate(model, data, progress=False)
+    with pytest.raises(RuntimeError, match="loader died"):
+        calibrate(model, _interrupted(data, 3), checkpoint=path, checkpoint_every=2, progress=False)
+    state = torch.load(path, weights_only=True)
+    assert state["batches"] == 2 and not (tmp_path / "calib.pt.tmp").exists()
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        resumed = calibrate(model, data, checkpoint=path, checkpoint_every=2, progress=False)
+        assert len(forwards) == 3  # batches 3, 4, 5 only
+        _assert_identical_stats(resumed, whole)
+        scores = [score(model, stats=s) for s in (resumed, whole)]
+        for name in scores[0]:
+            assert torch.equal(scores[0][name].score, scores[1][name].score)
+        assert torch.load(path, weights_only=True)["batches"] == 5  # kept, final statistics
+        again = calibrate(model, data, checkpoint=path, progress=False)
+        assert len(forwards) == 3  # a rerun after success runs no batch
+        _assert_identical_stats(again, whole)
+    finally:
+        handle.remove()
+
+
+def test_checkpoint_refuses_other_settings_model_and_data(model, tmp_path):
+    data = _batches(3)
+    path = tmp_path / "calib.pt"
+    calibrate(model, data, checkpoint=path, checkpoint_every=1, progress=False)
+    with pytest.raises(ValueError, match=r"bins differ.*delete the file"):
+        calibrate(model, data, checkpoint=path, bins=32, progress=False)
+    with pytest.raises(ValueError, match="read_at differ"):
+        calibrate(model, data, checkpoint=path, read_at="output", progress=False)
+    with pytest.raises(ValueError, match=r"layers \(first: .layer1.0.conv1.\) differ"):
+        calibrate(model, data, checkpoint=path, layers=["conv1"], progress=False)
+    other = _model()
+    with torch.no_grad():
+        other.conv1.weight.mul_(2)
+    with pytest.raises(ValueError, match="model's parameters or buffers differ"):
+        calibrate(other, data, checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="same batches in the same order"):
+        calibrate(model, data[::-1], checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="yielded only 2"):
+        calibrate(model, data[:2], checkpoint=path, progress=False)
+    with pytest.raises(ValueError, match="more than max_batches=2"):
+        calibrate(model, data, checkpoint=path, max_batches=2, progress=False)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot be read"):
+        calibrate(model, data, checkpoint=tmp_path / "junk.pt", progress=False)
+    assert _no_hooks(model)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "3"])
+def test_checkpoint_every_must_be_a_positive_int(model, data, bad, tmp_path):
+    with pytest.raises(ValueError, match="checkpoint_every must be an int >= 1"):
+        calibrate(model, data, checkpoint=tmp_path / "c.pt", checkpoint_every=bad, progress=False)
+    assert not (tmp_path / "c.pt").exists()
+
+
+def test_progress_bar_counts_resumed_batches(model, tmp_path, monkeypatch):
+    data = _batches(4)
+    path = tmp_path / "calib.pt"
+    with pytest.raises(RuntimeError):
+        calibrate(model, _interrupted(data, 2), checkpoint=path, checkpoint_every=1, progress=False)
+    terminal = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    calibrate(model, data, checkpoint=path, progress=True)
+    frames = terminal.getvalue().split("\r")
+    first = next(f for f in frames if "calibrate" in f)
+    assert "2/4" in first and "4/4" in frames[-1]

@@ -7,7 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from icprune._ext import HAVE_EXT
 from icprune.binning import bin_layout
+from icprune.scoring import layer_scores
 from icprune.stats import ChannelStats
 
 # Gram matrices of the same data summed in another order agree to fp64 round-off.
@@ -291,3 +293,92 @@ def test_statistics_refuse_data_from_another_device():
     s = ChannelStats(3, name="dev.layer", device="meta")
     with pytest.raises(ValueError, match="dev.layer.*on cpu but the statistics are on meta"):
         s.update(torch.ones(2, 3))
+
+
+def _assert_identical(a: ChannelStats, b: ChannelStats) -> None:
+    """Every tensor of the two state dicts bit-identical, and the same scores."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key, value in sa.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, sb[key]), (key, (value - sb[key]).abs().max())
+        else:
+            assert value == sb[key], key
+    if a.count >= 2:
+        for independence in ("distance", "correlation"):
+            sa_, sb_ = (layer_scores(s, independence=independence) for s in (a, b))
+            assert torch.equal(sa_.score, sb_.score)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    sizes=st.lists(st.integers(1, 6), min_size=1, max_size=8),
+    c=st.integers(1, 6),
+    scale=st.sampled_from([1e-6, 1.0, 1e6]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    backend=st.sampled_from(["torch", "cpp"]),
+    data=st.data(),
+)
+def test_sums_and_gram_are_bit_identical_for_any_distribution_of_batches(
+    seed, sizes, c, scale, dtype, backend, data
+):
+    """One instance fed every batch in order == batches dealt to several instances in any order,
+    merged in any order: sums, gram (plain float64 sums would differ in the last bits), counts
+    and scores, bit for bit."""
+    if backend == "cpp" and not HAVE_EXT:
+        backend = "torch"
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.linspace(-2, 2, c).view(1, c, 1)
+    batches = [
+        ((torch.randn(n, c, 5, generator=gen, dtype=torch.float64) + shift) * scale).to(dtype)
+        for n in sizes
+    ]
+    one_pass = ChannelStats(c, bins=16, name="layer.test", backend=backend)
+    for x in batches:
+        one_pass.update(x)
+    parts = data.draw(st.integers(1, 4))
+    owner = data.draw(
+        st.lists(st.integers(0, parts - 1), min_size=len(batches), max_size=len(batches))
+    )
+    order = data.draw(st.permutations(range(len(batches))))
+    pieces = [ChannelStats(c, bins=16, name="layer.test", backend=backend) for _ in range(parts)]
+    for i in order:
+        pieces[owner[i]].update(batches[i])
+    merge_order = data.draw(st.permutations(range(parts)))
+    merged = ChannelStats(c, bins=16, name="layer.test", backend=backend)
+    for i in merge_order:
+        merged.merge(pieces[i])
+    _assert_identical(one_pass, merged)
+
+
+def test_plain_float64_accumulation_would_not_be_split_independent():
+    """Guards the test above: the same batch contributions summed in plain float64 in two
+    orders differ, so bit-identity there is the compensated sum's doing."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 6, 5, generator=gen, dtype=torch.float64) for _ in range(8)]
+    grams = [x.movedim(1, -1).reshape(-1, 6).T @ x.movedim(1, -1).reshape(-1, 6) for x in batches]
+    forward, backward = (
+        torch.zeros(6, 6, dtype=torch.float64),
+        torch.zeros(6, 6, dtype=torch.float64),
+    )
+    for g in grams:
+        forward += g
+    for g in reversed(grams):
+        backward += g
+    assert not torch.equal(forward, backward)
+    a = ChannelStats(6, name="layer.test", backend="torch")
+    b = ChannelStats(6, name="layer.test", backend="torch")
+    for x in batches:
+        a.update(x)
+    for x in reversed(batches):
+        b.update(x)
+    _assert_identical(a, b)
+
+
+def test_version_1_state_is_refused_with_a_clear_message():
+    state = _stats(_features(15)).state_dict()
+    old = {k: v for k, v in state.items() if k not in ("sums_lo", "gram_lo")}
+    old["version"] = 1
+    with pytest.raises(ValueError, match="version 1.*recompute"):
+        ChannelStats(5, bins=16).load_state_dict(old)
