@@ -49,9 +49,9 @@ class DemoConfig:
 
     size: int = 16
     max_train: int | None = None
-    train_epochs: int = 4
+    train_epochs: int = 8
     train_lr: float = 0.1
-    finetune_epochs: int = 2
+    finetune_epochs: int = 3
     finetune_lr: float = 0.01
     batch: int = 128
     calib_images: int = 512

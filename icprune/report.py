@@ -315,7 +315,11 @@ def _pct(x: float | None) -> str:
 
 
 def _ms(x: float | None) -> str:
-    return "n/a" if x is None else f"{1e3 * x:.3g} ms"
+    """Seconds as milliseconds with three significant digits, never in exponent notation."""
+    if x is None:
+        return "n/a"
+    ms = 1e3 * x
+    return f"{ms:.0f} ms" if ms >= 100 else f"{ms:.3g} ms"
 
 
 def _ratio_text(x: float | None) -> str:

@@ -8,6 +8,7 @@ to stderr (bars only on a terminal, none with ``--quiet``); results go to stdout
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -29,44 +30,28 @@ DATA_HELP = (
 )
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
-    return value
+def _number(cast, what: str, low: float, high: float = math.inf, open_low=False, open_high=True):
+    """An argparse type: ``cast(text)`` checked to lie in the interval ``what`` describes."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        above = value > low if open_low else value >= low
+        below = value < high if open_high else value <= high
+        if not (above and below and math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+_fraction = _number(float, "a number in (0, 1)", 0, 1, open_low=True)
+_positive_int = _number(int, "an integer >= 1", 1)
+_count = _number(int, "an integer >= 0", 0)
+_non_negative = _number(float, "a finite number >= 0", 0)
+_positive = _number(float, "a finite number > 0", 0, open_low=True)
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -206,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tune on labelled --data for N epochs (default 0)",
     )
     prune_p.add_argument(
-        "--lr", type=float, default=0.01, help="fine-tuning learning rate (default 0.01)"
+        "--lr", type=_positive, default=0.01, help="fine-tuning learning rate (default 0.01)"
     )
     prune_p.add_argument(
         "--no-distill",
@@ -222,6 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="N",
         help="time both models on N copies of one sample (default 8; 0: skip)",
+    )
+    prune_p.add_argument(
+        "--checkpoint-every",
+        type=_positive_int,
+        default=10,
+        metavar="K",
+        help="checkpoint the calibration statistics to --out/calibration.pt every K batches "
+        "(default 10)",
+    )
+    prune_p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run from --out/calibration.pt (same command and data)",
     )
     prune_p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
     prune_p.set_defaults(handler="prune")

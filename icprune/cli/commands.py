@@ -9,15 +9,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from icprune.applying import apply
+from icprune.calibrate import calibrate
 from icprune.cli.exit_codes import CommandError, ExitCode
 from icprune.cli.output import SCORE_FORMATS, claim, write_scores, writing
 from icprune.counting import count
 from icprune.evaluation import accuracy, latency
 from icprune.finetune import finetune
-from icprune.pruning import prune
+from icprune.planning import plan
 from icprune.recalibrate import recalibrate_bn
 from icprune.report import ModelSummary, comparison_table, write_report
-from icprune.scoring import score
+from icprune.scoring import LayerScores, score
 from icprune.serialization import save
 from icprune.sources import SYNTHETIC, DataLoadError, Source, load_source
 from icprune.zoo import build_model
@@ -26,6 +28,8 @@ from icprune.zoo import build_model
 MODEL_FILE = "model.pt"
 PLAN_FILE = "plan.json"
 SCORES_FILE = "scores.json"
+#: Calibration checkpoint while the run is under way (``--resume`` continues from it).
+CALIBRATION_FILE = "calibration.pt"
 
 
 def _model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int] | None]:
@@ -74,17 +78,28 @@ def _settings(args: argparse.Namespace, **extra) -> dict[str, object]:
     return {**{k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}, **extra}
 
 
-def run_prune(args: argparse.Namespace) -> int:
-    """``icprune prune``: score, plan, apply, recalibrate, fine-tune, measure, write ``--out``.
+def _scores(model, data, source_kind, args, out, progress) -> dict[str, LayerScores]:
+    """Scores of every prunable layer: calibrated on ``data`` with a resumable checkpoint in
+    ``out`` (features), or data-free (weights)."""
+    if source_kind == "weights":
+        return score(model, source="weights", lam=args.lam)
+    checkpoint = out / CALIBRATION_FILE
+    if args.force and not args.resume:
+        checkpoint.unlink(missing_ok=True)  # --force starts over, --resume continues
+    with writing(out):
+        out.mkdir(exist_ok=True)
+    stats = calibrate(
+        model,
+        data.batches,
+        checkpoint=checkpoint,
+        checkpoint_every=args.checkpoint_every,
+        progress=progress,
+    )
+    return score(model, stats=stats, lam=args.lam)
 
-    Writes ``model.pt`` (:func:`icprune.save`), ``plan.json``, ``scores.json`` and the report
-    (``report.json``, ``report.md``, PNG plots) into ``--out``; prints the before/after table.
-    """
-    targets = {
-        "flops_reduction": args.flops_reduction,
-        "params_reduction": args.params_reduction,
-        "ratio": args.ratio,
-    }
+
+def _check_prune_args(args: argparse.Namespace) -> str:
+    """The scoring source, after checking the options that must combine."""
     source_kind = args.source or ("features" if args.data is not None else "weights")
     if source_kind == "features" and args.data is None:
         raise CommandError(
@@ -92,7 +107,19 @@ def run_prune(args: argparse.Namespace) -> int:
         )
     if args.finetune_epochs and args.data is None:
         raise CommandError("--finetune-epochs needs labelled --data", ExitCode.USAGE)
-    out = claim(args.out, force=args.force, is_dir=True)
+    return source_kind
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    """``icprune prune``: score, plan, apply, recalibrate, fine-tune, measure, write ``--out``.
+
+    Writes ``model.pt`` (:func:`icprune.save`), ``plan.json``, ``scores.json`` and the report
+    (``report.json``, ``report.md``, PNG plots) into ``--out``; prints the before/after table.
+    While calibrating, ``--out/calibration.pt`` checkpoints the statistics (what ``--resume``
+    continues from); it is removed once the run has succeeded.
+    """
+    source_kind = _check_prune_args(args)
+    out = claim(args.out, force=args.force or args.resume, is_dir=True)
     model, shape = _model(args)
     data = _data(args.data, shape, args, "--data")
     val = _data(args.val_data, shape, args, "--val-data")
@@ -105,20 +132,25 @@ def run_prune(args: argparse.Namespace) -> int:
     progress = not args.quiet
     timings = {}
     start = time.perf_counter()
-    result = prune(
+    scores = _scores(model, data, source_kind, args, out, progress)
+    timings["score_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    targets = {
+        "flops_reduction": args.flops_reduction,
+        "params_reduction": args.params_reduction,
+        "ratio": args.ratio,
+    }
+    chosen = plan(
         model,
-        data.batches if source_kind == "features" else None,
+        scores,
         example_inputs=example,
         **{k: v for k, v in targets.items() if v is not None},
-        source=source_kind,
-        lam=args.lam,
         round_to=args.round_to,
         max_layer_ratio=args.max_layer_ratio,
         ignored_layers=args.ignore or [],
-        progress=progress,
     )
-    timings["score_plan_apply_s"] = time.perf_counter() - start
-    pruned = result.model
+    pruned = apply(model, chosen)
+    timings["plan_apply_s"] = time.perf_counter() - start
     if data is not None and args.data != SYNTHETIC:
         start = time.perf_counter()
         recalibrate_bn(pruned, data.batches, progress=progress)
@@ -141,18 +173,19 @@ def run_prune(args: argparse.Namespace) -> int:
     with writing(out):
         out.mkdir(exist_ok=True)
         save(pruned, out / MODEL_FILE)
-        (out / PLAN_FILE).write_text(result.plan.to_json())
-        write_scores(result.scores, out / SCORES_FILE, settings)
+        (out / PLAN_FILE).write_text(chosen.to_json())
+        write_scores(scores, out / SCORES_FILE, settings)
         report = write_report(
             out,
-            plan=result.plan,
-            scores=result.scores,
+            plan=chosen,
+            scores=scores,
             before=before,
             after=after,
             settings=settings,
             timings=timings,
             title=f"icprune prune {args.model}",
         )
+        (out / CALIBRATION_FILE).unlink(missing_ok=True)  # the run is complete: no resuming
     print(comparison_table(report))
     print(
         f"\nwrote {out}/: {MODEL_FILE} (load with icprune.load(path, <model factory>)), "
