@@ -13,6 +13,7 @@ Higher scores mean keep; lower scores are pruned first.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -138,6 +139,10 @@ def score(
     max_batches: int | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    backend: str = "auto",
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    distributed: bool = False,
 ) -> dict[str, LayerScores]:
     """Score every output channel of every prunable layer of ``model``.
 
@@ -159,7 +164,8 @@ def score(
             ``"none"``.
         stats: statistics from an earlier :func:`icprune.calibrate` call, reused instead of
             ``data`` (``source="features"`` only).
-        layers, bins, range_mode, read_at, nan_policy, max_batches, device, progress: passed to
+        layers, bins, range_mode, read_at, nan_policy, max_batches, device, progress, backend,
+            checkpoint, checkpoint_every, distributed: passed to
             :func:`icprune.calibrate` (``layers``, ``bins``, ``range_mode``, ``nan_policy`` also
             to the weight statistics).
 
@@ -200,6 +206,10 @@ def score(
             max_batches=max_batches,
             device=device,
             progress=progress,
+            backend=backend,
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            distributed=distributed,
         )
     return {
         name: layer_scores(layer, lam=lam, independence=independence, norm=norm)

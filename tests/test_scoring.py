@@ -160,3 +160,21 @@ def test_data_or_stats_select_feature_maps_by_default():
 def test_inconsistent_arguments_raise(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         icprune.score(_model(), **kwargs)
+
+
+def test_score_passes_checkpoint_and_backend_through_to_calibrate(tmp_path):
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    batches = [
+        torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    path = tmp_path / "calib.pt"
+    first = icprune.score(model, batches, checkpoint=path, checkpoint_every=1, progress=False)
+    assert path.is_file()
+    again = icprune.score(model, batches, checkpoint=path, progress=False)  # resumed: no forward
+    with pytest.raises(ValueError, match="backend differ"):  # the backend reaches calibrate too
+        icprune.score(model, batches, checkpoint=path, backend="torch", progress=False)
+    reference = icprune.score(model, batches, backend="torch", progress=False)
+    for name, layer in first.items():
+        assert torch.equal(layer.score, again[name].score)
+        assert torch.allclose(layer.score, reference[name].score, atol=1e-6)

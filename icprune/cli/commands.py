@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from icprune.applying import apply
-from icprune.calibrate import calibrate
 from icprune.cli.exit_codes import CommandError, ExitCode
 from icprune.cli.output import SCORE_FORMATS, claim, write_scores, writing
 from icprune.counting import count
@@ -88,14 +87,14 @@ def _scores(model, data, source_kind, args, out, progress) -> dict[str, LayerSco
         checkpoint.unlink(missing_ok=True)  # --force starts over, --resume continues
     with writing(out):
         out.mkdir(exist_ok=True)
-    stats = calibrate(
+    return score(
         model,
         data.batches,
+        lam=args.lam,
         checkpoint=checkpoint,
         checkpoint_every=args.checkpoint_every,
         progress=progress,
     )
-    return score(model, stats=stats, lam=args.lam)
 
 
 def _check_prune_args(args: argparse.Namespace) -> str:
