@@ -353,3 +353,33 @@ def test_interrupted_prune_resumes_from_its_calibration_checkpoint(capsys, tmp_p
     assert (whole / "plan.json").read_text() == (resumed / "plan.json").read_text()
     layers = [json.loads((d / "scores.json").read_text())["layers"] for d in (whole, resumed)]
     assert layers[0] == layers[1]
+
+
+@pytest.mark.slow
+def test_readme_run_prunes_resnet50_on_the_bundled_photographs(capsys, tmp_path):
+    from icprune.data import sample_images_folder
+    from icprune.models import resnet50
+
+    out = tmp_path / "run1"
+    code, stdout, _ = run(
+        capsys,
+        "prune",
+        "resnet50",
+        "--data",
+        sample_images_folder(),
+        "--flops-reduction",
+        0.5,
+        "--input-shape",
+        "3,64,64",
+        "--latency-batch",
+        1,
+        "--out",
+        out,
+        "--quiet",
+    )  # the README's command, at 64x64 to keep the suite fast
+    assert code == ExitCode.OK and "MACs" in stdout
+    pruned = icprune.load(out / "model.pt", resnet50)
+    report = json.loads((out / "report.json").read_text())
+    assert 0.49 <= report["plan"]["flops_reduction"] <= 0.51
+    assert icprune.count(pruned, torch.zeros(1, 3, 64, 64))[0] == report["after"]["macs"]
+    assert len(report["layers"]) == 53 and report["after"]["latency_s"] > 0
