@@ -383,3 +383,16 @@ def test_readme_run_prunes_resnet50_on_the_bundled_photographs(capsys, tmp_path)
     assert 0.49 <= report["plan"]["flops_reduction"] <= 0.51
     assert icprune.count(pruned, torch.zeros(1, 3, 64, 64))[0] == report["after"]["macs"]
     assert len(report["layers"]) == 53 and report["after"]["latency_s"] > 0
+
+
+def test_demo_command_runs_the_demo_with_its_options(capsys, tmp_path, monkeypatch):
+    import icprune.demo
+
+    calls = []
+    monkeypatch.setattr(icprune.demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or 0)
+    assert run(capsys, "demo")[0] == ExitCode.OK
+    assert run(capsys, "demo", "--out", tmp_path / "d", "--force", "--quiet")[0] == ExitCode.OK
+    assert calls == [
+        ("icprune-demo", {"force": False, "progress": True}),
+        (str(tmp_path / "d"), {"force": True, "progress": False}),
+    ]
