@@ -13,13 +13,12 @@ Run: ``icprune demo [--out DIR] [--force] [--quiet]`` (or ``python -m icprune de
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
 
-from icprune.cli.output import claim, write_scores, writing
+from icprune.cli.output import claim, timed, write_run
 from icprune.counting import count
 from icprune.data import digits
 from icprune.evaluation import accuracy, latency
@@ -27,8 +26,7 @@ from icprune.finetune import finetune
 from icprune.models import resnet20
 from icprune.pruning import prune
 from icprune.recalibrate import recalibrate_bn
-from icprune.report import ModelSummary, comparison_table, write_report
-from icprune.serialization import save
+from icprune.report import ModelSummary, comparison_table
 
 
 @dataclass(frozen=True)
@@ -111,54 +109,48 @@ def run_demo(
         f"({len(data.train_x)} training, {len(data.test_x)} test images)"
     )
     timings = {}
-    start = time.perf_counter()
     model = resnet20(num_classes=10, in_channels=1)
-    finetune(model, train, config.train_epochs, lr=config.train_lr, progress=progress, inplace=True)
-    timings["train_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    result = prune(model, calib, flops_reduction=config.flops_reduction, progress=progress)
-    timings["score_plan_apply_s"] = time.perf_counter() - start
+    with timed(timings, "train_s"):
+        finetune(
+            model, train, config.train_epochs, lr=config.train_lr, progress=progress, inplace=True
+        )
+    with timed(timings, "score_plan_apply_s"):
+        result = prune(model, calib, flops_reduction=config.flops_reduction, progress=progress)
     pruned = result.model
-    start = time.perf_counter()
-    recalibrate_bn(pruned, calib, progress=progress)
-    timings["recalibrate_bn_s"] = time.perf_counter() - start
+    with timed(timings, "recalibrate_bn_s"):
+        recalibrate_bn(pruned, calib, progress=progress)
     recalibrated_accuracy = accuracy(pruned, test)
-    start = time.perf_counter()
-    finetune(
-        pruned,
-        train,
-        config.finetune_epochs,
-        lr=config.finetune_lr,
-        teacher=model,
-        progress=progress,
-        inplace=True,
-    )
-    timings["finetune_s"] = time.perf_counter() - start
+    with timed(timings, "finetune_s"):
+        finetune(
+            pruned,
+            train,
+            config.finetune_epochs,
+            lr=config.finetune_lr,
+            teacher=model,
+            progress=progress,
+            inplace=True,
+        )
     batch = data.test_x[: config.latency_batch]
-    timed = latency({"unpruned": model, "pruned": pruned}, batch, rounds=config.latency_rounds)
-    before = ModelSummary(*count(model, example), accuracy(model, test), timed["unpruned"])
-    after = ModelSummary(*count(pruned, example), accuracy(pruned, test), timed["pruned"])
+    seconds = latency({"unpruned": model, "pruned": pruned}, batch, rounds=config.latency_rounds)
+    before = ModelSummary(*count(model, example), accuracy(model, test), seconds["unpruned"])
+    after = ModelSummary(*count(pruned, example), accuracy(pruned, test), seconds["pruned"])
     settings = {
         "demo": asdict(config),
         "source": "features",
         "score": "icprune.score defaults",
         "accuracy_after_recalibration_only": recalibrated_accuracy,
     }
-    with writing(out):
-        out.mkdir(exist_ok=True)
-        save(pruned, out / "model.pt")
-        (out / "plan.json").write_text(result.plan.to_json())
-        write_scores(result.scores, out / "scores.json", settings)
-        report = write_report(
-            out,
-            plan=result.plan,
-            scores=result.scores,
-            before=before,
-            after=after,
-            settings=settings,
-            timings=timings,
-            title="icprune demo: ResNet-20 on digits",
-        )
+    report = write_run(
+        out,
+        pruned=pruned,
+        plan=result.plan,
+        scores=result.scores,
+        before=before,
+        after=after,
+        settings=settings,
+        timings=timings,
+        title="icprune demo: ResNet-20 on digits",
+    )
     print(f"\n{comparison_table(report)}")
     print(
         f"\naccuracy right after pruning and BatchNorm re-estimation: "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch
@@ -11,22 +10,27 @@ from torch import nn
 
 from icprune.applying import apply
 from icprune.cli.exit_codes import CommandError, ExitCode
-from icprune.cli.output import SCORE_FORMATS, claim, write_scores, writing
+from icprune.cli.output import (
+    MODEL_FILE,
+    PLAN_FILE,
+    SCORE_FORMATS,
+    SCORES_FILE,
+    claim,
+    timed,
+    write_run,
+    write_scores,
+    writing,
+)
 from icprune.counting import count
 from icprune.evaluation import accuracy, latency
 from icprune.finetune import finetune
 from icprune.planning import plan
 from icprune.recalibrate import recalibrate_bn
-from icprune.report import ModelSummary, comparison_table, write_report
+from icprune.report import ModelSummary, comparison_table
 from icprune.scoring import LayerScores, score
-from icprune.serialization import save
 from icprune.sources import SYNTHETIC, DataLoadError, Source, load_source
 from icprune.zoo import build_model
 
-#: Files ``icprune prune`` writes into ``--out`` besides the report.
-MODEL_FILE = "model.pt"
-PLAN_FILE = "plan.json"
-SCORES_FILE = "scores.json"
 #: Calibration checkpoint while the run is under way (``--resume`` continues from it).
 CALIBRATION_FILE = "calibration.pt"
 
@@ -130,60 +134,52 @@ def run_prune(args: argparse.Namespace) -> int:
     example = _example(data, shape)
     progress = not args.quiet
     timings = {}
-    start = time.perf_counter()
-    scores = _scores(model, data, source_kind, args, out, progress)
-    timings["score_s"] = time.perf_counter() - start
-    start = time.perf_counter()
+    with timed(timings, "score_s"):
+        scores = _scores(model, data, source_kind, args, out, progress)
     targets = {
         "flops_reduction": args.flops_reduction,
         "params_reduction": args.params_reduction,
         "ratio": args.ratio,
     }
-    chosen = plan(
-        model,
-        scores,
-        example_inputs=example,
-        **{k: v for k, v in targets.items() if v is not None},
-        round_to=args.round_to,
-        max_layer_ratio=args.max_layer_ratio,
-        ignored_layers=args.ignore or [],
-    )
-    pruned = apply(model, chosen)
-    timings["plan_apply_s"] = time.perf_counter() - start
-    if data is not None and args.data != SYNTHETIC:
-        start = time.perf_counter()
-        recalibrate_bn(pruned, data.batches, progress=progress)
-        timings["recalibrate_bn_s"] = time.perf_counter() - start
-    if args.finetune_epochs:
-        start = time.perf_counter()
-        teacher = None if args.no_distill else model
-        finetune(
-            pruned,
-            data.batches,
-            args.finetune_epochs,
-            lr=args.lr,
-            teacher=teacher,
-            progress=progress,
-            inplace=True,
+    with timed(timings, "plan_apply_s"):
+        chosen = plan(
+            model,
+            scores,
+            example_inputs=example,
+            **{k: v for k, v in targets.items() if v is not None},
+            round_to=args.round_to,
+            max_layer_ratio=args.max_layer_ratio,
+            ignored_layers=args.ignore or [],
         )
-        timings["finetune_s"] = time.perf_counter() - start
+        pruned = apply(model, chosen)
+    if data is not None and args.data != SYNTHETIC:
+        with timed(timings, "recalibrate_bn_s"):
+            recalibrate_bn(pruned, data.batches, progress=progress)
+    if args.finetune_epochs:
+        with timed(timings, "finetune_s"):
+            finetune(
+                pruned,
+                data.batches,
+                args.finetune_epochs,
+                lr=args.lr,
+                teacher=None if args.no_distill else model,
+                progress=progress,
+                inplace=True,
+            )
     before, after = _measure(model, pruned, example, val, args.latency_batch)
     settings = _settings(args, source=source_kind, data_description=data and data.description)
+    report = write_run(
+        out,
+        pruned=pruned,
+        plan=chosen,
+        scores=scores,
+        before=before,
+        after=after,
+        settings=settings,
+        timings=timings,
+        title=f"icprune prune {args.model}",
+    )
     with writing(out):
-        out.mkdir(exist_ok=True)
-        save(pruned, out / MODEL_FILE)
-        (out / PLAN_FILE).write_text(chosen.to_json())
-        write_scores(scores, out / SCORES_FILE, settings)
-        report = write_report(
-            out,
-            plan=chosen,
-            scores=scores,
-            before=before,
-            after=after,
-            settings=settings,
-            timings=timings,
-            title=f"icprune prune {args.model}",
-        )
         (out / CALIBRATION_FILE).unlink(missing_ok=True)  # the run is complete: no resuming
     print(comparison_table(report))
     print(

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from torch import nn
+
 from icprune.cli.exit_codes import CommandError, ExitCode
+from icprune.planning import PruningPlan
+from icprune.report import ModelSummary, write_report
 from icprune.scoring import LayerScores
+from icprune.serialization import save
 
 SCORE_FORMATS = (".json", ".csv")
+#: Files a pruning run writes into its folder besides the report.
+MODEL_FILE = "model.pt"
+PLAN_FILE = "plan.json"
+SCORES_FILE = "scores.json"
 
 
 def claim(path: str | os.PathLike, *, force: bool, is_dir: bool) -> Path:
@@ -115,4 +125,51 @@ def write_scores(
         raise CommandError(
             f"--out {os.fspath(path)!r}: write scores to a {' or '.join(SCORE_FORMATS)} file",
             ExitCode.USAGE,
+        )
+
+
+@contextmanager
+def timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the wall-clock seconds of the ``with`` block as ``timings[step]``."""
+    start = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - start
+
+
+def write_run(
+    out: Path,
+    *,
+    pruned: nn.Module,
+    plan: PruningPlan,
+    scores: Mapping[str, LayerScores],
+    before: ModelSummary,
+    after: ModelSummary,
+    settings: Mapping[str, object],
+    timings: Mapping[str, float],
+    title: str,
+) -> dict:
+    """Write a finished pruning run into ``out`` (created if missing): ``model.pt``
+    (:func:`icprune.save`), ``plan.json``, ``scores.json`` (:func:`write_scores`) and the report
+    (:func:`icprune.write_report`).
+
+    Returns:
+        the report as a dict (see :func:`icprune.write_report`).
+
+    Raises:
+        CommandError (OUTPUT): a file cannot be written.
+    """
+    with writing(out):
+        out.mkdir(exist_ok=True)
+        save(pruned, out / MODEL_FILE)
+        (out / PLAN_FILE).write_text(plan.to_json())
+        write_scores(scores, out / SCORES_FILE, settings)
+        return write_report(
+            out,
+            plan=plan,
+            scores=scores,
+            before=before,
+            after=after,
+            settings=dict(settings),
+            timings=timings,
+            title=title,
         )
