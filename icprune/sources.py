@@ -26,7 +26,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,14 @@ class Source:
     num_samples: int
     input_shape: tuple[int, int, int]
     description: str
+
+    def shard(self, rank: int, world_size: int) -> Source:
+        """Every ``world_size``-th batch from batch ``rank`` on (read lazily), e.g. one process's
+        share of the calibration data; ``num_samples`` stays that of the whole data."""
+        batches = self.batches
+        count = len(range(rank, len(batches), world_size))
+        shard = _Batches(count, lambda i: batches[rank + i * world_size])
+        return replace(self, batches=shard, description=f"{self.description}, shard {rank}")
 
 
 class _Batches(Sequence):

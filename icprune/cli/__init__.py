@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from icprune.cli.exit_codes import CommandError, ExitCode
+from icprune.cli.launch import stop
 from icprune.sources import DataLoadError
 from icprune.zoo import ZOO, ModelLoadError
 
@@ -109,6 +110,12 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         type=_non_negative,
         default=1.0,
         help="weight of independence against capacity (default 1)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N; under torchrun each "
+        "process uses cuda:LOCAL_RANK (default auto)",
     )
     parser.add_argument(
         "--seed",
@@ -293,5 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message, code = str(exc), ExitCode.FAILURE
     except KeyboardInterrupt:
         message, code = "interrupted", ExitCode.INTERRUPTED
+    finally:
+        stop()
     print(f"icprune: error: {message}", file=sys.stderr)
     return int(code)

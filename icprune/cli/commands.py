@@ -10,6 +10,7 @@ from torch import nn
 
 from icprune.applying import apply
 from icprune.cli.exit_codes import CommandError, ExitCode
+from icprune.cli.launch import start
 from icprune.cli.output import (
     MODEL_FILE,
     PLAN_FILE,
@@ -81,23 +82,25 @@ def _settings(args: argparse.Namespace, **extra) -> dict[str, object]:
     return {**{k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}, **extra}
 
 
-def _scores(model, data, source_kind, args, out, progress) -> dict[str, LayerScores]:
-    """Scores of every prunable layer: calibrated on ``data`` with a resumable checkpoint in
-    ``out`` (features), or data-free (weights)."""
+def _scores(model, data, source_kind, args, out, launch) -> dict[str, LayerScores]:
+    """Scores of every prunable layer: calibrated on ``data`` (this process's shard under
+    torchrun) with a resumable checkpoint in ``out`` (features), or data-free (weights)."""
     if source_kind == "weights":
         return score(model, source="weights", lam=args.lam)
-    checkpoint = out / CALIBRATION_FILE
+    name = CALIBRATION_FILE if not launch.distributed else f"calibration.rank{launch.rank}.pt"
+    checkpoint = out / name
     if args.force and not args.resume:
         checkpoint.unlink(missing_ok=True)  # --force starts over, --resume continues
     with writing(out):
         out.mkdir(exist_ok=True)
     return score(
         model,
-        data.batches,
+        data.shard(launch.rank, launch.world_size).batches,
         lam=args.lam,
         checkpoint=checkpoint,
         checkpoint_every=args.checkpoint_every,
-        progress=progress,
+        distributed=launch.distributed,
+        progress=not args.quiet and launch.rank == 0,
     )
 
 
@@ -122,8 +125,11 @@ def run_prune(args: argparse.Namespace) -> int:
     continues from); it is removed once the run has succeeded.
     """
     source_kind = _check_prune_args(args)
+    launch = start(args.device)
     out = claim(args.out, force=args.force or args.resume, is_dir=True)
+    launch.barrier()  # every process has checked --out before process 0 creates it
     model, shape = _model(args)
+    model.to(launch.device)
     data = _data(args.data, shape, args, "--data")
     val = _data(args.val_data, shape, args, "--val-data")
     if args.finetune_epochs and not data.labelled:
@@ -131,11 +137,13 @@ def run_prune(args: argparse.Namespace) -> int:
             f"--finetune-epochs needs labels, and --data {args.data!r} has none: use a folder "
             f"with one subfolder per class, or a tensor file with 'targets'"
         )
-    example = _example(data, shape)
+    example = _example(data, shape).to(launch.device)
     progress = not args.quiet
     timings = {}
     with timed(timings, "score_s"):
-        scores = _scores(model, data, source_kind, args, out, progress)
+        scores = _scores(model, data, source_kind, args, out, launch)
+    if launch.rank != 0:
+        return ExitCode.OK  # process 0 plans, prunes, measures and writes
     targets = {
         "flops_reduction": args.flops_reduction,
         "params_reduction": args.params_reduction,
@@ -180,7 +188,8 @@ def run_prune(args: argparse.Namespace) -> int:
         title=f"icprune prune {args.model}",
     )
     with writing(out):
-        (out / CALIBRATION_FILE).unlink(missing_ok=True)  # the run is complete: no resuming
+        for checkpoint in out.glob("calibration*.pt"):
+            checkpoint.unlink()  # the run is complete: nothing to resume
     print(comparison_table(report))
     print(
         f"\nwrote {out}/: {MODEL_FILE} (load with icprune.load(path, <model factory>)), "
@@ -215,16 +224,22 @@ def run_score(args: argparse.Namespace) -> int:
         )
     if source_kind == "weights" and args.data is not None:
         raise CommandError("--source weights is data-free: drop --data", ExitCode.USAGE)
+    launch = start(args.device)
     out = claim(args.out, force=args.force, is_dir=False)
+    launch.barrier()
     model, shape = _model(args)
+    model.to(launch.device)
     data = _data(args.data, shape, args, "--data")
     scores = score(
         model,
-        data.batches if data is not None else None,
+        data.shard(launch.rank, launch.world_size).batches if data is not None else None,
         source=source_kind,
         lam=args.lam,
-        progress=not args.quiet,
+        distributed=launch.distributed and data is not None,
+        progress=not args.quiet and launch.rank == 0,
     )
+    if launch.rank != 0:
+        return ExitCode.OK  # process 0 writes
     settings = _settings(args, source=source_kind, data_description=data and data.description)
     with writing(out):
         write_scores(scores, out, settings)
