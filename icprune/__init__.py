@@ -11,6 +11,9 @@ independence), after Tang et al., arXiv:2303.03645. Exact definitions: docs/meth
     result = icprune.prune(model, data, flops_reduction=0.5)  # score -> plan -> apply
     icprune.recalibrate_bn(pruned_model, data)              # re-estimate BN statistics
     tuned = icprune.finetune(pruned_model, train_data, 2, teacher=model)  # recover accuracy
+
+The same job from a shell: ``icprune prune MODEL --data SRC --flops-reduction 0.5 --out DIR``
+(see :mod:`icprune.cli` and docs/cli.md); ``icprune demo`` runs it on bundled data.
 """
 
 from icprune._ext import HAVE_EXT, build_info

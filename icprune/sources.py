@@ -171,11 +171,11 @@ def image_folder(
             f"pass a tensor file instead"
         )
     if not root.is_dir():
-        raise DataLoadError(f"--data: {os.fspath(root)!r} is not a directory")
+        raise DataLoadError(f"{os.fspath(root)!r} is not a directory")
     files = _image_files(root)
     if not files:
         raise DataLoadError(
-            f"--data: no images in {os.fspath(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
+            f"no images in {os.fspath(root)!r} (looked for {', '.join(IMAGE_EXTENSIONS)}, "
             f"recursively)"
         )
     if max_samples is not None and len(files) > max_samples:
@@ -188,7 +188,7 @@ def image_folder(
             with Image.open(path) as image:
                 image.verify()
         except Exception as exc:  # PIL raises several types for corrupt or foreign files
-            raise DataLoadError(f"--data: cannot read image {os.fspath(path)!r} ({exc})") from exc
+            raise DataLoadError(f"cannot read image {os.fspath(path)!r} ({exc})") from exc
     labelled = all(path.parent != root for path in files)
     classes = sorted({path.relative_to(root).parts[0] for path in files}) if labelled else []
     targets = (
@@ -204,7 +204,7 @@ def image_folder(
             with Image.open(path) as image:
                 return transform(image.convert(mode))
         except OSError as exc:
-            raise DataLoadError(f"--data: cannot decode image {os.fspath(path)!r} ({exc})") from exc
+            raise DataLoadError(f"cannot decode image {os.fspath(path)!r} ({exc})") from exc
 
     def make(i: int) -> object:
         span = slice(i * batch_size, (i + 1) * batch_size)
@@ -233,7 +233,7 @@ def _read_tensors(path: Path) -> tuple[object, object]:
                 data = {key: archive[key] for key in archive.files}
     except Exception as exc:  # unpickling, zip and format errors all mean "unreadable"
         raise DataLoadError(
-            f"--data: cannot read {os.fspath(path)!r} ({type(exc).__name__}: {exc})"
+            f"cannot read {os.fspath(path)!r} ({type(exc).__name__}: {exc})"
         ) from exc
     if isinstance(data, dict):
         if "inputs" in data:
@@ -241,7 +241,7 @@ def _read_tensors(path: Path) -> tuple[object, object]:
         if len(data) == 1:
             return next(iter(data.values())), None
         raise DataLoadError(
-            f"--data: {os.fspath(path)!r} holds {sorted(data)}; name the inputs 'inputs' (and "
+            f"{os.fspath(path)!r} holds {sorted(data)}; name the inputs 'inputs' (and "
             f"the labels 'targets')"
         )
     if isinstance(data, (tuple, list)) and len(data) == 2:
@@ -253,7 +253,7 @@ def _as_tensor(value: object, what: str, path: Path) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
-        raise DataLoadError(f"--data: {what} in {os.fspath(path)!r} is {type(value).__name__}")
+        raise DataLoadError(f"{what} in {os.fspath(path)!r} is {type(value).__name__}")
     return value
 
 
@@ -282,27 +282,27 @@ def tensor_file(
     """
     path = Path(path)
     if not path.is_file():
-        raise DataLoadError(f"--data: no such file {os.fspath(path)!r}")
+        raise DataLoadError(f"no such file {os.fspath(path)!r}")
     raw_inputs, raw_targets = _read_tensors(path)
     inputs = _as_tensor(raw_inputs, "the inputs", path)
     if inputs.ndim != 4 or inputs.shape[0] == 0 or not inputs.is_floating_point():
         raise DataLoadError(
-            f"--data: inputs in {os.fspath(path)!r} must be a non-empty float tensor [N, C, H, W]"
+            f"inputs in {os.fspath(path)!r} must be a non-empty float tensor [N, C, H, W]"
             f" of normalised images; got {inputs.dtype} of shape {tuple(inputs.shape)}"
         )
     if input_shape is not None and inputs.shape[1] != input_shape[0]:
         raise DataLoadError(
-            f"--data: inputs in {os.fspath(path)!r} have {inputs.shape[1]} channels, the model "
+            f"inputs in {os.fspath(path)!r} have {inputs.shape[1]} channels, the model "
             f"takes {input_shape[0]}"
         )
     if not torch.isfinite(inputs).all():
-        raise DataLoadError(f"--data: inputs in {os.fspath(path)!r} hold NaN or Inf values")
+        raise DataLoadError(f"inputs in {os.fspath(path)!r} hold NaN or Inf values")
     targets = None
     if raw_targets is not None:
         targets = _as_tensor(raw_targets, "the targets", path)
         if targets.shape != (len(inputs),) or targets.is_floating_point() or targets.is_complex():
             raise DataLoadError(
-                f"--data: targets in {os.fspath(path)!r} must be integer labels of shape "
+                f"targets in {os.fspath(path)!r} must be integer labels of shape "
                 f"[{len(inputs)}], got {targets.dtype} of shape {tuple(targets.shape)}"
             )
         targets = targets.long()[:max_samples]
@@ -381,14 +381,15 @@ def load_source(
         DataLoadError: anything that keeps the spec from being read (the message names it).
     """
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataLoadError(f"--batch-size must be a positive int, got {batch_size!r}")
+        raise DataLoadError(f"batch_size must be a positive int, got {batch_size!r}")
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
-        raise DataLoadError(f"--max-samples must be a positive int, got {max_samples!r}")
+        raise DataLoadError(f"max_samples must be a positive int, got {max_samples!r}")
     text = os.fspath(spec)
     needs_shape = text == SYNTHETIC or Path(text).is_dir()
     if needs_shape and input_shape is None:
         raise DataLoadError(
-            f"--data {text!r}: the model's input shape is unknown; pass --input-shape C,H,W"
+            f"{text!r}: the model's input shape is unknown; pass input_shape (on the command "
+            f"line: --input-shape C,H,W)"
         )
     if text == SYNTHETIC:
         return synthetic(
@@ -402,8 +403,8 @@ def load_source(
     if path.suffix.lower() in TENSOR_EXTENSIONS:
         return tensor_file(path, input_shape, batch_size=batch_size, max_samples=max_samples)
     if not path.exists():
-        raise DataLoadError(f"--data: no such file or folder {text!r}")
+        raise DataLoadError(f"no such file or folder {text!r}")
     raise DataLoadError(
-        f"--data: {text!r} is neither a folder of images nor a tensor file "
+        f"{text!r} is neither a folder of images nor a tensor file "
         f"({', '.join(TENSOR_EXTENSIONS)}), nor 'synthetic'"
     )

@@ -160,16 +160,16 @@ def test_load_source_dispatches_and_validates(tmp_path, photo_folder):
     assert load_source(tmp_path / "x.pt", None).input_shape == (3, 4, 4)
     with pytest.warns(UserWarning):
         assert load_source("synthetic", (3, 4, 4), max_samples=3).num_samples == 3
-    with pytest.raises(DataLoadError, match="input shape is unknown; pass --input-shape"):
+    with pytest.raises(DataLoadError, match="input shape is unknown; pass input_shape"):
         load_source("synthetic", None)
     with pytest.raises(DataLoadError, match="no such file or folder"):
         load_source(tmp_path / "nothing", (3, 4, 4))
     (tmp_path / "table.csv").write_text("a,b\n")
     with pytest.raises(DataLoadError, match="neither a folder of images nor a tensor file"):
         load_source(tmp_path / "table.csv", (3, 4, 4))
-    with pytest.raises(DataLoadError, match="--batch-size must be a positive int"):
+    with pytest.raises(DataLoadError, match="batch_size must be a positive int"):
         load_source(tmp_path / "x.pt", None, batch_size=0)
-    with pytest.raises(DataLoadError, match="--max-samples must be a positive int"):
+    with pytest.raises(DataLoadError, match="max_samples must be a positive int"):
         load_source(tmp_path / "x.pt", None, max_samples=0)
 
 

@@ -54,9 +54,12 @@ def _model(args: argparse.Namespace) -> tuple[nn.Module, tuple[int, int, int] | 
 def _data(spec: str | None, shape, args: argparse.Namespace, what: str) -> Source | None:
     if spec is None:
         return None
-    source = load_source(
-        spec, shape, batch_size=args.batch_size, max_samples=args.max_samples, seed=args.seed
-    )
+    try:
+        source = load_source(
+            spec, shape, batch_size=args.batch_size, max_samples=args.max_samples, seed=args.seed
+        )
+    except DataLoadError as exc:
+        raise DataLoadError(f"{what}: {exc}") from exc
     if what != "--data" and not source.labelled:
         raise DataLoadError(
             f"{what} {spec!r} has no labels: use a folder with one subfolder per class, or a "

@@ -81,7 +81,7 @@ def test_empty_data_folder_exits_4(capsys, tmp_path):
         "--out",
         tmp_path / "o",
     )
-    assert code == ExitCode.DATA and "no images in" in err
+    assert code == ExitCode.DATA and "error: --data: no images in" in err
     assert not (tmp_path / "o").exists()
 
 
@@ -396,3 +396,12 @@ def test_demo_command_runs_the_demo_with_its_options(capsys, tmp_path, monkeypat
         ("icprune-demo", {"force": False, "progress": True}),
         (str(tmp_path / "d"), {"force": True, "progress": False}),
     ]
+
+
+def test_val_data_errors_name_the_option(capsys, tmp_path, photo_folder):
+    argv = ["prune", "resnet20", "--ratio", 0.2, "--out", tmp_path / "o", *FAST]
+    code, _, err = run(capsys, *argv, "--val-data", tmp_path / "missing")
+    assert code == ExitCode.DATA and "error: --val-data: no such file or folder" in err
+    code, _, err = run(capsys, *argv, "--val-data", photo_folder / "a")
+    assert code == ExitCode.DATA and "--val-data" in err and "has no labels" in err
+    assert not (tmp_path / "o").exists()
