@@ -123,12 +123,16 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="seed of random initialisation, image subsets and noise (default 0)",
     )
+    _output_options(parser)
+
+
+def _output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--force",
         action="store_true",
         help="overwrite the files icprune writes in an existing --out",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or notes")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,12 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="folder to create (default ./icprune-demo)",
     )
-    demo_p.add_argument(
-        "--force",
-        action="store_true",
-        help="overwrite the files icprune writes in an existing --out",
-    )
-    demo_p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _output_options(demo_p)
     demo_p.set_defaults(handler="demo")
     return parser
 
