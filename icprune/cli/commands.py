@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from icprune.applying import apply
+from icprune.calibrate import batch_input
 from icprune.cli.exit_codes import CommandError, ExitCode
 from icprune.cli.launch import start
 from icprune.cli.output import (
     MODEL_FILE,
     PLAN_FILE,
-    SCORE_FORMATS,
     SCORES_FILE,
+    check_scores_path,
     claim,
     timed,
     write_run,
@@ -70,8 +70,7 @@ def _data(spec: str | None, shape, args: argparse.Namespace, what: str) -> Sourc
 
 def _example(data: Source | None, shape) -> torch.Tensor:
     if data is not None:
-        first = data.batches[0]
-        return (first[0] if isinstance(first, (tuple, list)) else first)[:1]
+        return batch_input(data.batches[0])[:1]
     if shape is None:
         raise CommandError(
             "the model's input shape is unknown: pass --input-shape C,H,W (or --data)",
@@ -107,13 +106,19 @@ def _scores(model, data, source_kind, args, out, launch) -> dict[str, LayerScore
     )
 
 
-def _check_prune_args(args: argparse.Namespace) -> str:
-    """The scoring source, after checking the options that must combine."""
+def _source_kind(args: argparse.Namespace) -> str:
+    """``--source``, defaulting to features with ``--data`` and weights without."""
     source_kind = args.source or ("features" if args.data is not None else "weights")
     if source_kind == "features" and args.data is None:
         raise CommandError(
             "--source features needs --data (or use --source weights)", ExitCode.USAGE
         )
+    return source_kind
+
+
+def _check_prune_args(args: argparse.Namespace) -> str:
+    """The scoring source, after checking the options that must combine."""
+    source_kind = _source_kind(args)
     if args.finetune_epochs and args.data is None:
         raise CommandError("--finetune-epochs needs labelled --data", ExitCode.USAGE)
     return source_kind
@@ -215,16 +220,8 @@ def _measure(model, pruned, example, val, latency_batch):
 def run_score(args: argparse.Namespace) -> int:
     """``icprune score``: channel scores of every prunable layer, written to ``--out``
     (``.json`` or ``.csv``, see :func:`icprune.cli.output.write_scores`)."""
-    if Path(args.out).suffix.lower() not in SCORE_FORMATS:
-        raise CommandError(
-            f"--out {args.out!r}: write scores to a {' or '.join(SCORE_FORMATS)} file",
-            ExitCode.USAGE,
-        )
-    source_kind = args.source or ("features" if args.data is not None else "weights")
-    if source_kind == "features" and args.data is None:
-        raise CommandError(
-            "--source features needs --data (or use --source weights)", ExitCode.USAGE
-        )
+    check_scores_path(args.out)
+    source_kind = _source_kind(args)
     if source_kind == "weights" and args.data is not None:
         raise CommandError("--source weights is data-free: drop --data", ExitCode.USAGE)
     launch = start(args.device)

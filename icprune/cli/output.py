@@ -91,6 +91,19 @@ def _rows(scores: Mapping[str, LayerScores]) -> list[dict[str, object]]:
     return rows
 
 
+def check_scores_path(path: str | os.PathLike) -> None:
+    """Check that ``path`` names a scores file :func:`write_scores` can write.
+
+    Raises:
+        CommandError (USAGE): a suffix other than ``.json`` or ``.csv``.
+    """
+    if Path(path).suffix.lower() not in SCORE_FORMATS:
+        raise CommandError(
+            f"--out {os.fspath(path)!r}: write scores to a {' or '.join(SCORE_FORMATS)} file",
+            ExitCode.USAGE,
+        )
+
+
 def write_scores(
     scores: Mapping[str, LayerScores], path: str | os.PathLike, settings: Mapping[str, object]
 ) -> None:
@@ -102,9 +115,9 @@ def write_scores(
     Raises:
         CommandError (USAGE): a suffix other than ``.json`` or ``.csv``.
     """
+    check_scores_path(path)
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".json":
+    if path.suffix.lower() == ".json":
         layers = {
             name: {
                 "capacity": s.capacity.tolist(),
@@ -114,18 +127,13 @@ def write_scores(
             for name, s in scores.items()
         }
         path.write_text(json.dumps({"settings": dict(settings), "layers": layers}, indent=1))
-    elif suffix == ".csv":
+    else:
         lines = ["layer,channel,capacity,independence,score"]
         lines += [
             f"{r['layer']},{r['channel']},{r['capacity']!r},{r['independence']!r},{r['score']!r}"
             for r in _rows(scores)
         ]
         path.write_text("\n".join(lines) + "\n")
-    else:
-        raise CommandError(
-            f"--out {os.fspath(path)!r}: write scores to a {' or '.join(SCORE_FORMATS)} file",
-            ExitCode.USAGE,
-        )
 
 
 @contextmanager
