@@ -190,12 +190,9 @@ def image_folder(
         except Exception as exc:  # PIL raises several types for corrupt or foreign files
             raise DataLoadError(f"cannot read image {os.fspath(path)!r} ({exc})") from exc
     labelled = all(path.parent != root for path in files)
-    classes = sorted({path.relative_to(root).parts[0] for path in files}) if labelled else []
-    targets = (
-        torch.tensor([classes.index(p.relative_to(root).parts[0]) for p in files])
-        if (labelled)
-        else None
-    )
+    folders = [path.relative_to(root).parts[0] for path in files]  # a file's class subfolder
+    classes = sorted(set(folders)) if labelled else []
+    targets = torch.tensor([classes.index(f) for f in folders]) if labelled else None
     transform = image_transform(height, channels)
     mode = "RGB" if channels == 3 else "L"
 
