@@ -45,7 +45,7 @@ class BatchStats(NamedTuple):
         minimum, maximum: Tensor[C] float64 batch extremes (non-finite values read as 0).
         sums: Tensor[C] float64 sum of each channel's samples.
         gram: Tensor[C, C] float64 ``A @ A.T`` of the C x M samples (accumulated from a float32
-            per-batch product, see docs/method.md).
+            per-batch product, see docs/method.md), exactly symmetric (:func:`mirror_upper`).
         nonfinite: number of NaN/Inf values (read as 0 everywhere above): an int, or a 0-d int64
             device tensor (Triton), so that reading it never synchronises with the device.
     """
@@ -122,6 +122,18 @@ def resolve_backend(
     return backend
 
 
+def mirror_upper(matrix: torch.Tensor) -> torch.Tensor:
+    """Tensor[C, C] whose lower triangle is the upper triangle of ``matrix`` mirrored (a bit copy;
+    the upper triangle and diagonal are ``matrix``'s own).
+
+    Every Gram matrix icprune keeps passes through this: a BLAS ``A @ A.T`` need not be
+    bit-symmetric (MKL's is not on AVX-512 CPUs), and the estimators promise symmetric results.
+    """
+    c = matrix.shape[-1]
+    index = torch.arange(c, device=matrix.device)
+    return torch.where(index[:, None] <= index[None, :], matrix, matrix.T)
+
+
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
     """Tensor[N, C, S] view of Tensor[N, C, *spatial] (a view for contiguous and channels_last
     memory; S = 1 for Tensor[N, C])."""
@@ -135,7 +147,8 @@ def gram_f32(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
 
     ``maxabs`` (the largest magnitude in ``x3``) picks a power-of-two scale ``2**-e`` applied
     before the product and undone (exactly) after it, so that float32 products neither overflow
-    nor underflow for data far from 1 (|x| above 2**40 or below 2**-40).
+    nor underflow for data far from 1 (|x| above 2**40 or below 2**-40). The result is exactly
+    symmetric whatever the BLAS does: its upper triangle mirrored (:func:`mirror_upper`).
     """
     dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
     e = 0
@@ -155,7 +168,8 @@ def gram_f32(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
         rows = x3.transpose(0, 1).reshape(c, n * s).to(dtype)
         rows = torch.ldexp(rows, torch.tensor(-e, dtype=dtype)) if e else rows
         gram = rows @ rows.T
-    return torch.ldexp(gram.to(torch.float64), torch.tensor(2.0 * e, dtype=torch.float64))
+    gram = torch.ldexp(gram.to(torch.float64), torch.tensor(2.0 * e, dtype=torch.float64))
+    return mirror_upper(gram)
 
 
 def cpp_batch(x: torch.Tensor, bins: int) -> BatchStats:

@@ -16,12 +16,14 @@ from collections.abc import Mapping
 
 import torch
 
-from icprune.backends import BATCH_FUNCTIONS, BatchStats, resolve_backend
+from icprune.backends import BATCH_FUNCTIONS, BatchStats, mirror_upper, resolve_backend
 from icprune.binning import K_MIN, bin_index, bin_layout, rebin
 from icprune.compensated import add_
 
 RANGE_MODES = ("layer", "channel")
 NAN_POLICIES = ("raise", "zero")
+#: Where samples can come from (``read_at``): feature-map read points, the weights, or unknown.
+READ_AT = ("output", "bn", "activation", "weights", None)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: The tensors of :meth:`ChannelStats.state_dict`, in a fixed order.
 STATE_TENSORS = (
@@ -37,6 +39,40 @@ STATE_TENSORS = (
 )
 #: Bump when the meaning or layout of :meth:`ChannelStats.state_dict` changes.
 STATE_VERSION = 2
+#: Every key of :meth:`ChannelStats.state_dict`.
+STATE_KEYS = (
+    "version",
+    "name",
+    "num_channels",
+    "bins",
+    "range_mode",
+    "nan_policy",
+    "read_at",
+    "count",
+    "nonfinite",
+    *STATE_TENSORS,
+)
+#: dtype of every tensor of :meth:`ChannelStats.state_dict`.
+_STATE_DTYPES = {
+    "sums": torch.float64,
+    "gram": torch.float64,
+    "sums_lo": torch.float64,
+    "gram_lo": torch.float64,
+    "counts": torch.int64,
+    "minimum": torch.float64,
+    "maximum": torch.float64,
+    "bin_exponent": torch.int64,
+    "bin_offset": torch.int64,
+}
+#: Saved Gram matrices may be asymmetric by this much (relative to their largest entry): the
+#: round-off of a BLAS product that was not bit-symmetric (files written before icprune kept one
+#: triangle). Anything larger is refused as corrupt.
+GRAM_ASYMMETRY = 1e-5
+
+
+def _is_int(value: object) -> bool:
+    """True for a Python int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class ChannelStats:
@@ -47,9 +83,11 @@ class ChannelStats:
 
     - ``count``: int, number of samples M seen so far (per channel, the same for all);
     - ``sums``: Tensor[C] float64, per-channel sum of the samples;
-    - ``gram``: Tensor[C, C] float64, ``A @ A.T`` for the C x M matrix A of all samples;
-      both are float64 totals; ``sums_lo`` and ``gram_lo`` (same shapes) hold their
-      compensation terms, the remainders that make ``sums + sums_lo`` the exact total (see below);
+    - ``gram``: Tensor[C, C] float64, ``A @ A.T`` for the C x M matrix A of all samples, exactly
+      symmetric by construction (every term added and every loaded matrix has its upper triangle
+      mirrored, whatever the BLAS computed); both are float64 totals; ``sums_lo`` and
+      ``gram_lo`` (same shapes) hold their compensation terms, the remainders that make
+      ``sums + sums_lo`` the exact total (see below);
     - ``counts``: Tensor[C, bins] int64 histogram, binned exactly (see :mod:`icprune.binning`)
       over a range shared by the layer (``range_mode="layer"``) or per channel (``"channel"``);
     - ``minimum``/``maximum``: Tensor[C] float64, per-channel extremes (they fix the bin layout);
@@ -81,15 +119,20 @@ class ChannelStats:
         nan_policy: ``"raise"`` - a NaN/Inf value raises ``ValueError`` naming the layer;
             ``"zero"`` - non-finite values are replaced by 0 and counted in ``nonfinite``.
         name: layer name used in error messages (e.g. ``"layer1.0.conv1"``).
-        read_at: where the samples come from, kept as metadata: ``"output"``, ``"bn"`` or
-            ``"activation"`` for feature maps (see :mod:`icprune.graph`), ``"weights"`` for the
-            data-free statistics of a layer's weights, None if unspecified.
+        read_at: where the samples come from, kept as metadata (and used in error messages):
+            ``"output"``, ``"bn"`` or ``"activation"`` for feature maps (see
+            :mod:`icprune.graph`), ``"weights"`` for the data-free statistics of a layer's
+            weights, None if unspecified.
         device: device holding the statistics (default CPU); updates must come from it.
         backend: how a batch is computed (see :mod:`icprune.backends`): ``"auto"`` (Triton for
             CUDA tensors, the C++ extension for CPU tensors, else torch), or one of ``"triton"``,
             ``"cpp"``, ``"torch"`` (the float64 reference) to force it. On CUDA (Triton) nothing
             synchronises with the host: non-finite values are counted on the device and, with
             ``nan_policy="raise"``, reported when the statistics are next read.
+
+    Raises:
+        ValueError: a bad setting (the message names the argument and the allowed values), or a
+            backend that cannot run on ``device``.
     """
 
     def __init__(
@@ -103,11 +146,11 @@ class ChannelStats:
         device: torch.device | str | None = None,
         backend: str = "auto",
     ) -> None:
-        if not isinstance(num_channels, int) or num_channels < 1:
+        if not _is_int(num_channels) or num_channels < 1:
             raise ValueError(
                 f"layer '{name}': num_channels must be an int >= 1, got {num_channels!r}"
             )
-        if not isinstance(bins, int) or bins < 2:
+        if not _is_int(bins) or bins < 2:
             raise ValueError(f"layer '{name}': bins must be an int >= 2, got {bins!r}")
         if range_mode not in RANGE_MODES:
             raise ValueError(
@@ -117,6 +160,8 @@ class ChannelStats:
             raise ValueError(
                 f"layer '{name}': nan_policy must be one of {NAN_POLICIES}, got {nan_policy!r}"
             )
+        if read_at not in READ_AT:
+            raise ValueError(f"layer '{name}': read_at must be one of {READ_AT}, got {read_at!r}")
         self.num_channels = num_channels
         self.bins = bins
         self.range_mode = range_mode
@@ -177,28 +222,57 @@ class ChannelStats:
                 A tensor with no elements is a no-op.
 
         Raises:
-            TypeError: ``x`` is not a floating-point tensor of a supported dtype.
-            ValueError: wrong rank or channel count, or non-finite values with
-                ``nan_policy="raise"``.
+            TypeError: ``x`` is not a dense floating-point tensor of a supported dtype (int,
+                bool and complex tensors are refused, not cast).
+            ValueError: wrong rank or channel count, data on another device, non-finite values
+                with ``nan_policy="raise"``, or float64 values so large that the sums of
+                squares overflow float64 (above about 1e154). A refused batch adds nothing.
         """
         self._check(x)
         if x.numel() == 0:
             return
         backend = resolve_backend(self.backend, self.device, self.name, x.dtype)
+        # Everything that can raise comes first: a refused batch adds nothing.
         if backend == "torch":
-            samples = self._handle_nonfinite(self._as_samples(x))
-            self._accumulate_moments(samples)
+            samples, bad = self._finite(self._as_samples(x))
+            batch = None
+            sums, gram = samples.sum(0), mirror_upper(samples.T @ samples)
+        else:
+            batch = BATCH_FUNCTIONS[backend](x, self.bins)
+            bad = 0
+            if not isinstance(batch.nonfinite, torch.Tensor) and batch.nonfinite:
+                _, bad = self._finite(self._as_samples(x))  # raises, naming the channels
+            sums, gram = batch.sums, batch.gram
+        if x.dtype == torch.float64:  # 16/32-bit data cannot overflow the float64 totals
+            self._check_range(sums, gram)
+        self._nonfinite += bad
+        if batch is None:
+            self.count += samples.shape[0]
+            add_(self.sums, self.sums_lo, sums)
+            add_(self.gram, self.gram_lo, gram)
             self._accumulate_histogram(samples)
             return
-        batch = BATCH_FUNCTIONS[backend](x, self.bins)
         if isinstance(batch.nonfinite, torch.Tensor):  # on the device: read back later
             pending = self._pending_nonfinite
             self._pending_nonfinite = (
                 batch.nonfinite if pending is None else pending + batch.nonfinite
             )
-        elif batch.nonfinite:
-            self._handle_nonfinite(self._as_samples(x))  # raises, naming the channels, or counts
         self._add(batch, x.numel() // self.num_channels)
+
+    def _check_range(self, sums: torch.Tensor, gram: torch.Tensor) -> None:
+        """Raise unless a batch's sums and Gram matrix, added to the totals, stay finite."""
+        total = (self.sums.abs() + sums.abs()).sum() + (self.gram.abs() + gram.abs()).sum()
+        if not bool(torch.isfinite(total)):
+            raise ValueError(
+                f"layer '{self.name}': the sums of squares of the {self._what} overflow "
+                f"float64 (the square of a value above ~1e154 already does), so its statistics "
+                f"cannot be kept; rescale the data (nothing of this batch was added)"
+            )
+
+    @property
+    def _what(self) -> str:
+        """What the samples are, for messages: ``"weights"`` or ``"feature map"``."""
+        return "weights" if self.read_at == "weights" else "feature map"
 
     def _check(self, x: torch.Tensor) -> None:
         """Raise unless ``x`` is a Tensor[N, C, *spatial] of a supported dtype on our device."""
@@ -206,8 +280,13 @@ class ChannelStats:
             raise TypeError(f"layer '{self.name}': expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in FLOAT_DTYPES:
             raise TypeError(
-                f"layer '{self.name}': feature map has dtype {x.dtype}; supported are "
+                f"layer '{self.name}': {self._what} has dtype {x.dtype}; supported are "
                 f"float16, bfloat16, float32 and float64 - cast it first (e.g. x.float())"
+            )
+        if x.layout != torch.strided:
+            raise TypeError(
+                f"layer '{self.name}': {self._what} is a {x.layout} tensor; pass a dense one "
+                f"(x.to_dense())"
             )
         if x.dim() < 2 or x.shape[1] != self.num_channels:
             raise ValueError(
@@ -216,7 +295,7 @@ class ChannelStats:
             )
         if x.device != self.device:
             raise ValueError(
-                f"layer '{self.name}': feature map is on {x.device} but the statistics are on "
+                f"layer '{self.name}': {self._what} is on {x.device} but the statistics are on "
                 f"{self.device}; create ChannelStats(device=...) on the data's device"
             )
 
@@ -226,25 +305,28 @@ class ChannelStats:
         # Channels last: a view for channels_last tensors, one copy otherwise.
         return x.to(torch.float64).movedim(1, -1).reshape(-1, self.num_channels)
 
-    def _handle_nonfinite(self, samples: torch.Tensor) -> torch.Tensor:
+    def _finite(self, samples: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """``samples`` with non-finite values replaced by 0 and how many there were; raises
+        instead under ``nan_policy="raise"``. Changes nothing in ``self``."""
         finite = torch.isfinite(samples)
         if bool(finite.all()):
-            return samples
+            return samples, 0
         bad = int((~finite).sum())
         if self.nan_policy == "raise":
             channels = torch.nonzero((~finite).any(0)).flatten()[:8].tolist()
+            if self.read_at == "weights":
+                raise ValueError(
+                    f"weights of layer '{self.name}' hold {bad} non-finite value(s) (NaN/Inf), "
+                    f"first in output channel(s) {channels}. Check the model's parameters (a "
+                    f"diverged training or a corrupt checkpoint?), or pass nan_policy='zero' to "
+                    f"count them and score them as zeros."
+                )
             raise ValueError(
                 f"layer '{self.name}': feature map holds {bad} non-finite value(s) (NaN/Inf), "
                 f"first in channel(s) {channels}. Check the model and its input, or pass "
                 f"nan_policy='zero' to count them and score them as zeros."
             )
-        self.nonfinite += bad
-        return torch.where(finite, samples, torch.zeros_like(samples))
-
-    def _accumulate_moments(self, samples: torch.Tensor) -> None:
-        self.count += samples.shape[0]
-        add_(self.sums, self.sums_lo, samples.sum(0))
-        add_(self.gram, self.gram_lo, samples.T @ samples)
+        return torch.where(finite, samples, torch.zeros_like(samples)), bad
 
     def _accumulate_histogram(self, samples: torch.Tensor) -> None:
         lo = torch.minimum(self.minimum, samples.amin(0))
@@ -279,7 +361,9 @@ class ChannelStats:
         gram_lo: torch.Tensor | None = None,
     ) -> None:
         """Add the statistics of ``count`` samples, given in their own bin layout, exactly
-        (``sums_lo``/``gram_lo``: compensation terms of ``batch.sums``/``batch.gram``, if any)."""
+        (``sums_lo``/``gram_lo``: compensation terms of ``batch.sums``/``batch.gram``, if any).
+        The Gram terms are added with their upper triangle mirrored, so ``gram`` stays exactly
+        symmetric whoever computed them."""
         lo = torch.minimum(self.minimum, batch.minimum)
         hi = torch.maximum(self.maximum, batch.maximum)
         self._relayout(lo, hi)
@@ -288,7 +372,8 @@ class ChannelStats:
         )
         self.count += count
         add_(self.sums, self.sums_lo, batch.sums, sums_lo)
-        add_(self.gram, self.gram_lo, batch.gram, gram_lo)
+        gram_lo = None if gram_lo is None else mirror_upper(gram_lo)
+        add_(self.gram, self.gram_lo, mirror_upper(batch.gram), gram_lo)
 
     def sync(self) -> None:
         """Read back the non-finite values counted on the device by Triton updates (one host
@@ -320,10 +405,16 @@ class ChannelStats:
         for bit (within the limits stated in the class docstring).
 
         Args:
-            other: statistics of the same layer over other samples (any device).
+            other: statistics of the same layer over other samples (any device; ``self`` itself
+                doubles every statistic).
 
         Returns:
             ``self``, updated in place.
+
+        Raises:
+            TypeError: ``other`` is not a ChannelStats.
+            ValueError: other channels, bins, range mode or read point (nothing is changed), or
+                non-finite values pending on the device under ``nan_policy="raise"``.
         """
         if not isinstance(other, ChannelStats):
             raise TypeError(
@@ -339,13 +430,13 @@ class ChannelStats:
         self.sync()
         other.sync()
         dev = self.device
+        # Merging an instance into itself doubles it: read from a copy, not from the tensors
+        # being updated in place.
+        copy = other is self
         parts = (other.counts, other.bin_exponent, other.bin_offset, other.minimum, other.maximum)
-        self._add(
-            BatchStats(*(t.to(dev) for t in parts), other.sums.to(dev), other.gram.to(dev), 0),
-            other.count,
-            other.sums_lo.to(dev),
-            other.gram_lo.to(dev),
-        )
+        parts += (other.sums, other.gram, other.sums_lo, other.gram_lo)
+        counts, k, off, lo, hi, sums, gram, sums_lo, gram_lo = (t.to(dev, copy=copy) for t in parts)
+        self._add(BatchStats(counts, k, off, lo, hi, sums, gram, 0), other.count, sums_lo, gram_lo)
         self.nonfinite += other.nonfinite
         return self
 
@@ -377,45 +468,183 @@ class ChannelStats:
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Restore statistics saved by :meth:`state_dict` (checked against this instance's
-        channels, bins and range mode; tensors are moved to this instance's device)."""
+        """Restore statistics saved by :meth:`state_dict` (tensors are moved to this instance's
+        device).
+
+        Everything is checked before anything is assigned, so a refused state leaves this
+        instance exactly as it was. Checked: every key present; the version; channels, bins and
+        range mode equal to this instance's; ``nan_policy`` and ``read_at`` among the allowed
+        values; ``count`` and ``nonfinite`` ints >= 0; every tensor of the right type (dense,
+        the dtype :meth:`state_dict` writes: no casting), shape and finiteness; histogram counts
+        >= 0 summing to ``count`` in every channel; extremes ordered (or empty when ``count`` is
+        0); the bin layout equal to the one the extremes give; each compensation term below
+        half an ulp of its total; a Gram matrix with a non-negative diagonal that is symmetric
+        (up to :data:`GRAM_ASYMMETRY` of its largest entry, the round-off of an older file's
+        BLAS product; its upper triangle is then kept and mirrored).
+
+        Args:
+            state: a mapping as returned by :meth:`state_dict` (e.g. read back with
+                ``torch.load(weights_only=True)``).
+
+        Raises:
+            ValueError: the state is not a mapping, lacks a key, or fails a check above (the
+                message names the layer, the key and what is wrong).
+        """
+        values = self._checked_state(state)
+        for key, value in values.items():
+            setattr(self, key, value)
+
+    def _checked_state(self, state: Mapping[str, object]) -> dict[str, object]:
+        """The attributes :meth:`load_state_dict` assigns, from a fully validated ``state``."""
+        where = f"layer '{self.name}': saved statistics"
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{where} must be a dict (from state_dict()), got {type(state)}")
         version = state.get("version")
-        if version != STATE_VERSION:
+        if not _is_int(version) or version != STATE_VERSION:
             raise ValueError(
                 f"layer '{self.name}': statistics state has version {version!r}, this icprune "
                 f"reads version {STATE_VERSION}; recompute the statistics with this version"
             )
+        missing = [key for key in STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(
+                f"{where} lack the key(s) {missing}; they were not written by "
+                f"ChannelStats.state_dict() (or the file is damaged)"
+            )
         mine = (self.num_channels, self.bins, self.range_mode)
         theirs = (state["num_channels"], state["bins"], state["range_mode"])
-        if mine != theirs:
+        if not (_is_int(theirs[0]) and _is_int(theirs[1]) and isinstance(theirs[2], str)) or (
+            mine != theirs
+        ):
             raise ValueError(
                 f"layer '{self.name}': saved statistics have (channels, bins, range_mode) = "
                 f"{theirs}, this instance {mine}; create ChannelStats with the saved settings"
             )
-        dev = self.device
-        self.nan_policy = state["nan_policy"]
-        self.read_at = state["read_at"]
-        self.count = int(state["count"])
-        self.nonfinite = int(state["nonfinite"])
+        if state["nan_policy"] not in NAN_POLICIES:
+            raise ValueError(
+                f"{where} have nan_policy {state['nan_policy']!r}, not one of {NAN_POLICIES}"
+            )
+        if state["read_at"] not in READ_AT:
+            raise ValueError(f"{where} have read_at {state['read_at']!r}, not one of {READ_AT}")
+        count, nonfinite = state["count"], state["nonfinite"]
+        for key, value in (("count", count), ("nonfinite", nonfinite)):
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"{where} have {key} = {value!r}; it must be an int >= 0")
+        if nonfinite > count * self.num_channels:
+            raise ValueError(
+                f"{where} count {nonfinite} non-finite values among {count} samples of "
+                f"{self.num_channels} channels"
+            )
+        c = self.num_channels
+        shapes = {"gram": (c, c), "gram_lo": (c, c), "counts": (c, self.bins)}
+        t = {}
         for key in STATE_TENSORS:
-            value = state[key]
-            current = getattr(self, key)
-            if not isinstance(value, torch.Tensor) or value.shape != current.shape:
-                raise ValueError(f"layer '{self.name}': saved '{key}' has the wrong type or shape")
-            setattr(self, key, value.to(device=dev, dtype=current.dtype).clone())
+            value, shape, dtype = state[key], shapes.get(key, (c,)), _STATE_DTYPES[key]
+            if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+                raise ValueError(
+                    f"{where}: '{key}' must be a dense Tensor, got {type(value).__name__}"
+                    f"{'' if not isinstance(value, torch.Tensor) else f' ({value.layout})'}"
+                )
+            if tuple(value.shape) != shape or value.dtype != dtype:
+                raise ValueError(
+                    f"{where}: '{key}' has the wrong type or shape: {value.dtype} of shape "
+                    f"{tuple(value.shape)}, expected {dtype} of shape {shape}"
+                )
+            t[key] = value.detach().to(device="cpu")
+        for key in ("sums", "gram", "sums_lo", "gram_lo"):
+            if not bool(torch.isfinite(t[key]).all()):
+                raise ValueError(f"{where}: '{key}' holds NaN or Inf; the file is damaged")
+        for hi, lo in (("sums", "sums_lo"), ("gram", "gram_lo")):
+            bound = torch.clamp(t[hi].abs() * 2.0**-52, min=2.0**-1074)
+            if not bool((t[lo].abs() <= bound).all()):
+                raise ValueError(
+                    f"{where}: '{lo}' is not the remainder of '{hi}' (larger than half an ulp); "
+                    f"the file is damaged"
+                )
+        counts = t["counts"]
+        if bool((counts < 0).any()):
+            raise ValueError(f"{where}: 'counts' holds negative histogram counts")
+        totals = counts.sum(1)
+        if not bool((totals == count).all()):
+            bad = int(torch.nonzero(totals != count)[0])
+            raise ValueError(
+                f"{where}: the histogram of channel {bad} holds {int(totals[bad])} samples but "
+                f"count is {count}; every channel's counts must sum to count"
+            )
+        lo, hi = t["minimum"], t["maximum"]
+        if count == 0:
+            if not bool((lo == float("inf")).all() and (hi == float("-inf")).all()):
+                raise ValueError(
+                    f"{where}: count is 0 but 'minimum'/'maximum' are not empty (+inf/-inf)"
+                )
+        elif not bool((torch.isfinite(lo) & torch.isfinite(hi) & (lo <= hi)).all()):
+            raise ValueError(
+                f"{where}: 'minimum'/'maximum' must be finite with minimum <= maximum in every "
+                f"channel"
+            )
+        k, off = self._layout_for(lo, hi)
+        if not (torch.equal(k, t["bin_exponent"]) and torch.equal(off, t["bin_offset"])):
+            raise ValueError(
+                f"{where}: 'bin_exponent'/'bin_offset' are not the bin layout of the saved "
+                f"extremes (exponent {t['bin_exponent'][:4].tolist()}..., expected "
+                f"{k[:4].tolist()}...); the file is damaged"
+            )
+        gram = t["gram"]
+        if bool((gram.diagonal() < 0).any()):
+            raise ValueError(f"{where}: 'gram' has a negative diagonal entry (a sum of squares)")
+        asymmetry = float((gram - gram.T).abs().max()) if c > 1 else 0.0
+        if asymmetry > GRAM_ASYMMETRY * float(gram.abs().max()):
+            raise ValueError(
+                f"{where}: 'gram' is not symmetric (|G - G.T| up to {asymmetry:.3g}); the file "
+                f"is damaged"
+            )
+        t["gram"], t["gram_lo"] = mirror_upper(gram), mirror_upper(t["gram_lo"])
+        dev = self.device
+        values: dict[str, object] = {key: t[key].to(dev).clone() for key in STATE_TENSORS}
+        values["nan_policy"] = state["nan_policy"]
+        values["read_at"] = state["read_at"]
+        values["count"] = count
+        values["_nonfinite"] = nonfinite
+        values["_pending_nonfinite"] = None
+        return values
 
     @classmethod
     def from_state_dict(
         cls, state: Mapping[str, object], device=None, backend: str = "auto"
     ) -> ChannelStats:
         """Build an instance from :meth:`state_dict` output (on ``device``, default CPU, updated
-        by ``backend`` from then on)."""
+        by ``backend`` from then on).
+
+        Raises:
+            ValueError: ``state`` is not a valid statistics state (see :meth:`load_state_dict`;
+                settings of the wrong type or value are named too).
+        """
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"saved statistics must be a dict (from ChannelStats.state_dict()), got "
+                f"{type(state).__name__}"
+            )
+        settings = ("name", "num_channels", "bins", "range_mode", "nan_policy", "read_at")
+        missing = [key for key in settings if key not in state]
+        name = state.get("name")
+        if missing or not isinstance(name, str):
+            what = f"lack the key(s) {missing}" if missing else f"have name {name!r} (not a str)"
+            raise ValueError(
+                f"saved statistics of layer {name!r} {what}; they were not written by "
+                f"ChannelStats.state_dict() (or the file is damaged)"
+            )
+        for key in ("num_channels", "bins"):
+            if not _is_int(state[key]):
+                raise ValueError(
+                    f"saved statistics of layer {name!r} have {key} = {state[key]!r}; it must be "
+                    f"an int"
+                )
         stats = cls(
-            int(state["num_channels"]),
-            bins=int(state["bins"]),
-            range_mode=str(state["range_mode"]),
-            nan_policy=str(state["nan_policy"]),
-            name=str(state["name"]),
+            state["num_channels"],
+            bins=state["bins"],
+            range_mode=state["range_mode"],
+            nan_policy=state["nan_policy"],
+            name=name,
             read_at=state["read_at"],
             device=device,
             backend=backend,

@@ -19,7 +19,8 @@ Precision: tile sums in float32 (BLOCK_M values), added in float64 across tiles.
 several times faster on tensor cores but keeps only 10 mantissa bits), float32 accumulation over
 one split of at most ``GRAM_SPLIT_M`` samples, float64 across splits; data are scaled by a power
 of two first when their magnitude is far from 1, so float32 neither overflows nor underflows.
-Upper-triangular blocks only (the Gram matrix is symmetric).
+Upper-triangular blocks only; the launcher mirrors the upper triangle entry by entry, so the
+result is exactly symmetric (a diagonal block's ``tl.dot`` need not be).
 
 :func:`channel_stats_ref` is the same computation in plain torch (float64), for tests.
 """
@@ -30,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from icprune.backends import mirror_upper
 from icprune.binning import INDEX_BITS, K_MIN, bin_layout, rebin
 
 #: Samples per histogram tile, channels per tile.
@@ -274,10 +276,9 @@ def _gram_matrix(x: torch.Tensor, maxabs: torch.Tensor) -> torch.Tensor:
         SPLIT_M=GRAM_SPLIT_M, BLOCK_C=block_c, BLOCK_K=GRAM_BLOCK_K,
     )  # fmt: skip
     upper = part.double().sum(0)
-    # Blocks below the diagonal were not computed: mirror the block-upper triangle.
-    block = torch.arange(c, device=x.device) // block_c
-    upper = torch.where(block[:, None] <= block[None, :], upper, upper.T)
-    return torch.ldexp(upper, 2.0 * exponent)
+    # Blocks below the diagonal were not computed, and a diagonal block's tl.dot need not be
+    # bit-symmetric: mirror the upper triangle, entry by entry.
+    return mirror_upper(torch.ldexp(upper, 2.0 * exponent))
 
 
 def channel_stats_ref(x: torch.Tensor, bins: int):
@@ -291,6 +292,6 @@ def channel_stats_ref(x: torch.Tensor, bins: int):
     index = torch.floor(torch.ldexp(samples, -k[:, None].double())).long() - off[:, None]
     counts = torch.zeros(x.shape[1], bins, dtype=torch.int64, device=x.device)
     counts.scatter_add_(1, index, torch.ones_like(index))
-    gram = samples @ samples.T
+    gram = mirror_upper(samples @ samples.T)
     nonfinite = (~finite).sum(dtype=torch.int64)
     return counts, k, off, lo, hi, samples.sum(1), gram, nonfinite
