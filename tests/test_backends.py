@@ -211,3 +211,40 @@ def test_calibrate_reports_device_side_non_finite_values_at_the_end():
     bad = torch.full((1, 3, 6, 6), float("nan"), device=_device("triton"))
     with pytest.raises(ValueError, match=r"layer '0'.*non-finite.*found on the device"):
         calibrate(net, [bad], backend="triton", progress=False)
+
+
+def _skew_square_products(monkeypatch) -> None:
+    """Square ``@`` and ``addmm_`` products made slightly asymmetric, as MKL's ``A @ A.T`` is on
+    AVX-512 CPUs: the tests below then fail on any CPU if a backend trusts the BLAS."""
+    matmul, addmm_ = torch.Tensor.__matmul__, torch.Tensor.addmm_
+
+    def skew(out):
+        return out + torch.triu(out, 1) * 2.0**-20 if out.shape[0] == out.shape[-1] else out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: skew(matmul(a, b)))
+    monkeypatch.setattr(
+        torch.Tensor, "addmm_", lambda t, a, b, **kw: t.copy_(skew(addmm_(t, a, b, **kw)))
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["channels_last", "long_planes", "short_planes", "float64"],
+)
+def test_cpp_gram_is_exactly_symmetric_whatever_the_blas(monkeypatch, layout):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 16, 16, generator=gen)  # 256 values per plane >= 32 * 4: long planes
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "short_planes":
+        x = x[:, :, :2, :2].contiguous()
+    elif layout == "float64":
+        x = x.double()
+    _skew_square_products(monkeypatch)
+    gram = backends.gram_f32(x.reshape(3, 4, -1), float(x.abs().max()))
+    assert torch.equal(gram, gram.T)
+    if backends.HAVE_EXT:
+        s = ChannelStats(4, name="layer.x", backend="cpp")
+        s.update(x)
+        assert torch.equal(s.gram, s.gram.T) and torch.equal(s.distance(), s.distance().T)
+        assert torch.equal(s.correlation(), s.correlation().T)

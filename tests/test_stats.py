@@ -382,3 +382,53 @@ def test_version_1_state_is_refused_with_a_clear_message():
     old["version"] = 1
     with pytest.raises(ValueError, match="version 1.*recompute"):
         ChannelStats(5, bins=16).load_state_dict(old)
+
+
+# ---------------------------------------------------------------- symmetry by construction
+
+
+def _skew_square_products(monkeypatch) -> None:
+    """Make every square ``@`` product slightly asymmetric, as MKL's ``A @ A.T`` is on AVX-512
+    CPUs: the test then fails on any CPU if icprune trusts the BLAS to be symmetric."""
+    matmul = torch.Tensor.__matmul__
+
+    def skewed(a, b):
+        out = matmul(a, b)
+        if out.dim() == 2 and out.shape[0] == out.shape[1]:
+            out = out + torch.triu(out, 1) * 2.0**-30
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", skewed)
+
+
+def _assert_symmetric(s: ChannelStats) -> None:
+    for matrix in (s.gram, s.gram_lo, s.correlation(), s.distance()):
+        assert torch.equal(matrix, matrix.T)
+
+
+def test_gram_correlation_and_distance_are_exactly_symmetric_whatever_the_blas(monkeypatch):
+    _skew_square_products(monkeypatch)
+    s = _stats(_features(40))
+    s.update(_features(41))
+    _assert_symmetric(s)
+
+
+def test_merge_keeps_gram_symmetric_even_from_an_asymmetric_instance():
+    a, b = _stats(_features(42)), _stats(_features(43))
+    b.gram = b.gram + torch.triu(b.gram, 1) * 2.0**-30  # e.g. set by hand
+    a.merge(b)
+    _assert_symmetric(a)
+
+
+def test_load_state_dict_mirrors_a_slightly_asymmetric_gram_and_refuses_a_tampered_one():
+    state = _stats(_features(44)).state_dict()
+    gram = state["gram"]
+    old = {**state, "gram": gram + torch.triu(gram, 1) * 2.0**-30}  # an older file's round-off
+    s = ChannelStats(5, bins=16, name="layer.test")
+    s.load_state_dict(old)
+    _assert_symmetric(s)
+    assert torch.equal(torch.triu(s.gram), torch.triu(old["gram"]))  # the upper triangle kept
+    tampered = gram.clone()
+    tampered[0, 1] += 0.1 * gram.abs().max()
+    with pytest.raises(ValueError, match="'gram' is not symmetric"):
+        s.load_state_dict({**state, "gram": tampered})

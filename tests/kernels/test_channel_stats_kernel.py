@@ -25,6 +25,7 @@ def _assert_matches(x: torch.Tensor, bins: int) -> None:
             torch.testing.assert_close(g, w, rtol=RTOL[x.dtype], atol=tol, msg=name)
         else:  # counts, layouts, extremes and the non-finite count are exact
             assert torch.equal(g, w), (name, g, w)
+    assert torch.equal(got[6], got[6].T)  # symmetric by construction, not by tl.dot
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -94,3 +95,22 @@ def test_random_shapes_match_the_reference(n, c, s, bins, scale, seed):
 def test_launcher_rejects_impossible_input(x, bins, pattern):
     with pytest.raises(ValueError, match=pattern):
         channel_stats(x.to(DEVICE), bins)
+
+
+def test_gram_launcher_mirrors_entry_by_entry_whatever_the_kernel_computed(monkeypatch):
+    """A diagonal block's tl.dot need not be bit-symmetric: the launcher keeps the upper
+    triangle only. A fake kernel writes an asymmetric matrix; the result must be symmetric."""
+    from icprune.kernels import channel_stats as kernels
+
+    class Skewed:
+        def __getitem__(self, grid):
+            def launch(x, pairs, scale, part, *args, **kwargs):
+                gen = torch.Generator().manual_seed(0)
+                part.copy_(torch.rand(part.shape, generator=gen).to(part.device))
+
+            return launch
+
+    monkeypatch.setattr(kernels, "_gram", Skewed())
+    x = torch.randn(2, 40, 9, device=DEVICE)  # 40 channels: a diagonal block and an off one
+    gram = kernels.channel_stats(x, 16)[6]
+    assert torch.equal(gram, gram.T)
