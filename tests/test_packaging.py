@@ -1,8 +1,11 @@
 """The package metadata: still buildable by the setuptools of the coming years (PEP 639)."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 
 ROOT = Path(__file__).resolve().parents[1]
 
