@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from icprune.graph import NORM_TYPES
+from icprune.graph import NORM_TYPES, channel_structure
 from icprune.planning import PruningPlan
 from icprune.slicing import slice_channels
 
@@ -55,14 +55,29 @@ def _replace(module: nn.Module, name: str, value: Tensor) -> None:
         )
 
 
-def check_sizes(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> None:
-    """Check that ``model`` has the modules and channel counts ``plan`` was made for.
+def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> None:
+    """Check that ``model`` is the model ``plan`` was made for.
+
+    With the structure a plan records (:attr:`PruningPlan.structure`), the whole model is
+    compared: the same conv, linear and BatchNorm modules (names and types) with the same
+    channel counts and groups, no module missing and none added. A plan without it (read from
+    a version 1 file) is checked against the modules it touches. Every module the plan prunes
+    must also be of a kind its dependencies can prune (conv/linear for ``output``/``input``, a
+    depthwise conv for ``depthwise``, a BatchNorm for ``norm``).
 
     Raises:
-        ValueError: a module of ``plan.sizes`` is missing or has other (out, in) channel counts;
-            the message starts with ``caller`` and names the module.
+        TypeError: ``plan`` is not a :class:`PruningPlan`.
+        ValueError: the model differs from the plan's (the message starts with ``caller``,
+            names the first differing modules and says what differs).
     """
+    if not isinstance(plan, PruningPlan):
+        raise TypeError(
+            f"{caller}: plan must be a PruningPlan (from icprune.plan or PruningPlan.from_json), "
+            f"got {type(plan).__name__}"
+        )
     modules = dict(model.named_modules())
+    if plan.structure is not None:
+        _compare_structure(channel_structure(model), plan.structure, caller)
     for name, size in plan.sizes.items():
         module = modules.get(name)
         expected = _sizes(module) if module is not None else None
@@ -72,6 +87,59 @@ def check_sizes(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
                 f"{caller}: the plan does not match this model at {name!r}: it expects (out, in) "
                 f"channels {tuple(size)}, the model has {found}. Make the plan on this same model."
             )
+    for group in plan.groups:
+        for dep in group.dependencies:
+            module = modules[dep.module]
+            if not _prunable_as(module, dep.kind):
+                raise ValueError(
+                    f"{caller}: the plan prunes {dep.module!r} as {dep.kind!r}, but it is a "
+                    f"{type(module).__name__}{_sizes(module)}; make the plan on this same model"
+                )
+
+
+def _prunable_as(module: nn.Module, kind: str) -> bool:
+    conv = isinstance(module, nn.modules.conv._ConvNd)
+    if kind == "norm":
+        return isinstance(module, NORM_TYPES)
+    if kind == "depthwise":
+        return conv and module.groups == module.in_channels == module.out_channels
+    return (conv and module.groups == 1) or isinstance(module, nn.Linear)
+
+
+def _compare_structure(mine: dict, theirs: dict, caller: str) -> None:
+    """Raise naming the first modules where two channel structures differ."""
+    if mine == {name: tuple(entry) for name, entry in theirs.items()}:
+        return
+    added = [n for n in mine if n not in theirs]
+    missing = [n for n in theirs if n not in mine]
+    changed = [n for n in mine if n in theirs and tuple(theirs[n]) != mine[n]]
+    parts = []
+    if changed:
+        name = changed[0]
+        parts.append(
+            f"{len(changed)} module(s) differ, first {name!r}: the model has "
+            f"{_describe(mine[name])}, the plan {_describe(theirs[name])}"
+        )
+    if missing:
+        parts.append(
+            f"{len(missing)} of the plan's module(s) missing, first {missing[0]!r}: the model "
+            f"has no such module"
+        )
+    if added:
+        parts.append(
+            f"{len(added)} module(s) the plan does not know, first {added[0]!r} "
+            f"({_describe(mine[added[0]])})"
+        )
+    raise ValueError(
+        f"{caller}: the plan does not match this model (it was made for another model, or the "
+        f"model changed since): {'; '.join(parts)}. Make the plan on this same model "
+        f"(icprune.plan(model, ...))."
+    )
+
+
+def _describe(entry) -> str:
+    kind, out, inp, groups = entry
+    return f"{kind}(out={out}, in={inp}{f', groups={groups}' if groups != 1 else ''})"
 
 
 def _sizes(module: nn.Module) -> tuple[int, int] | None:
@@ -121,10 +189,12 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -> nn.M
         same dtypes and ``requires_grad`` flags and the same train/eval mode.
 
     Raises:
-        ValueError: the plan does not match the model (a module is missing or has other
-            channel counts than when the plan was made).
+        TypeError: ``plan`` is not a :class:`PruningPlan`.
+        ValueError: the plan was made for another model, or the model changed since (see
+            :func:`check_model`: any conv, linear or BatchNorm module added, missing, of
+            another type or with other channel counts); nothing is changed then.
     """
-    check_sizes(model, plan)
+    check_model(model, plan)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     for name in plan.sizes:

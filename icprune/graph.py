@@ -71,6 +71,29 @@ def out_channels(module: nn.Module) -> int:
     )
 
 
+def channel_structure(model: nn.Module) -> dict[str, tuple[str, int, int, int]]:
+    """The channel structure of every conv, linear and BatchNorm module of ``model``.
+
+    Returns:
+        dict qualified name -> ``(type name, out, in, groups)``, in ``named_modules()`` order:
+        conv ``(out_channels, in_channels, groups)``, linear ``(out_features, in_features, 1)``,
+        BatchNorm ``(num_features, num_features, 1)``. A plan records it to recognise the model
+        it was made for (:func:`icprune.apply` refuses any other).
+    """
+    structure = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.conv._ConvNd):
+            sizes = (m.out_channels, m.in_channels, m.groups)
+        elif isinstance(m, nn.Linear):
+            sizes = (m.out_features, m.in_features, 1)
+        elif isinstance(m, NORM_TYPES):
+            sizes = (m.num_features, m.num_features, 1)
+        else:
+            continue
+        structure[name] = (type(m).__name__, *sizes)
+    return structure
+
+
 class _Tracer(fx.Tracer):
     """fx tracer that keeps prunable layers, BatchNorms and activations as single calls, also
     when they are user subclasses (fx would otherwise trace into any non-``torch.nn`` class),

@@ -34,11 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from icprune.cost import AXIS, CostModel
-from icprune.dependency import Dependency, Group, trace_dependencies
+from icprune.dependency import KINDS, Dependency, Group, trace_dependencies
+from icprune.graph import channel_structure
 from icprune.scoring import LayerScores, normalize
 
 FORMAT = "icprune.plan"
-VERSION = 1
+#: Version 2 added ``structure``; version 1 plans are still read (without it).
+VERSION = 2
+READ_VERSIONS = (1, 2)
 #: Largest allowed gap between a FLOPs/params target and the plan's reduction.
 TOLERANCE = 0.01
 _UNIFORM_STEPS = 10_000
@@ -57,6 +60,18 @@ class PruningPlan:
             :func:`plan` (analytic; equal to ``icprune.count`` of the applied model).
         params: ``(before, after)`` parameter counts.
         settings: the options the plan was made with (JSON values).
+        structure: ``module -> (type name, out, in, groups)`` of every conv, linear and
+            BatchNorm module of the model the plan was made for
+            (:func:`icprune.graph.channel_structure`); :func:`icprune.apply` refuses a model
+            whose structure differs. None for plans read from version 1 files (then only the
+            modules in ``sizes`` are checked).
+
+    Raises:
+        ValueError: an inconsistent plan (e.g. edited by hand): a group with no channel or
+            keeping none, kept indices not strictly increasing (duplicates) or outside
+            ``[0, channels)``, an unknown dependency kind, a dependency reaching past its
+            module's channels, or ``sizes`` disagreeing with ``structure``. The message names
+            the group (by its first layer) and the value.
     """
 
     groups: tuple[Group, ...]
@@ -65,6 +80,66 @@ class PruningPlan:
     macs: tuple[int, int]
     params: tuple[int, int]
     settings: dict = field(default_factory=dict)
+    structure: dict[str, tuple[str, int, int, int]] | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.groups) != len(self.kept):
+            raise ValueError(
+                f"PruningPlan: {len(self.groups)} groups but {len(self.kept)} kept index lists"
+            )
+        for index, (group, kept) in enumerate(zip(self.groups, self.kept, strict=True)):
+            where = f"PruningPlan: group {index}"
+            if group.layers:
+                where += f" (first layer {group.layers[0]!r})"
+            if not _is_int(group.channels) or group.channels < 1:
+                raise ValueError(f"{where} has {group.channels!r} channels; it needs >= 1")
+            if not isinstance(kept, Tensor) or kept.dtype != torch.int64 or kept.dim() != 1:
+                raise ValueError(f"{where}: kept indices must be a 1-D LongTensor")
+            if kept.numel() == 0:
+                raise ValueError(
+                    f"{where} keeps no channel; every group keeps at least one (a layer with "
+                    f"0 channels is no layer)"
+                )
+            low, high = int(kept.min()), int(kept.max())
+            if low < 0 or high >= group.channels:
+                bad = low if low < 0 else high
+                raise ValueError(
+                    f"{where} keeps channel index {bad}, outside [0, {group.channels}) (negative "
+                    f"indices are refused, not wrapped)"
+                )
+            if kept.numel() > 1 and not bool((kept[1:] > kept[:-1]).all()):
+                raise ValueError(
+                    f"{where}: kept indices must be strictly increasing (sorted, no duplicates), "
+                    f"got {kept.tolist()[:12]}"
+                )
+            for dep in group.dependencies:
+                self._check_dependency(where, group, dep)
+        if self.structure is not None:
+            for name, size in self.sizes.items():
+                entry = self.structure.get(name)
+                if entry is None or tuple(entry[1:3]) != tuple(size):
+                    raise ValueError(
+                        f"PruningPlan: sizes[{name!r}] = {tuple(size)} but the recorded model "
+                        f"structure has {entry!r}; the plan is inconsistent"
+                    )
+
+    def _check_dependency(self, where: str, group: Group, dep: Dependency) -> None:
+        if dep.kind not in KINDS:
+            raise ValueError(f"{where}: dependency kind {dep.kind!r} is not one of {KINDS}")
+        if dep.module not in self.sizes:
+            raise ValueError(f"{where}: module {dep.module!r} has no entry in sizes")
+        if not (_is_int(dep.offset) and _is_int(dep.repeat)) or dep.offset < 0 or dep.repeat < 1:
+            raise ValueError(
+                f"{where}: module {dep.module!r} has offset {dep.offset!r} and repeat "
+                f"{dep.repeat!r}; they must be ints >= 0 and >= 1"
+            )
+        size = self.sizes[dep.module][0 if AXIS[dep.kind] == "out" else 1]
+        end = dep.offset + group.channels * dep.repeat
+        if end > size:
+            raise ValueError(
+                f"{where} reaches channel {end - 1} of {dep.module!r} ({AXIS[dep.kind]} axis), "
+                f"which has {size}"
+            )
 
     def indices(self, module: str, axis: str) -> Tensor | None:
         """Kept channel indices along one axis of a module.
@@ -129,32 +204,98 @@ class PruningPlan:
                 "macs": list(self.macs),
                 "params": list(self.params),
                 "settings": self.settings,
+                "structure": None
+                if self.structure is None
+                else {name: list(entry) for name, entry in self.structure.items()},
             }
         )
 
     @classmethod
     def from_json(cls, text: str) -> PruningPlan:
-        """Rebuild a plan written by :meth:`to_json`.
+        """Rebuild a plan written by :meth:`to_json` (version 2, or 1 without ``structure``).
+
+        Every value is checked (types, ranges, consistency; see the class docstring) before the
+        plan is built.
 
         Raises:
-            ValueError: the text is not an icprune plan of a supported version.
+            ValueError: the text is not JSON, not an icprune plan of a supported version, lacks
+                a key, or holds a value of the wrong type or an inconsistent one (the message
+                names the key or group).
         """
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"from_json: the text is not JSON ({exc})") from None
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError("from_json: this is not an icprune pruning plan (no 'format' tag)")
-        if data.get("version") != VERSION:
+        version = data.get("version")
+        if not _is_int(version) or version not in READ_VERSIONS:
             raise ValueError(
-                f"from_json: plan version {data.get('version')!r} is not supported (this icprune "
-                f"reads version {VERSION})"
+                f"from_json: plan version {version!r} is not supported (this icprune "
+                f"reads versions {', '.join(map(str, READ_VERSIONS))})"
             )
-        groups = tuple(
-            Group(g["channels"], tuple(Dependency(*d) for d in g["dependencies"]))
-            for g in data["groups"]
-        )
-        kept = tuple(torch.tensor(g["kept"], dtype=torch.int64) for g in data["groups"])
-        sizes = {name: tuple(size) for name, size in data["sizes"].items()}
+        keys = ["groups", "sizes", "macs", "params", "settings"]
+        keys += ["structure"] if version >= 2 else []
+        missing = [key for key in keys if key not in data]
+        if missing:
+            raise ValueError(f"from_json: the plan lacks the key(s) {missing}")
+        groups, kept = [], []
+        if not isinstance(data["groups"], list):
+            raise ValueError("from_json: 'groups' must be a list")
+        for index, g in enumerate(data["groups"]):
+            where = f"from_json: groups[{index}]"
+            if not isinstance(g, dict) or not {"channels", "kept", "dependencies"} <= set(g):
+                raise ValueError(f"{where} must hold 'channels', 'kept' and 'dependencies'")
+            deps = g["dependencies"]
+            ok = isinstance(deps, list) and all(
+                isinstance(d, list)
+                and len(d) == 4
+                and isinstance(d[0], str)
+                and isinstance(d[1], str)
+                and _is_int(d[2])
+                and _is_int(d[3])
+                for d in deps
+            )
+            if not ok:
+                raise ValueError(
+                    f"{where}: 'dependencies' must be a list of [module, kind, offset, repeat]"
+                )
+            if not isinstance(g["kept"], list) or not all(
+                _is_int(i) and abs(i) < 2**62 for i in g["kept"]
+            ):
+                raise ValueError(f"{where}: 'kept' must be a list of channel indices (ints)")
+            groups.append(Group(g["channels"], tuple(Dependency(*d) for d in deps)))
+            kept.append(torch.tensor(g["kept"], dtype=torch.int64))
+        sizes = _int_table(data["sizes"], "sizes", 2)
+        structure = data.get("structure")
+        if structure is not None:
+            if not isinstance(structure, dict) or not all(
+                isinstance(entry, list)
+                and len(entry) == 4
+                and isinstance(entry[0], str)
+                and all(_is_int(v) and v >= 1 for v in entry[1:])
+                for entry in structure.values()
+            ):
+                raise ValueError(
+                    "from_json: 'structure' must map module names to [type, out, in, groups]"
+                )
+            structure = {name: tuple(entry) for name, entry in structure.items()}
+        pairs = {}
+        for key in ("macs", "params"):
+            value = data[key]
+            if not (isinstance(value, list) and len(value) == 2 and all(_is_int(v) for v in value)):
+                raise ValueError(f"from_json: '{key}' must be [before, after] ints")
+            pairs[key] = tuple(value)
+        if not isinstance(data["settings"], dict):
+            raise ValueError("from_json: 'settings' must be a dict")
         return cls(
-            groups, kept, sizes, tuple(data["macs"]), tuple(data["params"]), data["settings"]
+            tuple(groups),
+            tuple(kept),
+            sizes,
+            pairs["macs"],
+            pairs["params"],
+            data["settings"],
+            structure,
         )
 
     def table(self) -> str:
@@ -224,6 +365,21 @@ def normalized_scores(
             raise ValueError(f"scores[{name!r}] holds NaN or Inf; scores must be finite")
         vectors[name] = normalize(vec, "minmax")
     return vectors
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_table(value: object, key: str, width: int) -> dict[str, tuple[int, ...]]:
+    """A JSON dict name -> list of ``width`` ints >= 1, as tuples (else a ValueError)."""
+    ok = isinstance(value, dict) and all(
+        isinstance(row, list) and len(row) == width and all(_is_int(v) and v >= 1 for v in row)
+        for row in value.values()
+    )
+    if not ok:
+        raise ValueError(f"from_json: '{key}' must map module names to {width} ints >= 1")
+    return {name: tuple(row) for name, row in value.items()}
 
 
 def _group_score(group: Group, vectors: Mapping[str, Tensor]) -> Tensor | None:
@@ -431,6 +587,7 @@ def plan(
         (before[0], after[0]),
         (before[1], after[1]),
         settings,
+        channel_structure(model),
     )
 
 

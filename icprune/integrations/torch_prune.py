@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from icprune.applying import check_sizes
+from icprune.applying import check_model
 from icprune.graph import NORM_TYPES
 from icprune.planning import PruningPlan
 
@@ -100,15 +100,10 @@ def apply_masks(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -
 
     Raises:
         TypeError: ``plan`` is no :class:`icprune.PruningPlan`.
-        ValueError: the plan does not match the model (a module is missing or has other channel
-            counts than when the plan was made).
+        ValueError: the plan was made for another model, or the model changed since (see
+            :func:`icprune.applying.check_model`).
     """
-    if not isinstance(plan, PruningPlan):
-        raise TypeError(
-            f"apply_masks: plan must be a PruningPlan (from icprune.plan or "
-            f"PruningPlan.from_json), got {type(plan).__name__}"
-        )
-    check_sizes(model, plan, caller="apply_masks")
+    check_model(model, plan, caller="apply_masks")
     target = model if inplace else _copy(model)
     modules = dict(target.named_modules())
     for name, (out_size, in_size) in plan.sizes.items():
