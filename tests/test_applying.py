@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -127,3 +129,62 @@ def test_inplace_and_flags():
     assert same is model and model.conv1.out_channels == len(chosen.keep["conv1"])
     with pytest.raises(ValueError, match="does not match this model"):
         apply(model, chosen)  # already pruned: channel counts differ
+
+
+# --------------------------------------------------------- the whole model against the plan
+
+
+def _resnet20_plan():
+    from icprune.models import resnet20
+
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    chosen = plan(model, l1_scores(model), example_inputs=torch.randn(1, 3, 32, 32), ratio=0.3)
+    return model, chosen
+
+
+def test_a_plan_for_another_model_is_refused_naming_what_differs():
+    _, chosen = _resnet20_plan()
+    deeper = resnet56().eval()  # resnet20's modules are all there, with the same channels
+    before = {k: v.clone() for k, v in deeper.state_dict().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"apply: the plan does not match this model .*72 module\(s\) the plan does not "
+        r"know, first 'layer1\.3\.conv1' \(Conv2d\(out=16, in=16\)\)",
+    ):
+        apply(deeper, chosen, inplace=True)
+    assert all(torch.equal(before[k], v) for k, v in deeper.state_dict().items())
+
+
+def test_a_model_changed_between_plan_and_apply_is_refused():
+    model, chosen = _resnet20_plan()
+    model.extra = nn.Conv2d(3, 8, 1)  # a module added after planning
+    with pytest.raises(ValueError, match=r"does not know, first 'extra'"):
+        apply(model, chosen)
+    del model.extra
+    model.layer1[0].bn1 = nn.BatchNorm2d(16, affine=False)  # same channels, still the same type
+    apply(model, chosen)
+    model.layer1[0].bn1 = nn.GroupNorm(4, 16)  # another type
+    with pytest.raises(ValueError, match=r"missing, first 'layer1\.0\.bn1'"):
+        apply(model, chosen)
+
+
+def test_a_version_1_plan_without_structure_still_applies():
+    model, chosen = _resnet20_plan()
+    data = json.loads(chosen.to_json())
+    data["version"] = 1
+    del data["structure"]
+    old = PruningPlan.from_json(json.dumps(data))
+    assert old.structure is None
+    pruned = apply(model, old)
+    assert pruned.conv1.out_channels == len(chosen.keep["conv1"])
+
+
+def test_a_plan_pruning_a_module_as_the_wrong_kind_is_refused():
+    model, chosen = _resnet20_plan()
+    data = json.loads(chosen.to_json())
+    deps = data["groups"][0]["dependencies"]
+    conv = next(d for d in deps if d[1] == "output")
+    conv[1] = "depthwise"
+    with pytest.raises(ValueError, match=rf"prunes '{conv[0]}' as 'depthwise', but it is a Conv2d"):
+        apply(model, PruningPlan.from_json(json.dumps(data)))

@@ -165,3 +165,63 @@ def test_unscored_groups_stay_whole():
     model, x = Tiny(), torch.randn(1, 3, 4, 4)
     chosen = plan(model, {"c2": torch.rand(40)}, example_inputs=x, ratio=0.5)
     assert len(chosen.keep["c1"]) == 24 and len(chosen.keep["c2"]) == 20
+
+
+def _tampered(edit) -> str:
+    """The JSON of a Tiny plan after ``edit(data)`` changed it in place."""
+    model = Tiny()
+    scores = {n: torch.arange(getattr(model, n).out_channels, dtype=torch.float64) for n in ("c1",)}
+    data = json.loads(
+        plan(model, scores, example_inputs=torch.randn(1, 3, 4, 4), ratio=0.2).to_json()
+    )
+    edit(data)
+    return json.dumps(data)
+
+
+def _set_kept(kept):
+    def edit(data):
+        data["groups"][0]["kept"] = kept
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            _set_kept([-1, 5, 6]),
+            r"group 0 \(first layer 'c1'\) keeps channel index -1, outside "
+            r"\[0, 24\) \(negative indices are refused, not wrapped\)",
+        ),
+        (_set_kept([5, 999]), r"keeps channel index 999, outside \[0, 24\)"),
+        (_set_kept([5, 5, 6]), "strictly increasing"),
+        (_set_kept([7, 6]), "strictly increasing"),
+        (_set_kept([]), "keeps no channel"),
+        (_set_kept([1.0, 2.0]), "'kept' must be a list of channel indices"),
+        (_set_kept([2**70]), "'kept' must be a list of channel indices"),
+        (lambda d: d.pop("sizes"), r"lacks the key\(s\) \['sizes'\]"),
+        (lambda d: d.pop("structure"), r"lacks the key\(s\) \['structure'\]"),
+        (lambda d: d["groups"][0].pop("kept"), r"groups\[0\] must hold 'channels', 'kept'"),
+        (lambda d: d["groups"][0].update(channels=0), "has 0 channels; it needs >= 1"),
+        (
+            lambda d: d["groups"][0]["dependencies"][0].__setitem__(1, "explode"),
+            "dependency kind 'explode' is not one of",
+        ),
+        (
+            lambda d: d["groups"][0]["dependencies"][0].__setitem__(2, 5),
+            r"reaches channel 28 of 'c1' \(out axis\), which has 24",
+        ),
+        (lambda d: d["sizes"].update(c1=[24, -3]), "'sizes' must map module names to 2 ints"),
+        (lambda d: d["sizes"].update(c1=[30, 3]), r"sizes\['c1'\] = \(30, 3\) but the recorded"),
+        (lambda d: d.update(macs=[1.5, 2]), r"'macs' must be \[before, after\] ints"),
+        (lambda d: d.update(version=7), "plan version 7 is not supported"),
+    ],
+)
+def test_from_json_refuses_tampered_plans_clearly(edit, message):
+    with pytest.raises(ValueError, match=message):
+        PruningPlan.from_json(_tampered(edit))
+
+
+def test_from_json_refuses_text_that_is_not_json():
+    with pytest.raises(ValueError, match="from_json: the text is not JSON"):
+        PruningPlan.from_json("{'format': ")

@@ -165,7 +165,9 @@ def test_plan_of_another_model_raises():
     torch.manual_seed(0)
     plan = _plan(resnet20().eval(), EXAMPLE, ratio=0.3)
     shrunk = icprune.apply(resnet20(), plan)
-    with pytest.raises(ValueError, match=r"apply_masks: the plan does not match this model at"):
+    with pytest.raises(
+        ValueError, match=r"apply_masks: the plan does not match this model .*'conv1'"
+    ):
         apply_masks(shrunk, plan)
     with pytest.raises(TypeError, match="plan must be a PruningPlan"):
         apply_masks(shrunk, plan.to_json())
