@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from itertools import islice
 
 import torch
@@ -22,6 +23,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from icprune.distributed import all_reduce_stats, check_initialized
+from icprune.files import exclusive, load_torch_file, save_atomically
 from icprune.graph import ReadPoint, out_channels, prunable_layers, read_points
 from icprune.modes import frozen
 from icprune.stats import ChannelStats
@@ -141,20 +143,16 @@ def _save_checkpoint(path: str, settings: dict, stats: dict[str, ChannelStats], 
         "data": digest.hexdigest(),
         "stats": {name: s.state_dict() for name, s in stats.items()},
     }
-    tmp = f"{path}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_atomically(state, path)
 
 
 def _load_checkpoint(path: str, settings: dict) -> dict:
     """The checkpoint at ``path``, checked against ``settings`` (a clear error if it differs)."""
+    again = "delete it or pass another checkpoint path to start over"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(
-            f"checkpoint {path!r} cannot be read ({type(exc).__name__}: {exc}); delete it or pass "
-            f"another checkpoint path to start over"
-        ) from exc
+        state = load_torch_file(path, "calibration checkpoint", map_location="cpu")
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {again}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(
             f"checkpoint {path!r} is not an icprune calibration checkpoint; pass another path"
@@ -162,14 +160,25 @@ def _load_checkpoint(path: str, settings: dict) -> dict:
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(
             f"checkpoint {path!r} has version {state.get('version')!r}, this icprune writes "
-            f"version {CHECKPOINT_VERSION}; delete it or pass another path to start over"
+            f"version {CHECKPOINT_VERSION}; {again}"
         )
-    saved = state["settings"]
+    missing = [k for k in ("settings", "batches", "data", "stats") if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path!r} lacks the key(s) {missing} (damaged); {again}")
+    batches, saved = state["batches"], state["settings"]
+    ok = isinstance(batches, int) and not isinstance(batches, bool) and batches >= 0
+    if not ok or not isinstance(saved, dict) or not isinstance(state["data"], str):
+        raise ValueError(
+            f"checkpoint {path!r} holds a bad 'batches', 'settings' or 'data' entry (damaged); "
+            f"{again}"
+        )
+    if not isinstance(state["stats"], dict):
+        raise ValueError(f"checkpoint {path!r}: 'stats' must be a dict (damaged); {again}")
     for key in [*settings, *(k for k in saved if k not in settings)]:  # options, layers, model
         mine, theirs = settings.get(key), saved.get(key)
         if mine == theirs:
             continue
-        if key == "layers":
+        if key == "layers" and isinstance(theirs, dict):
             name = next(n for n in [*theirs, *mine] if theirs.get(n) != mine.get(n))
             key = f"layers (first: '{name}')"
             mine, theirs = mine.get(name), theirs.get(name)
@@ -202,7 +211,19 @@ def _resume(
             f"raise max_batches, or delete the file or pass another path to start over"
         )
     for name, layer in stats.items():
-        layer.load_state_dict(state["stats"][name])
+        saved = state["stats"].get(name)
+        if saved is None:
+            raise ValueError(
+                f"checkpoint {path!r} holds no statistics for layer '{name}' (damaged); delete it "
+                f"or pass another checkpoint path to start over"
+            )
+        try:
+            layer.load_state_dict(saved)
+        except ValueError as exc:
+            raise ValueError(
+                f"checkpoint {path!r}: {exc}; delete it or pass another checkpoint path to start "
+                f"over"
+            ) from None
     end = object()
     for drawn in range(done):
         batch = next(batches, end)
@@ -281,8 +302,13 @@ def calibrate(
         checkpoint: file to make calibration resumable (None: no checkpoint). Every
             ``checkpoint_every`` batches, and at the end, the statistics, the number of batches
             done, the settings and fingerprints of the model and of the data seen are written to
-            it atomically (a ``.tmp`` file renamed over it; read back with
-            ``torch.load(weights_only=True)``). If the file exists when calibration starts, it
+            it atomically (a temporary file in the same folder renamed over it, so an
+            interrupted write leaves the previous checkpoint; read back with
+            ``torch.load(weights_only=True)``, and every value is validated). While calibration
+            runs it holds an advisory lock, ``PATH.lock`` (removed at the end; released by the
+            system if the process dies; none on Windows), so a second calibration into the same
+            file fails at once instead of overwriting it. If the file exists when calibration
+            starts, it
             resumes: the statistics are loaded and the batches already done are drawn from
             ``data`` but not run through the model, so ``data`` must yield the same batches in
             the same order (no shuffling, or a seeded one) - checked by the fingerprint (shape,
@@ -308,10 +334,14 @@ def calibrate(
     Raises:
         ValueError: unknown layer names, untraceable model (see :func:`icprune.graph.trace`),
             ``data`` yielding no batch, non-finite feature maps (``nan_policy="raise"``), a
-            checkpoint written with other settings, another model or other data, or holding
-            more batches than ``max_batches``; ``checkpoint_every`` not an int >= 1.
+            checkpoint that cannot be read (damaged, truncated, holding Python objects other
+            than tensors and plain values, or failing the checks of
+            :meth:`ChannelStats.load_state_dict`) or written with other settings, another model
+            or other data, or holding more batches than ``max_batches``; ``checkpoint_every``
+            not an int >= 1.
         TypeError: ``data`` not iterable or yielding something other than Tensors/tuples.
-        RuntimeError: ``distributed=True`` without an initialised process group.
+        RuntimeError: ``distributed=True`` without an initialised process group, or another
+            process calibrating into the same ``checkpoint``.
     """
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
@@ -345,29 +375,32 @@ def calibrate(
         options = {"bins": bins, "range_mode": range_mode, "read_at": read_at}
         options |= {"nan_policy": nan_policy, "backend": backend}
         settings = _settings(model, stats, **options)
-    seen, digest = _resume(path, settings, stats, batches, max_batches)
-    saved = seen
-    handles = []
-    try:
-        with frozen(model):
-            for point in points.values():
-                hook = _hook(point, stats[point.layer])
-                handles.append(modules[point.module].register_forward_hook(hook))
-            bar = _progress(batches, data, max_batches, "calibrate", progress, initial=seen)
-            for batch in bar:
-                x = batch_input(batch)
-                if path is not None:
-                    _fingerprint(digest, x)
-                model(x.to(dev))
-                seen += 1
-                if path is not None and seen % checkpoint_every == 0:
-                    _save_checkpoint(path, settings, stats, seen, digest)
-                    saved = seen
-    finally:
-        for handle in handles:
-            handle.remove()
-    if path is not None and seen != saved:  # batches run since the last write
-        _save_checkpoint(path, settings, stats, seen, digest)
+    with ExitStack() as stack:
+        if path is not None:  # one writer per checkpoint file
+            stack.enter_context(exclusive(path, "calibration checkpoint"))
+        seen, digest = _resume(path, settings, stats, batches, max_batches)
+        saved = seen
+        handles = []
+        try:
+            with frozen(model):
+                for point in points.values():
+                    hook = _hook(point, stats[point.layer])
+                    handles.append(modules[point.module].register_forward_hook(hook))
+                bar = _progress(batches, data, max_batches, "calibrate", progress, initial=seen)
+                for batch in bar:
+                    x = batch_input(batch)
+                    if path is not None:
+                        _fingerprint(digest, x)
+                    model(x.to(dev))
+                    seen += 1
+                    if path is not None and seen % checkpoint_every == 0:
+                        _save_checkpoint(path, settings, stats, seen, digest)
+                        saved = seen
+        finally:
+            for handle in handles:
+                handle.remove()
+        if path is not None and seen != saved:  # batches run since the last write
+            _save_checkpoint(path, settings, stats, seen, digest)
     if distributed:  # every rank raises alike, or none does
         if _global_sum(seen, dev) == 0:
             raise ValueError("data yielded no batches on any process; pass model inputs")

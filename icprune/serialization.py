@@ -17,33 +17,33 @@ import torch
 from torch import nn
 
 from icprune.applying import set_channels
-from icprune.graph import NORM_TYPES, PRUNABLE_TYPES
+from icprune.files import load_torch_file, save_atomically
+from icprune.graph import NORM_TYPES, PRUNABLE_TYPES, channel_structure
 
 FORMAT = "icprune.pruned"
 VERSION = 1
 
 
-def _channels(module: nn.Module) -> list[int]:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return [module.out_channels, module.in_channels, module.groups]
-    if isinstance(module, nn.Linear):
-        return [module.out_features, module.in_features, 1]
-    return [module.num_features, module.num_features, 1]
-
-
 def save(model: nn.Module, path: str | os.PathLike) -> None:
     """Save a (pruned) model's weights and channel configuration to ``path``.
+
+    The file is written atomically (a temporary file in the same folder, then renamed over
+    ``path``): an interrupted or failed save leaves any earlier file at ``path`` untouched.
 
     Args:
         model: any model, typically from :func:`icprune.apply` or :func:`icprune.prune`.
         path: file to write (``torch.save`` format).
+
+    Raises:
+        OSError: the file cannot be written (``path`` is left as it was).
     """
+    modules = dict(model.named_modules())
     channels = {
-        name: _channels(m)
-        for name, m in model.named_modules()
-        if isinstance(m, (*PRUNABLE_TYPES, *NORM_TYPES))
+        name: list(entry[1:])
+        for name, entry in channel_structure(model).items()
+        if isinstance(modules[name], (*PRUNABLE_TYPES, *NORM_TYPES))
     }
-    torch.save(
+    save_atomically(
         {
             "format": FORMAT,
             "version": VERSION,
@@ -62,6 +62,11 @@ def load(
 ) -> nn.Module:
     """Rebuild a model saved by :func:`save`.
 
+    The file is read with ``torch.load(weights_only=True)`` (no pickled code runs) and every
+    value is checked before the model is built: the format and version, a ``channels`` table
+    of ``[out, in, groups]`` ints >= 1 per module, a ``state_dict`` of tensors, and that each
+    module's stored tensors have the shapes its stored channel counts imply.
+
     Args:
         path: file written by :func:`save`.
         model_fn: builds the unpruned architecture, e.g. ``icprune.models.resnet50``.
@@ -72,25 +77,51 @@ def load(
         buffers (bit-identical), in the mode ``model_fn`` returns it in.
 
     Raises:
-        ValueError: the file is not an icprune pruned model, or it does not fit the architecture
-            (a module missing, of another type, or a state_dict key mismatch).
+        FileNotFoundError: there is no file at ``path``.
+        ValueError: the file cannot be read (empty, truncated, damaged, or holding Python
+            objects other than tensors and plain values), is not an icprune pruned model, lacks
+            a key, holds channel counts that disagree with its tensors, or does not fit the
+            architecture (a module missing, of another type, or a state_dict key mismatch). The
+            message names the file and the key or module.
+        TypeError: ``model_fn`` does not return an ``nn.Module``.
     """
-    data = torch.load(path, map_location=map_location, weights_only=True)
+    name = os.fspath(path)
+    data = load_torch_file(name, "pruned model file", map_location=map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise ValueError(f"load: {os.fspath(path)!r} is not a model saved by icprune.save")
+        raise ValueError(f"load: {name!r} is not a model saved by icprune.save")
     if data.get("version") != VERSION:
-        raise ValueError(f"load: format version {data.get('version')!r} is not supported")
+        version = data.get("version")
+        raise ValueError(
+            f"load: {name!r} has format version {version!r}, this icprune reads {VERSION}"
+        )
+    missing = [key for key in ("channels", "state_dict") if key not in data]
+    if missing:
+        raise ValueError(f"load: {name!r} lacks the key(s) {missing} (damaged file)")
+    state, channels = data["state_dict"], data["channels"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"load: {name!r}: 'state_dict' must map names to tensors")
+    if not isinstance(channels, dict) or not all(
+        isinstance(row, list) and len(row) == 3 and all(_is_count(v) for v in row)
+        for row in channels.values()
+    ):
+        raise ValueError(
+            f"load: {name!r}: 'channels' must map module names to [out, in, groups] ints >= 1"
+        )
     model = model_fn()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"load: model_fn() returned a {type(model).__name__}, not an nn.Module")
     modules = dict(model.named_modules())
-    state = data["state_dict"]
-    for name, (out_ch, in_ch, groups) in data["channels"].items():
-        module = modules.get(name)
+    for module_name, (out_ch, in_ch, groups) in channels.items():
+        module = modules.get(module_name)
         if not isinstance(module, (*PRUNABLE_TYPES, *NORM_TYPES)):
             raise ValueError(
-                f"load: the saved model has a conv/linear/norm module {name!r} that model_fn() "
-                f"lacks (found {type(module).__name__}); pass the same architecture"
+                f"load: the saved model has a conv/linear/norm module {module_name!r} that "
+                f"model_fn() lacks (found {type(module).__name__}); pass the same architecture"
             )
-        prefix = f"{name}." if name else ""
+        prefix = f"{module_name}." if module_name else ""
+        _check_shapes(name, module_name, module, (out_ch, in_ch, groups), state, prefix)
         for attr, tensor in [
             *module.named_parameters(recurse=False),
             *module.named_buffers(recurse=False),
@@ -111,3 +142,35 @@ def load(
     except RuntimeError as exc:
         raise ValueError(f"load: the saved weights do not fit model_fn()'s model: {exc}") from exc
     return model
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_shapes(
+    path: str, name: str, module: nn.Module, sizes: tuple[int, int, int], state: dict, prefix: str
+) -> None:
+    """Raise unless the stored tensors of one module have the shapes its stored channel counts
+    (out, in, groups) imply."""
+    out_ch, in_ch, groups = sizes
+    if isinstance(module, NORM_TYPES):
+        expected = {attr: (out_ch,) for attr in ("weight", "bias", "running_mean", "running_var")}
+    elif isinstance(module, nn.Linear):
+        expected = {"weight": (out_ch, in_ch), "bias": (out_ch,)}
+    else:
+        if in_ch % groups or out_ch % groups:
+            raise ValueError(
+                f"load: {path!r}: channels of {name!r} are (out={out_ch}, in={in_ch}, "
+                f"groups={groups}), but groups must divide both; the file is damaged"
+            )
+        kernel = tuple(module.weight.shape[2:])
+        expected = {"weight": (out_ch, in_ch // groups, *kernel), "bias": (out_ch,)}
+    for attr, shape in expected.items():
+        stored = state.get(prefix + attr)
+        if stored is not None and tuple(stored.shape) != shape:
+            raise ValueError(
+                f"load: {path!r}: '{prefix + attr}' has shape {tuple(stored.shape)}, but the "
+                f"stored channels of {name!r} (out={out_ch}, in={in_ch}, groups={groups}) make "
+                f"it {shape}; the file is damaged or does not fit model_fn()'s model"
+            )
