@@ -432,3 +432,160 @@ def test_load_state_dict_mirrors_a_slightly_asymmetric_gram_and_refuses_a_tamper
     tampered[0, 1] += 0.1 * gram.abs().max()
     with pytest.raises(ValueError, match="'gram' is not symmetric"):
         s.load_state_dict({**state, "gram": tampered})
+
+
+# ------------------------------------------------------------------- validated, atomic loads
+
+
+def _replace(key, value):
+    return lambda state: state.update({key: value})
+
+
+def _scale(key, factor):
+    return lambda state: state.update({key: state[key] * factor})
+
+
+def _counts_minus_one(state):
+    counts = state["counts"].clone()
+    counts[0, counts[0].argmax()] *= -1
+    state["counts"] = counts
+
+
+def _counts_one_more(state):
+    counts = state["counts"].clone()
+    counts[2, 0] += 1
+    state["counts"] = counts
+
+
+def _nan_at(key):
+    def edit(state):
+        value = state[key].clone()
+        value.view(-1)[0] = float("nan")
+        state[key] = value
+
+    return edit
+
+
+def _swap_extremes(state):
+    state["minimum"], state["maximum"] = state["maximum"].clone(), state["minimum"].clone()
+
+
+LOAD_TAMPERING = [
+    (_counts_minus_one, "'counts' holds negative histogram counts"),
+    (_counts_one_more, "histogram of channel 2 holds 145 samples but count is 144"),
+    (_replace("nan_policy", "explode"), "nan_policy 'explode', not one of"),
+    (_replace("read_at", "everywhere"), "read_at 'everywhere', not one of"),
+    (_replace("bin_exponent", torch.full((5,), 10**6)), "not the bin layout of the saved extremes"),
+    (
+        lambda s: s.update(counts=s["counts"].double()),
+        r"'counts' has the wrong type or shape: "
+        r"torch.float64 of shape \(5, 16\), expected torch.int64",
+    ),
+    (_nan_at("sums"), "'sums' holds NaN or Inf"),
+    (_nan_at("gram"), "'gram' holds NaN or Inf"),
+    (_scale("gram_lo", 0.0), None),  # zero remainders are valid (a coarser total)
+    (lambda s: s.update(sums_lo=s["sums"] * 1e-3), "'sums_lo' is not the remainder of 'sums'"),
+    (_swap_extremes, "minimum <= maximum"),
+    (lambda s: s.pop("counts"), r"lack the key\(s\) \['counts'\]"),
+    (_replace("count", -3), "count = -3; it must be an int >= 0"),
+    (_replace("count", True), "count = True; it must be an int >= 0"),
+    (_replace("nonfinite", 10**9), "count 1000000000 non-finite values among 144 samples"),
+    (_replace("counts", torch.zeros(5, 16, dtype=torch.int64).to_sparse()), "must be a dense"),
+    (_replace("gram", [[0.0] * 5] * 5), "'gram' must be a dense Tensor, got list"),
+    (lambda s: s.update(gram=-s["gram"]), "'gram' has a negative diagonal entry"),
+    (_replace("bins", 16.0), r"\(channels, bins, range_mode\) = \(5, 16.0, 'layer'\)"),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), LOAD_TAMPERING)
+def test_load_state_dict_validates_everything_and_changes_nothing_when_it_refuses(edit, message):
+    state = _stats(_features(50)).state_dict()
+    edit(state)
+    target = _stats(_features(51) * 3, nan_policy="zero", read_at="bn")
+    before = target.state_dict()
+    if message is None:
+        target.load_state_dict(state)
+        return
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    after = target.state_dict()  # atomic: the instance is exactly as it was
+    for key, value in before.items():
+        assert (
+            torch.equal(value, after[key])
+            if isinstance(value, torch.Tensor)
+            else (value == after[key])
+        ), key
+
+
+def test_from_state_dict_names_bad_settings():
+    state = _stats(_features(52)).state_dict()
+    with pytest.raises(ValueError, match=r"layer 'layer.test' lack the key\(s\) \['bins'\]"):
+        ChannelStats.from_state_dict({k: v for k, v in state.items() if k != "bins"})
+    with pytest.raises(ValueError, match="have num_channels = 5.5; it must be an int"):
+        ChannelStats.from_state_dict({**state, "num_channels": 5.5})
+    with pytest.raises(ValueError, match="nan_policy must be one of"):
+        ChannelStats.from_state_dict({**state, "nan_policy": "explode"})
+    with pytest.raises(ValueError, match="must be a dict"):
+        ChannelStats.from_state_dict([1, 2])
+
+
+def test_merge_into_itself_doubles_exactly():
+    x = _features(53)
+    twice = _stats(x)
+    twice.update(x)
+    s = _stats(x)
+    s.merge(s)
+    _assert_identical(s, twice)
+
+
+def test_nan_in_weights_is_reported_as_weights_not_feature_map():
+    s = ChannelStats(3, name="conv1", read_at="weights", backend="torch")
+    w = torch.ones(9, 3)
+    w[4, 1] = float("nan")
+    with pytest.raises(
+        ValueError,
+        match=r"weights of layer 'conv1' hold 1 non-finite .* output "
+        r"channel\(s\) \[1\]",
+    ) as info:
+        s.update(w)
+    assert "feature map" not in str(info.value)
+
+
+def test_float64_values_whose_squares_overflow_are_refused_and_add_nothing():
+    s = _stats(_features(54).double())
+    before = s.state_dict()
+    with pytest.raises(ValueError, match="sums of squares of the feature map overflow float64"):
+        s.update(torch.full((2, 5, 3, 3), 1e200, dtype=torch.float64))
+    for key, value in before.items():
+        after = s.state_dict()[key]
+        assert torch.equal(value, after) if isinstance(value, torch.Tensor) else value == after
+
+
+def test_huge_float32_values_are_kept_finite():
+    s = _stats(torch.full((2, 5, 3, 3), 3e38))  # near the float32 maximum: squares need fp64
+    assert torch.isfinite(s.gram).all() and torch.isfinite(s.sums).all()
+    assert torch.isfinite(s.correlation()).all() and torch.isfinite(s.distance()).all()
+
+
+@pytest.mark.parametrize(
+    ("x", "error", "message"),
+    [
+        (torch.ones(2, 5, dtype=torch.int64), TypeError, "dtype torch.int64; supported are"),
+        (torch.ones(2, 5, dtype=torch.bool), TypeError, "dtype torch.bool"),
+        (torch.ones(2, 5, dtype=torch.complex64), TypeError, "dtype torch.complex64"),
+        (torch.ones(5), ValueError, r"expected a tensor of shape \(N, 5, \*spatial\), got \(5,\)"),
+        (torch.ones(2, 4, 3), ValueError, r"got \(2, 4, 3\)"),
+        (torch.ones(2, 5).to_sparse(), TypeError, "sparse_coo tensor; pass a dense one"),
+        ([[1.0] * 5], TypeError, "expected a torch.Tensor, got list"),
+    ],
+)
+def test_update_refuses_bad_batches_clearly(x, error, message):
+    s = ChannelStats(5, name="layer.test", backend="torch")
+    with pytest.raises(error, match=message):
+        s.update(x)
+    assert s.count == 0
+
+
+def test_bad_read_at_is_refused():
+    with pytest.raises(ValueError, match="read_at must be one of"):
+        ChannelStats(3, read_at="logits")
