@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from icprune import compensated
 from icprune._ext import HAVE_EXT
 from icprune.binning import bin_layout
 from icprune.scoring import layer_scores
@@ -529,7 +530,10 @@ def test_from_state_dict_names_bad_settings():
         ChannelStats.from_state_dict([1, 2])
 
 
-def test_merge_into_itself_doubles_exactly():
+@pytest.mark.parametrize("fused", [True, False], ids=["cpp-add", "torch-add"])
+def test_merge_into_itself_doubles_exactly(monkeypatch, fused):
+    if not fused:  # the elementwise torch path (CUDA, no extension) updates in place too
+        monkeypatch.setattr(compensated, "HAVE_EXT", False)
     x = _features(53)
     twice = _stats(x)
     twice.update(x)
