@@ -59,3 +59,74 @@ def test_torch_export_of_pruned_models(factory, size):
     exported = torch.export.export(pruned.eval(), (x,))
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(x), pruned(x))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def _saved(tmp_path) -> tuple[dict, object]:
+    pruned, _ = _pruned(resnet20, 32, ratio=0.3)
+    path = tmp_path / "model.pt"
+    icprune.save(pruned, path)
+    return torch.load(path, weights_only=True), path
+
+
+def test_load_refuses_pickled_objects_without_inviting_weights_only_false(tmp_path, capsys):
+    data, path = _saved(tmp_path)
+    torch.save({**data, "extra": _Payload()}, path)
+    with pytest.raises(ValueError, match="holds Python objects icprune does not load") as info:
+        icprune.load(path, resnet20)
+    assert "weights_only" not in str(info.value)
+    assert "must never run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.pop("state_dict"), r"lacks the key\(s\) \['state_dict'\]"),
+        (lambda d: d.pop("channels"), r"lacks the key\(s\) \['channels'\]"),
+        (lambda d: d["channels"].update(conv1=[-1, 3, 1]), r"'channels' must map module names"),
+        (
+            lambda d: d["channels"].update(conv1=[10, 3, 1]),
+            r"'conv1.weight' has shape \(\d+, 3, "
+            r"3, 3\), but the stored channels of 'conv1' \(out=10, in=3, groups=1\) make it "
+            r"\(10, 3, 3, 3\)",
+        ),
+        (lambda d: d["channels"].update(fc=[10, 7, 1]), r"'fc.weight' has shape"),
+        (lambda d: d["channels"].update(conv1=[16, 3, 2]), "groups must divide both"),
+        (lambda d: d["state_dict"].update({"conv1.weight": [1.0]}), "must map names to tensors"),
+        (lambda d: d.update(version=9), "format version 9, this icprune reads 1"),
+    ],
+)
+def test_load_validates_the_file_before_building_the_model(tmp_path, edit, message):
+    data, path = _saved(tmp_path)
+    edit(data)
+    torch.save(data, path)
+    with pytest.raises(ValueError, match=message):
+        icprune.load(path, resnet20)
+
+
+@pytest.mark.parametrize("size", [0, 100], ids=["empty", "truncated"])
+def test_load_names_empty_and_truncated_files(tmp_path, size):
+    _, path = _saved(tmp_path)
+    path.write_bytes(path.read_bytes()[:size])
+    with pytest.raises(ValueError, match=r"pruned model file '.*model.pt' cannot be read"):
+        icprune.load(path, resnet20)
+
+
+def test_an_interrupted_save_keeps_the_earlier_file(tmp_path, monkeypatch):
+    _, path = _saved(tmp_path)
+    before = path.read_bytes()
+
+    def dying(obj, handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying)
+    with pytest.raises(KeyboardInterrupt):
+        icprune.save(resnet20(), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "model.pt"
+    ]
