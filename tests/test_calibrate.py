@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from icprune import files
 from icprune.calibrate import calibrate
 from icprune.graph import prunable_layers
 from icprune.models import resnet20
@@ -521,3 +522,77 @@ def test_progress_bar_counts_resumed_batches(model, tmp_path, monkeypatch):
     frames = terminal.getvalue().split("\r")
     first = next(f for f in frames if "calibrate" in f)
     assert "2/4" in first and "4/4" in frames[-1]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def _tamper_checkpoint(path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def _negative_counts(state):
+    counts = state["stats"]["conv1"]["counts"]
+    counts[0, counts[0].argmax()] *= -1
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda s: s.update(extra=_Payload()), "holds Python objects icprune does not load"),
+        (_negative_counts, r"calib.pt': layer 'conv1': saved statistics: 'counts' holds negative"),
+        (
+            lambda s: s["stats"].pop("layer2.0.conv1"),
+            "holds no statistics for layer 'layer2.0.conv1'",
+        ),
+        (lambda s: s["stats"]["conv1"].update(nan_policy="explode"), "nan_policy 'explode'"),
+        (lambda s: s.pop("batches"), r"lacks the key\(s\) \['batches'\]"),
+        (lambda s: s.update(batches=-1), "bad 'batches', 'settings' or 'data'"),
+        (lambda s: s.update(stats=[]), "'stats' must be a dict"),
+    ],
+)
+def test_tampered_checkpoints_are_refused_clearly(model, tmp_path, capsys, edit, message):
+    data = _batches(2)
+    path = tmp_path / "calib.pt"
+    calibrate(model, data, checkpoint=path, progress=False)
+    _tamper_checkpoint(path, edit)
+    with pytest.raises(ValueError, match=message) as info:
+        calibrate(model, data, checkpoint=path, progress=False)
+    assert "weights_only" not in str(info.value) and "delete it" in str(info.value)
+    assert "must never run" not in capsys.readouterr().out
+    assert _no_hooks(model)
+
+
+def test_an_interrupted_checkpoint_write_keeps_the_previous_checkpoint(
+    model, tmp_path, monkeypatch
+):
+    data = _batches(3)
+    path = tmp_path / "calib.pt"
+    calibrate(model, data[:1], checkpoint=path, progress=False)
+    save = torch.save
+
+    def dying(obj, handle):
+        save(obj, handle)
+        raise KeyboardInterrupt  # e.g. Ctrl-C just before the rename
+
+    monkeypatch.setattr(torch, "save", dying)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(model, data, checkpoint=path, checkpoint_every=1, progress=False)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["batches"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.pt"]  # no temporary, no lock
+
+
+@pytest.mark.skipif(files.fcntl is None, reason="no advisory locks on this platform")
+def test_a_second_calibration_into_the_same_checkpoint_is_refused(model, tmp_path):
+    path = tmp_path / "calib.pt"
+    with (  # another process calibrating into it holds the lock
+        files.exclusive(path, "calibration checkpoint"),
+        pytest.raises(RuntimeError, match="another process is writing calibration checkpoint"),
+    ):
+        calibrate(model, _batches(1), checkpoint=path, progress=False)
+    assert not path.exists() and _no_hooks(model)
