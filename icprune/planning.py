@@ -536,6 +536,14 @@ def plan(
     group_scores = [_group_score(g, vectors) for g in deps.groups]
     caps = [max(0, min(math.floor(max_layer_ratio * c), c - min_channels)) for c in channels]
     alloc = _Allocator(channels, group_scores, caps, round_to, global_ranking)
+    if target > 0:
+        limits = {"max_layer_ratio": max_layer_ratio, "min_channels": min_channels}
+        reason = _nothing_prunable(deps.groups, group_scores, caps, alloc, vectors, ignored, limits)
+        if reason is not None:
+            raise ValueError(
+                f"plan: {target_name}={target} cannot be met: no channel of "
+                f"{type(model).__name__} can be pruned: {reason}"
+            )
     cost = CostModel(deps)
     before = cost(channels)
 
@@ -589,6 +597,49 @@ def plan(
         settings,
         channel_structure(model),
     )
+
+
+def _nothing_prunable(
+    groups: Sequence[Group],
+    group_scores: Sequence[Tensor | None],
+    caps: Sequence[int],
+    alloc: _Allocator,
+    vectors: Mapping[str, Tensor],
+    ignored: Sequence[str],
+    limits: dict,
+) -> str | None:
+    """Why no channel at all can be pruned (a sentence), or None if some can."""
+    if not groups:
+        rest = (
+            "the channels of every conv/linear layer reach the model's output or pass an "
+            "operation icprune cannot follow (see icprune.dependency_groups)"
+        )
+        if ignored:
+            rest = (
+                f"ignored_layers={sorted(ignored)} excludes those layers with their groups, "
+                f"and {rest.replace('every', 'every other')}"
+            )
+        return f"the dependency trace found no prunable group: {rest}"
+    scored = [s is not None for s in group_scores]
+    if not any(scored):
+        layers = [name for g in groups for name in g.layers]
+        return (
+            f"no group has scores: the scores name {sorted(vectors)[:5]} but the prunable "
+            f"groups' layers are {layers[:5]}{' ...' if len(layers) > 5 else ''}"
+        )
+    if not any(cap > 0 for cap, ok in zip(caps, scored, strict=True) if ok):
+        largest = max(g.channels for g, ok in zip(groups, scored, strict=True) if ok)
+        return (
+            f"every scored group is at its limit: max_layer_ratio={limits['max_layer_ratio']} "
+            f"and min_channels={limits['min_channels']} leave no channel to prune (the largest "
+            f"scored group has {largest} channels)"
+        )
+    if alloc.kept(alloc.steps) == [g.channels for g in groups]:
+        return (
+            "round_to rounds every group's kept channel count back up to all its channels; use "
+            "a smaller round_to"
+        )
+    return None
 
 
 def _inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
