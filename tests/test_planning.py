@@ -225,3 +225,55 @@ def test_from_json_refuses_tampered_plans_clearly(edit, message):
 def test_from_json_refuses_text_that_is_not_json():
     with pytest.raises(ValueError, match="from_json: the text is not JSON"):
         PruningPlan.from_json("{'format': ")
+
+
+def _plain_scores(model):
+    return {n: torch.rand(m.out_channels) for n, m in model.named_children() if n != "fc"}
+
+
+@pytest.mark.parametrize(
+    ("options", "scores", "message"),
+    [
+        (
+            {"ignored_layers": ["c1", "c2", "c3"]},
+            None,
+            r"the dependency trace found no prunable group: ignored_layers="
+            r"\['c1', 'c2', 'c3'\] excludes those layers",
+        ),
+        (
+            {},
+            {"fc": torch.rand(5)},
+            r"no group has scores: the scores name \['fc'\] but the "
+            r"prunable groups' layers are \['c1', 'c2', 'c3'\]",
+        ),
+        (
+            {"min_channels": 40},
+            None,
+            r"every scored group is at its limit: max_layer_ratio=0.9 "
+            r"and min_channels=40 leave no channel to prune \(the largest scored group has 40",
+        ),
+        ({"round_to": 64}, None, "round_to rounds every group's kept channel count back up"),
+    ],
+    ids=["all-ignored", "no-scores", "min-channels", "round-to"],
+)
+@pytest.mark.parametrize("target", ["ratio", "flops_reduction"])
+def test_nothing_prunable_says_so_and_why(options, scores, message, target):
+    model = Tiny()
+    scores = _plain_scores(model) if scores is None else scores
+    with pytest.raises(
+        ValueError,
+        match=rf"{target}=0.3 cannot be met: no channel of Tiny can "
+        rf"be pruned: .*{message}",
+    ) as info:
+        plan(model, scores, example_inputs=torch.randn(1, 3, 4, 4), **{target: 0.3}, **options)
+    assert "removes 0.000" not in str(info.value)
+
+
+def test_a_model_without_groups_says_why():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))  # its only conv is the output layer
+    with pytest.raises(
+        ValueError,
+        match="no prunable group: the channels of every conv/linear layer reach the model's output",
+    ):
+        plan(model, {}, example_inputs=torch.randn(1, 3, 8, 8), ratio=0.2)
+    assert plan(model, {}, example_inputs=torch.randn(1, 3, 8, 8), ratio=0.0).groups == ()
