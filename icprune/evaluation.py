@@ -63,6 +63,30 @@ def labelled_batch(batch: object, where: str) -> tuple[Tensor, Tensor]:
     return inputs, targets
 
 
+def check_targets(targets: Tensor, classes: int, where: str) -> None:
+    """Raise unless every target is a class index in ``[0, classes)``.
+
+    Args:
+        targets: Tensor[N] of integer class indices (see :func:`labelled_batch`).
+        classes: K, the number of logits the model returns per sample.
+        where: the batch, for the message (e.g. ``"accuracy: data batch 3"``).
+
+    Raises:
+        ValueError: a target below 0 or at least K (the message names the batch, the first bad
+            value and its position).
+    """
+    if targets.numel() == 0:
+        return
+    bad = (targets < 0) | (targets >= classes)
+    if bool(bad.any()):
+        first = int(torch.nonzero(bad)[0])
+        raise ValueError(
+            f"{where}: target {int(targets[first])} (sample {first}) is not a class index of the "
+            f"model, whose output has {classes} classes: targets must lie in [0, {classes}). "
+            f"Check that the labels belong to this model's classes (e.g. 0-based, not 1-based)"
+        )
+
+
 def accuracy(
     model: nn.Module, data: Iterable, *, device: torch.device | str | None = None
 ) -> float:
@@ -81,7 +105,9 @@ def accuracy(
         the fraction of samples whose highest logit is the target class, in [0, 1] (a float).
 
     Raises:
-        ValueError: ``data`` yields no sample, or the model's output is not [N, K].
+        ValueError: ``data`` yields no sample, the model's output is not [N, K], or a target
+            is not a class index in ``[0, K)`` (checked in every batch; the message names the
+            batch and the value - never a silent 0 %).
         TypeError: ``data`` is not iterable or yields unlabelled batches (see
             :func:`labelled_batch`).
     """
@@ -91,12 +117,17 @@ def accuracy(
         for step, batch in enumerate(_batches(data, None)):
             inputs, targets = labelled_batch(batch, f"data batch {step}")
             logits = model(inputs.to(dev))
-            if not isinstance(logits, Tensor) or logits.shape[:1] != targets.shape:
+            if (
+                not isinstance(logits, Tensor)
+                or logits.dim() != 2
+                or logits.shape[:1] != targets.shape
+            ):
                 shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits)
                 raise ValueError(
                     f"accuracy: the model returned {shape} for {targets.shape[0]} samples in "
                     f"data batch {step}; it must return logits Tensor[N, K]"
                 )
+            check_targets(targets, logits.shape[1], f"accuracy: data batch {step}")
             correct += int((logits.argmax(1) == targets.to(dev)).sum())
             total += targets.shape[0]
     if total == 0:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from icprune.calibrate import _batches, _progress, model_device
-from icprune.evaluation import labelled_batch
+from icprune.evaluation import check_targets, labelled_batch
 from icprune.modes import frozen
 
 
@@ -159,8 +159,10 @@ def finetune(
         ValueError: bad numbers, an epoch with no batch, a model without trainable parameters,
             ``teacher is model`` with ``inplace=True``, ``device`` or the teacher's device not
             the model's, a model or teacher whose output is not logits [N, K] matching the
-            other, or a non-finite loss (the message names the epoch and step; with
-            ``inplace=True`` the model keeps the last finite update).
+            other, a target that is not a class index in ``[0, K)`` (checked in every batch
+            before its step, so the first batch is checked before any training), or a
+            non-finite loss (the message names the epoch and step; with ``inplace=True`` the
+            model keeps the last update before the bad batch).
         TypeError: ``model`` or ``teacher`` is not a Module; ``train_data`` is a Tensor, not
             iterable, a one-shot iterator with ``epochs > 1``, or yields unlabelled batches
             (see :func:`icprune.evaluation.labelled_batch`).
@@ -193,6 +195,7 @@ def finetune(
         return student.eval()
     if steps == 0:
         raise ValueError("finetune: train_data yielded no batches; pass at least one batch")
+    classes = None  # K, from the first batch, before any step
     total = epochs * steps
     opt = torch.optim.SGD(
         params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
@@ -209,12 +212,15 @@ def finetune(
             where = f"train_data batch {step} of epoch {epoch}"
             inputs, targets = labelled_batch(batch, where)
             inputs, targets = inputs.to(dev), targets.to(dev)
+            if classes is None:
+                classes = _classes(student, inputs, targets, where)
+            check_targets(targets, classes, f"finetune: {where}")  # before BatchNorm sees it
             logits = student(inputs)
             teacher_logits = None
             if teacher is not None and distill_weight > 0:
                 with frozen(teacher):
                     teacher_logits = teacher(inputs)
-            _check_logits(logits, teacher_logits, targets, where)
+            _check_logits(logits, teacher_logits, targets, where, classes)
             loss = distillation_loss(
                 logits,
                 targets,
@@ -243,9 +249,27 @@ def finetune(
     return student.eval()
 
 
-def _check_logits(logits: object, teacher_logits: object, targets: Tensor, where: str) -> None:
-    """Raise unless ``logits`` (and ``teacher_logits``, if not None) are Tensor[N, K]."""
-    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != len(targets):
+def _classes(model: nn.Module, inputs: Tensor, targets: Tensor, where: str) -> int:
+    """K, the number of classes ``model`` predicts, from one eval-mode forward of a batch
+    without gradients (nothing of the model changes), with the batch's targets checked."""
+    with frozen(model):
+        logits = model(inputs)
+    _check_logits(logits, None, targets, where)
+    check_targets(targets, logits.shape[1], f"finetune: {where}")
+    return logits.shape[1]
+
+
+def _check_logits(
+    logits: object, teacher_logits: object, targets: Tensor, where: str, classes: int | None = None
+) -> None:
+    """Raise unless ``logits`` (and ``teacher_logits``, if not None) are Tensor[N, K] (with
+    ``K = classes`` when given)."""
+    if (
+        not isinstance(logits, Tensor)
+        or logits.dim() != 2
+        or logits.shape[0] != len(targets)
+        or (classes is not None and logits.shape[1] != classes)
+    ):
         shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
         raise ValueError(
             f"finetune: the model returned {shape} for {len(targets)} samples at {where}; it "
