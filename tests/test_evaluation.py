@@ -113,3 +113,21 @@ def test_latency_rejects_bad_arguments(models, kwargs, error, match):
 def test_latency_rejects_inputs_that_are_not_tensors():
     with pytest.raises(TypeError, match="example_inputs"):
         latency({"a": nn.Identity()}, [[1.0]])
+
+
+@pytest.mark.parametrize("bad", [3, -1, 10])
+def test_accuracy_refuses_targets_outside_the_models_classes(bad):
+    logits = torch.eye(3)
+    good = (logits, torch.tensor([0, 1, 2]))
+    wrong = (logits, torch.tensor([0, bad, 2]))
+    with pytest.raises(
+        ValueError,
+        match=rf"accuracy: data batch 1: target {bad} \(sample 1\) is not a class index of the "
+        r"model, whose output has 3 classes: targets must lie in \[0, 3\)",
+    ):
+        accuracy(nn.Identity(), [good, wrong])  # every batch is checked, not only the first
+
+
+def test_accuracy_refuses_logits_that_are_not_n_by_k():
+    with pytest.raises(ValueError, match=r"returned \(3, 2, 2\) for 3 samples in data batch 0"):
+        accuracy(nn.Identity(), [(torch.ones(3, 2, 2), torch.tensor([0, 1, 0]))])

@@ -246,3 +246,19 @@ def test_bad_models_and_teachers_are_rejected(digits):
     frozen = small_cnn().requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         finetune(frozen, data, 1, progress=False)
+
+
+def test_targets_outside_the_classes_are_refused_before_any_training(digits):
+    train, _ = digits
+    torch.manual_seed(0)
+    model = small_cnn()
+    state = copy.deepcopy(model.state_dict())
+    x, y = train[0]
+    bad = [(x, y + 1), *train[1:]]  # 1-based labels: the 9s become 10 for 10 classes
+    with pytest.raises(
+        ValueError,
+        match=r"finetune: train_data batch 1 of epoch 1: target 10 \(sample \d+\) is not a class "
+        r"index of the model, whose output has 10 classes",
+    ):
+        finetune(model, bad, 1, progress=False, inplace=True)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # no step taken
