@@ -72,6 +72,12 @@ def _batches(data: Iterable, max_batches: int | None) -> Iterator:
         isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
     ):
         raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
+    if isinstance(data, torch.Tensor):
+        raise TypeError(
+            f"data is one Tensor of shape {tuple(data.shape)}; pass an iterable of batches, e.g. "
+            f"[x] for one batch or list(x.split(64)) (iterating a Tensor would yield single "
+            f"samples)"
+        )
     try:
         iterator = iter(data)
     except TypeError:
@@ -333,13 +339,15 @@ def calibrate(
 
     Raises:
         ValueError: unknown layer names, untraceable model (see :func:`icprune.graph.trace`),
-            ``data`` yielding no batch, non-finite feature maps (``nan_policy="raise"``), a
-            checkpoint that cannot be read (damaged, truncated, holding Python objects other
-            than tensors and plain values, or failing the checks of
-            :meth:`ChannelStats.load_state_dict`) or written with other settings, another model
-            or other data, or holding more batches than ``max_batches``; ``checkpoint_every``
-            not an int >= 1.
-        TypeError: ``data`` not iterable or yielding something other than Tensors/tuples.
+            ``data`` yielding no batch or only empty ones, non-finite feature maps
+            (``nan_policy="raise"``), a checkpoint that cannot be read (damaged, truncated,
+            holding Python objects other than tensors and plain values, or failing the checks
+            of :meth:`ChannelStats.load_state_dict`) or written with other settings, another
+            model or other data, or holding more batches than ``max_batches``;
+            ``checkpoint_every`` not an int >= 1.
+        TypeError: ``data`` not iterable, a single Tensor (pass a list of batches), or
+            yielding something other than Tensors/tuples.
+        FileNotFoundError: the folder of ``checkpoint`` does not exist.
         RuntimeError: ``distributed=True`` without an initialised process group, or another
             process calibrating into the same ``checkpoint``.
     """
@@ -404,9 +412,21 @@ def calibrate(
     if distributed:  # every rank raises alike, or none does
         if _global_sum(seen, dev) == 0:
             raise ValueError("data yielded no batches on any process; pass model inputs")
-        return all_reduce_stats(stats)
+        reduced = all_reduce_stats(stats)
+        _check_samples(reduced)
+        return reduced
     if seen == 0:
         raise ValueError("data yielded no batches; pass at least one batch of model inputs")
     for layer in stats.values():
         layer.sync()  # one host synchronisation per layer, after all batches
+    _check_samples(stats)
     return stats
+
+
+def _check_samples(stats: dict[str, ChannelStats]) -> None:
+    """Raise if the batches held no sample at all (every batch empty)."""
+    if all(layer.count == 0 for layer in stats.values()):
+        raise ValueError(
+            "data yielded only empty batches (no sample reached any layer); pass batches with "
+            "at least one sample"
+        )

@@ -30,7 +30,10 @@ group (their input channels follow it) are pruned on their input side even when 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import operator
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -515,15 +518,31 @@ def trace_dependencies(
 
     Raises:
         ValueError: the model cannot be traced by torch.fx (naming the submodule to list in
-            ``ignored_layers``), or an ignored name does not exist.
+            ``ignored_layers``), an ignored name does not exist, or the model fails on
+            ``example_inputs`` (wrong shape, dtype or device; the message names the module).
+        TypeError: ``example_inputs`` is not a Tensor or a tuple/list of Tensors.
     """
     modules = dict(model.named_modules())
     ignored = _check_ignored(modules, ignored_layers)
     graph = trace(model, leaves=ignored, hint=_TRACE_HINT)
     module = fx.GraphModule(model, graph)
     counter = FlopCounterMode(display=False)
-    with frozen(model), counter:
-        ShapeProp(module).propagate(*_as_args(example_inputs))
+    args = _as_args(example_inputs)
+    # ShapeProp prints a traceback of its own before raising: keep it off the user's terminal.
+    with frozen(model), counter, contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ShapeProp(module).propagate(*args)
+        except RuntimeError as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            where = re.search(r"target=([^\]]+)\]", str(exc))
+            at = f" at {where.group(1)!r}" if where else ""
+            detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            shapes = [f"{tuple(a.shape)} {a.dtype} on {a.device}" for a in args]
+            raise ValueError(
+                f"the model fails on example_inputs {shapes}{at} ({type(cause).__name__}: "
+                f"{detail}); pass example_inputs the model accepts, with its input shape, dtype "
+                f"and device (e.g. torch.randn(1, 3, 224, 224))"
+            ) from exc
     walker = _Walker(modules, ignored)
     walker.run(graph)
     spaces = walker.spaces

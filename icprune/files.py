@@ -67,10 +67,29 @@ def load_torch_file(path: str | os.PathLike, what: str, map_location=None) -> ob
     except (RuntimeError, OSError, ValueError, TypeError, KeyError) as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError)):
             raise
-        raise ValueError(
-            f"{what} {name!r} cannot be read: it is truncated, damaged or not a torch file "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'})"
-        ) from None
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        if "zip archive" in detail or "PytorchStreamReader" in detail:
+            detail = "it is truncated or damaged"
+        else:
+            detail = f"{type(exc).__name__}: {detail}"
+        raise ValueError(f"{what} {name!r} cannot be read: {detail}") from None
+
+
+def writable_folder(path: str | os.PathLike, what: str) -> str:
+    """The absolute path of ``path``, after checking that its folder exists and that ``path``
+    is not itself a folder.
+
+    Raises:
+        FileNotFoundError: the folder does not exist (create it first).
+        IsADirectoryError: ``path`` is a folder.
+    """
+    name = os.path.abspath(os.fspath(path))
+    folder = os.path.dirname(name)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{what} {name!r}: the folder {folder!r} does not exist")
+    if os.path.isdir(name):
+        raise IsADirectoryError(f"{what} {name!r} is a folder; pass a file path")
+    return name
 
 
 def save_atomically(obj: object, path: str | os.PathLike) -> None:
@@ -79,10 +98,12 @@ def save_atomically(obj: object, path: str | os.PathLike) -> None:
     An interrupted or failed write leaves ``path`` as it was (and no temporary file behind).
 
     Raises:
+        FileNotFoundError: the folder of ``path`` does not exist.
+        IsADirectoryError: ``path`` is a folder.
         OSError: the folder is not writable, the disk is full, ... (``path`` unchanged).
     """
-    name = os.fspath(path)
-    folder, base = os.path.split(os.path.abspath(name))
+    name = writable_folder(path, "file")
+    folder, base = os.path.split(name)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{base}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -106,11 +127,12 @@ def exclusive(path: str | os.PathLike, what: str) -> Iterator[None]:
 
     Raises:
         RuntimeError: another process holds the lock (the message names ``what`` and the file).
+        FileNotFoundError, IsADirectoryError: as :func:`writable_folder`.
     """
     if fcntl is None:
         yield
         return
-    lock = f"{os.fspath(path)}.lock"
+    lock = f"{writable_folder(path, what)}.lock"
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:

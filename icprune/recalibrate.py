@@ -33,8 +33,9 @@ def recalibrate_bn(
     weight per batch, PyTorch's ``momentum=None``) of the batch statistics over ``data``. Copy
     the model first (``copy.deepcopy``) to keep the original. Nothing else changes: weights,
     biases, other buffers, every module's ``training`` flag and every BatchNorm's ``momentum``
-    are as before when the function returns (also when it raises, in which case the running
-    statistics are left reset or partly re-estimated).
+    are as before when the function returns. If it raises (bad data, a batch the model
+    cannot take, NaN/Inf statistics, an interrupt), the running statistics are restored to their
+    values before the call, so a failure loses nothing.
 
     During the passes only the BatchNorms are in train mode; every other module (dropout, ...)
     is in eval mode, and autograd is off.
@@ -56,7 +57,10 @@ def recalibrate_bn(
     Raises:
         ValueError: the model has no BatchNorm with running statistics, ``data`` yields no
             batch, or the re-estimated statistics are not finite (NaN/Inf in the data or model).
-        TypeError: ``data`` not iterable or yielding something other than Tensors/tuples.
+        TypeError: ``data`` not iterable, a single Tensor, or yielding something other than
+            Tensors/tuples.
+        Exception: any error of the model's forward on a batch propagates unchanged (with the
+            statistics restored).
     """
     norms = [
         (name, m)
@@ -72,7 +76,13 @@ def recalibrate_bn(
     batches = _batches(data, max_batches)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for _, m in norms]
+    # What a failure restores: the running statistics as they were.
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for _, m in norms
+    ]
     seen = 0
+    done = False
     try:
         model.eval()
         for _, norm in norms:
@@ -84,17 +94,28 @@ def recalibrate_bn(
             for batch in bar:
                 model(batch_input(batch).to(dev))
                 seen += 1
+        if seen == 0:
+            raise ValueError(
+                "data yielded no batches; pass at least one batch of model inputs (the running "
+                "statistics were restored)"
+            )
+        for name, norm in norms:
+            stats = torch.cat([norm.running_mean, norm.running_var])
+            if not bool(torch.isfinite(stats).all()):
+                raise ValueError(
+                    f"recalibrate_bn: the re-estimated statistics of '{name}' are not finite; "
+                    f"check the data and the model for NaN/Inf (the running statistics were "
+                    f"restored)"
+                )
+        done = True
     finally:
         for module, was_training in flags:
             module.training = was_training
         for norm, momentum in momenta:
             norm.momentum = momentum
-    if seen == 0:
-        raise ValueError("data yielded no batches; pass at least one batch of model inputs")
-    for name, norm in norms:
-        if not (torch.isfinite(norm.running_mean).all() and torch.isfinite(norm.running_var).all()):
-            raise ValueError(
-                f"recalibrate_bn: the re-estimated statistics of '{name}' are not finite; "
-                f"check the data and the model for NaN/Inf"
-            )
+        if not done:  # an error or an interrupt: give the model its statistics back
+            for norm, mean, var, tracked in saved:
+                norm.running_mean.copy_(mean)
+                norm.running_var.copy_(var)
+                norm.num_batches_tracked.copy_(tracked)
     return model

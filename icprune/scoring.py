@@ -174,7 +174,9 @@ def score(
 
     Raises:
         ValueError: inconsistent arguments (no data and no stats for ``source="features"``, both
-            data and stats, data with ``source="weights"``), or any error of calibration.
+            data and stats, data with ``source="weights"``), bad options, too few samples in a
+            layer's statistics, or any error of calibration or of the weight statistics.
+        TypeError: ``stats`` is not a mapping of :class:`ChannelStats`.
     """
     if source is None:
         source = "weights" if data is None and stats is None else "features"
@@ -189,6 +191,18 @@ def score(
     elif stats is not None:
         if data is not None:
             raise ValueError("pass either data or precomputed stats, not both")
+        if not isinstance(stats, Mapping) or not all(
+            isinstance(layer, ChannelStats) for layer in stats.values()
+        ):
+            raise TypeError(
+                "stats must be the dict layer name -> ChannelStats that icprune.calibrate "
+                f"returns, got {type(stats).__name__}"
+                + (
+                    f" holding {sorted({type(v).__name__ for v in stats.values()})}"
+                    if isinstance(stats, Mapping)
+                    else ""
+                )
+            )
     elif data is None:
         raise ValueError(
             "source='features' needs calibration data (data=...) or precomputed stats "

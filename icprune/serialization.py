@@ -83,8 +83,13 @@ def load(
             a key, holds channel counts that disagree with its tensors, or does not fit the
             architecture (a module missing, of another type, or a state_dict key mismatch). The
             message names the file and the key or module.
-        TypeError: ``model_fn`` does not return an ``nn.Module``.
+        TypeError: ``model_fn`` is not callable or does not return an ``nn.Module``.
     """
+    if not callable(model_fn):
+        raise TypeError(
+            f"load: model_fn must build the unpruned model (e.g. icprune.models.resnet50), got "
+            f"{type(model_fn).__name__}"
+        )
     name = os.fspath(path)
     data = load_torch_file(name, "pruned model file", map_location=map_location)
     if not isinstance(data, dict) or data.get("format") != FORMAT:

@@ -25,6 +25,9 @@ NAN_POLICIES = ("raise", "zero")
 #: Where samples can come from (``read_at``): feature-map read points, the weights, or unknown.
 READ_AT = ("output", "bn", "activation", "weights", None)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Most histogram bins per channel (more bins than that only add sampling noise to the entropy,
+#: and C * bins int64 counters must fit in memory).
+MAX_BINS = 2**16
 #: The tensors of :meth:`ChannelStats.state_dict`, in a fixed order.
 STATE_TENSORS = (
     "sums",
@@ -111,8 +114,9 @@ class ChannelStats:
 
     Args:
         num_channels: C, the number of channels (>= 1).
-        bins: B, the number of histogram bins (>= 2). Bins have power-of-two widths, so the data
-            of a channel (or layer) occupies between about B/2 and B of them.
+        bins: B, the number of histogram bins (2 to :data:`MAX_BINS`). Bins have power-of-two
+            widths, so the data of a channel (or layer) occupies between about B/2 and B of
+            them.
         range_mode: ``"layer"`` - one bin layout shared by all channels, so entropy reflects a
             channel's dynamic range as well as its shape; ``"channel"`` - each channel binned over
             its own range (scale-free entropy, up to the factor-of-two granularity of the widths).
@@ -150,8 +154,10 @@ class ChannelStats:
             raise ValueError(
                 f"layer '{name}': num_channels must be an int >= 1, got {num_channels!r}"
             )
-        if not _is_int(bins) or bins < 2:
-            raise ValueError(f"layer '{name}': bins must be an int >= 2, got {bins!r}")
+        if not _is_int(bins) or not 2 <= bins <= MAX_BINS:
+            raise ValueError(
+                f"layer '{name}': bins must be an int in [2, {MAX_BINS}], got {bins!r}"
+            )
         if range_mode not in RANGE_MODES:
             raise ValueError(
                 f"layer '{name}': range_mode must be one of {RANGE_MODES}, got {range_mode!r}"

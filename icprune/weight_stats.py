@@ -33,9 +33,21 @@ def weight_stats(
     Returns:
         dict qualified layer name -> :class:`ChannelStats` with ``count = K`` samples per channel
         and ``read_at = "weights"``, on the device of each weight.
+
+    Raises:
+        ValueError: the model has no prunable layer, an unknown layer name, an untraceable model
+            (``layers=None``), or NaN/Inf in a weight with ``nan_policy="raise"`` (the message
+            names the layer and its output channels).
+        TypeError: a named layer is not a Conv/Linear module.
     """
+    selected = prunable_layers(model, layers)
+    if not selected:
+        raise ValueError(
+            f"{type(model).__name__} has no prunable layer to score: no Conv/Linear module "
+            f"other than its output layers (whose channels are the model's outputs)"
+        )
     stats = {}
-    for name, module in prunable_layers(model, layers).items():
+    for name, module in selected.items():
         weight = module.weight.detach()
         channels = weight.shape[0]
         layer = ChannelStats(
