@@ -85,10 +85,10 @@ def load(
             message names the file and the key or module.
         TypeError: ``model_fn`` is not callable or does not return an ``nn.Module``.
     """
-    if not callable(model_fn):
+    if not callable(model_fn) or isinstance(model_fn, nn.Module):
         raise TypeError(
-            f"load: model_fn must build the unpruned model (e.g. icprune.models.resnet50), got "
-            f"{type(model_fn).__name__}"
+            f"load: model_fn must build the unpruned model (a factory such as "
+            f"icprune.models.resnet50, not a model), got {type(model_fn).__name__}"
         )
     name = os.fspath(path)
     data = load_torch_file(name, "pruned model file", map_location=map_location)

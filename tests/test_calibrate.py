@@ -596,3 +596,34 @@ def test_a_second_calibration_into_the_same_checkpoint_is_refused(model, tmp_pat
     ):
         calibrate(model, _batches(1), checkpoint=path, progress=False)
     assert not path.exists() and _no_hooks(model)
+
+
+def test_a_single_tensor_is_not_taken_for_a_list_of_batches(model):
+    x = torch.randn(N, 3, 32, 32)
+    with pytest.raises(
+        TypeError,
+        match=r"data is one Tensor of shape \(8, 3, 32, 32\); pass an "
+        r"iterable of batches, e.g. \[x\]",
+    ):
+        calibrate(model, x, progress=False)
+
+
+def test_only_empty_batches_are_refused(model):
+    with pytest.raises(ValueError, match="data yielded only empty batches"):
+        calibrate(model, [torch.randn(0, 3, 32, 32)] * 2, progress=False)
+    assert _no_hooks(model)
+
+
+def test_a_checkpoint_in_a_missing_folder_is_refused_before_any_work(model, tmp_path):
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with pytest.raises(
+            FileNotFoundError,
+            match=r"checkpoint '.*c.pt': the folder .* does "
+            r"not exist",
+        ):
+            calibrate(model, _batches(1), checkpoint=tmp_path / "no" / "c.pt", progress=False)
+    finally:
+        handle.remove()
+    assert forwards == []

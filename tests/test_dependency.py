@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from icprune.dependency import dependency_groups, trace_dependencies
-from icprune.models import mobilenet_v2, resnet18, resnet50, resnet56, vgg16_bn
+from icprune.models import mobilenet_v2, resnet18, resnet20, resnet50, resnet56, vgg16_bn
 
 AXIS = {"output": "out", "depthwise": "out", "norm": "out", "input": "in"}
 
@@ -172,3 +172,25 @@ def test_ignored_layers_drop_their_whole_group():
     assert not any("layer1.3.conv2" in g.layers or "layer2.0.conv1" in g.layers for g in fewer)
     with pytest.raises(ValueError, match="no submodule named 'nope'"):
         trace_dependencies(model, x, ignored_layers=["nope"])
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        (
+            torch.randn(1, 1, 32, 32),
+            r"\(1, 1, 32, 32\) torch.float32 on cpu'\] at 'conv1' "
+            r"\(RuntimeError: Given groups=1",
+        ),
+        (torch.randn(1, 3, 32, 32).long(), r"\(1, 3, 32, 32\) torch.int64 on cpu'\] at 'conv1'"),
+        (
+            torch.randn(1, 3, 32, 32, device="meta"),
+            r"\(1, 3, 32, 32\) torch.float32 on meta'\] at 'bn1'",
+        ),
+    ],
+    ids=["channels", "dtype", "device"],
+)
+def test_example_inputs_the_model_rejects_are_named_without_a_traceback(example, message, capsys):
+    with pytest.raises(ValueError, match=rf"the model fails on example_inputs \['{message}"):
+        dependency_groups(resnet20(), example)
+    assert "Traceback" not in capsys.readouterr().err

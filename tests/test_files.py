@@ -35,7 +35,7 @@ def test_a_file_with_pickled_objects_is_refused_without_inviting_weights_only_fa
     [
         (b"", "cannot be read: it is empty or truncated"),
         (b"garbage" * 10, "cannot be read: it is not a torch file"),
-        (None, "cannot be read: it is truncated, damaged or not a torch file"),
+        (None, "cannot be read: it is truncated or damaged"),
     ],
     ids=["empty", "garbage", "truncated"],
 )

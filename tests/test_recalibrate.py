@@ -116,3 +116,32 @@ def test_bad_input_is_refused():
     with pytest.raises(ValueError, match="max_batches"):
         recalibrate_bn(model, [torch.randn(4, 2)], max_batches=0, progress=False)
     assert model[1].momentum == 0.1
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "message"),
+    [
+        ([torch.randn(4, 2), torch.randn(1, 2)], ValueError, "more than 1 value per channel"),
+        ([torch.randn(4, 2), torch.full((4, 2), float("nan"))], ValueError, "not finite.*restored"),
+        ([], ValueError, "no batches.*restored"),
+        ([torch.randn(4, 2), "not a batch"], TypeError, "data must yield Tensors"),
+    ],
+    ids=["batch-of-one", "nan", "empty", "bad-batch"],
+)
+def test_a_failed_recalibration_restores_the_running_statistics(data, error, message):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[1].running_mean.fill_(0.5)
+        model[1].running_var.fill_(2.0)
+        model[1].num_batches_tracked.fill_(7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        recalibrate_bn(model, data, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_tensor_is_not_taken_for_a_list_of_batches():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with pytest.raises(TypeError, match=r"data is one Tensor of shape \(8, 2\); pass an iterable"):
+        recalibrate_bn(model, torch.randn(8, 2), progress=False)

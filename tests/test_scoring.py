@@ -178,3 +178,12 @@ def test_score_passes_checkpoint_and_backend_through_to_calibrate(tmp_path):
     for name, layer in first.items():
         assert torch.equal(layer.score, again[name].score)
         assert torch.allclose(layer.score, reference[name].score, atol=1e-6)
+
+
+def test_stats_of_the_wrong_type_are_refused():
+    with pytest.raises(
+        TypeError,
+        match=r"stats must be the dict layer name -> ChannelStats .* "
+        r"holding \['int'\]",
+    ):
+        icprune.score(_model(), stats={"conv1": 5})

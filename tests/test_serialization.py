@@ -130,3 +130,20 @@ def test_an_interrupted_save_keeps_the_earlier_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
         "model.pt"
     ]
+
+
+def test_save_names_a_missing_folder_or_a_folder_path(tmp_path):
+    model = resnet20()
+    with pytest.raises(FileNotFoundError, match=r"the folder '.*missing' does not exist"):
+        icprune.save(model, tmp_path / "missing" / "model.pt")
+    with pytest.raises(IsADirectoryError, match="is a folder; pass a file path"):
+        icprune.save(model, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_checks_model_fn(tmp_path):
+    _, path = _saved(tmp_path)
+    with pytest.raises(TypeError, match="model_fn must build the unpruned model"):
+        icprune.load(path, resnet20())  # the model, not its factory
+    with pytest.raises(TypeError, match=r"model_fn\(\) returned a NoneType"):
+        icprune.load(path, lambda: None)

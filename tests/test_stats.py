@@ -234,7 +234,9 @@ def test_bad_input_raises_a_clear_error(x, error, pattern):
     ("kwargs", "pattern"),
     [
         ({"num_channels": 0}, "num_channels must be an int >= 1"),
-        ({"bins": 1}, "bins must be an int >= 2"),
+        ({"num_channels": True}, "num_channels must be an int >= 1, got True"),
+        ({"bins": 1}, r"bins must be an int in \[2, 65536\]"),
+        ({"bins": 2**40}, r"bins must be an int in \[2, 65536\], got 1099511627776"),
         ({"range_mode": "global"}, "range_mode must be one of"),
         ({"nan_policy": "omit"}, "nan_policy must be one of"),
     ],

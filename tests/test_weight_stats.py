@@ -1,4 +1,6 @@
+import pytest
 import torch
+from torch import nn
 
 from icprune.models import mobilenet_v2, resnet20
 from icprune.weight_stats import weight_stats
@@ -34,3 +36,9 @@ def test_model_is_not_modified():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     weight_stats(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_model_with_no_prunable_layer_is_refused():
+    for model in (nn.Sequential(nn.ReLU()), nn.Sequential(nn.Conv2d(3, 4, 3))):  # output layer
+        with pytest.raises(ValueError, match="Sequential has no prunable layer to score"):
+            weight_stats(model)
