@@ -95,10 +95,19 @@ def all_reduce_stats(
 
     Raises:
         RuntimeError: ``torch.distributed`` is not initialised.
+        TypeError: ``stats`` is not a mapping of :class:`ChannelStats`.
         ValueError: the ranks hold different layers or settings (naming the layer and rank), or a
             rank found non-finite values under ``nan_policy="raise"`` (every rank raises).
     """
     check_initialized()
+    layers_ok = isinstance(stats, Mapping) and all(
+        isinstance(s, ChannelStats) for s in stats.values()
+    )
+    if not layers_ok:
+        raise TypeError(
+            "all_reduce_stats: stats must be a dict layer name -> ChannelStats (e.g. from "
+            f"icprune.calibrate), got {type(stats).__name__}"
+        )
     _agree(stats, group)
     reduced = {
         name: ChannelStats.from_state_dict(s.state_dict(), device=s.device, backend=s.backend)

@@ -151,7 +151,12 @@ class PruningPlan:
 
         Returns:
             sorted LongTensor of kept indices, or None if the plan does not touch that axis.
+
+        Raises:
+            ValueError: ``axis`` is neither ``"out"`` nor ``"in"``.
         """
+        if axis not in ("out", "in"):
+            raise ValueError(f"indices: axis must be 'out' or 'in', got {axis!r}")
         size = self.sizes[module][0 if axis == "out" else 1] if module in self.sizes else 0
         mask = None
         for group, kept in zip(self.groups, self.kept, strict=True):

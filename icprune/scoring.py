@@ -113,8 +113,14 @@ def layer_scores(
 
     Returns:
         :class:`LayerScores` with three Tensor[C] float64.
+
+    Raises:
+        ValueError: ``lam`` not a finite number >= 0 (a bool is refused too), an unknown
+            ``independence`` or ``norm``, or statistics with too few samples (1 for entropy and
+            distance, 2 for correlation).
     """
-    if not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam < 0:
+    ok = isinstance(lam, (int, float)) and not isinstance(lam, bool)
+    if not ok or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     capacity = stats.entropy()
     indep = independence_of(stats, independence)

@@ -237,6 +237,7 @@ class ChannelStats:
         self._check(x)
         if x.numel() == 0:
             return
+        x = x.detach()  # statistics never take part in autograd
         backend = resolve_backend(self.backend, self.device, self.name, x.dtype)
         # Everything that can raise comes first: a refused batch adds nothing.
         if backend == "torch":
