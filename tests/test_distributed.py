@@ -177,5 +177,16 @@ def test_without_a_process_group_the_error_says_what_to_do():
         calibrate(_model(), _batches(), distributed=True, progress=False)
 
 
+def test_all_reduce_stats_refuses_what_is_not_channel_stats():
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        for bad in ({"a": 5}, [ChannelStats(2)]):
+            with pytest.raises(TypeError, match="stats must be a dict layer name -> ChannelStats"):
+                all_reduce_stats(bad)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     _worker(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))

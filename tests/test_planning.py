@@ -277,3 +277,10 @@ def test_a_model_without_groups_says_why():
     ):
         plan(model, {}, example_inputs=torch.randn(1, 3, 8, 8), ratio=0.2)
     assert plan(model, {}, example_inputs=torch.randn(1, 3, 8, 8), ratio=0.0).groups == ()
+
+
+def test_indices_refuses_an_unknown_axis():
+    model = Tiny()
+    chosen = plan(model, _plain_scores(model), example_inputs=torch.randn(1, 3, 4, 4), ratio=0.2)
+    with pytest.raises(ValueError, match="axis must be 'out' or 'in', got 'sideways'"):
+        chosen.indices("c1", "sideways")

@@ -187,3 +187,9 @@ def test_stats_of_the_wrong_type_are_refused():
         r"holding \['int'\]",
     ):
         icprune.score(_model(), stats={"conv1": 5})
+
+
+def test_lam_must_not_be_a_bool():
+    stats = icprune.weight_stats(_model())["conv1"]
+    with pytest.raises(ValueError, match="lam must be a finite number >= 0, got True"):
+        layer_scores(stats, lam=True)

@@ -595,3 +595,10 @@ def test_update_refuses_bad_batches_clearly(x, error, message):
 def test_bad_read_at_is_refused():
     with pytest.raises(ValueError, match="read_at must be one of"):
         ChannelStats(3, read_at="logits")
+
+
+def test_update_takes_tensors_that_require_grad():
+    for backend in ("torch", "cpp") if HAVE_EXT else ("torch",):
+        s = ChannelStats(3, name="layer.test", backend=backend)
+        s.update(torch.randn(4, 3, 2, requires_grad=True))
+        assert s.count == 8 and not s.gram.requires_grad
