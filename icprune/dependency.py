@@ -583,5 +583,9 @@ def dependency_groups(
     Returns:
         list of :class:`Group`, in graph order. Layers whose output is the model's output (the
         classifier) and opaque operations are in no group.
+
+    Raises:
+        ValueError, TypeError: as :func:`trace_dependencies` (untraceable model, unknown ignored
+            name, ``example_inputs`` the model fails on or of the wrong type).
     """
     return list(trace_dependencies(model, example_inputs, ignored_layers=ignored_layers).groups)

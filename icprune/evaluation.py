@@ -173,6 +173,8 @@ def latency(
     Raises:
         ValueError: no models, or bad ``rounds``/``warmup``.
         TypeError: a value of ``models`` is not an ``nn.Module``, or the inputs are not Tensors.
+        Exception: whatever a model's own forward raises on ``example_inputs`` (e.g. a wrong
+            input shape), unchanged; the models' flags are restored.
     """
     if not isinstance(models, Mapping) or not models:
         raise ValueError("latency: models must be a non-empty mapping name -> nn.Module")

@@ -515,9 +515,12 @@ def plan(
         output-channel indices (LongTensor).
 
     Raises:
-        ValueError: bad options, bad scores (wrong length, NaN/Inf), an untraceable model, or a
-            target that cannot be reached (or not within 1 percentage point) under the limits.
-        TypeError: scores of the wrong type.
+        ValueError: bad options, bad scores (wrong length, NaN/Inf), an untraceable model,
+            ``example_inputs`` the model fails on (naming the module), a target above 0 when no
+            channel at all can be pruned (the message says why: no prunable group, no scored
+            group, every group at its limits, or ``round_to``), or a target that cannot be
+            reached (or not within 1 percentage point) under the limits.
+        TypeError: scores or ``example_inputs`` of the wrong type.
     """
     targets = {"ratio": ratio, "flops_reduction": flops_reduction}
     targets["params_reduction"] = params_reduction
