@@ -12,11 +12,16 @@ Scripts can rely on these numbers:
 5   OUTPUT       ``--out`` exists (pass ``--force``) or cannot be written
 130 INTERRUPTED  stopped with Ctrl-C
 ==  ===========  ==============================================================================
+
+:func:`describe` maps an exception to the message and code the command reports.
 """
 
 from __future__ import annotations
 
 from enum import IntEnum
+
+from icprune.sources import DataLoadError
+from icprune.zoo import ModelLoadError
 
 
 class ExitCode(IntEnum):
@@ -37,3 +42,35 @@ class CommandError(Exception):
     def __init__(self, message: str, code: ExitCode) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return (
+        isinstance(exc, MemoryError) or "can't allocate memory" in text or "out of memory" in text
+    )
+
+
+def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
+    """The one-line report of ``exc`` and the exit code of the command that raised it.
+
+    ``CommandError`` keeps its code; :class:`~icprune.zoo.ModelLoadError` is MODEL,
+    :class:`~icprune.sources.DataLoadError` DATA, ``KeyboardInterrupt`` INTERRUPTED, and the
+    errors of a failed run (``ValueError``, ``TypeError``, ``RuntimeError``, ``MemoryError``)
+    FAILURE, an exhausted memory said so. Anything else is a bug of icprune: None (the caller
+    lets it propagate with its traceback).
+    """
+    if isinstance(exc, CommandError):
+        return str(exc), exc.code
+    if isinstance(exc, ModelLoadError):
+        return str(exc), ExitCode.MODEL
+    if isinstance(exc, DataLoadError):
+        return str(exc), ExitCode.DATA
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", ExitCode.INTERRUPTED
+    if _out_of_memory(exc):
+        detail = str(exc).strip() or type(exc).__name__
+        return f"out of memory ({detail}); use smaller batches or inputs", ExitCode.FAILURE
+    if isinstance(exc, (ValueError, TypeError, RuntimeError)):
+        return str(exc), ExitCode.FAILURE
+    return None
