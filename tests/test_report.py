@@ -142,7 +142,7 @@ def test_a_slowdown_reads_slower_not_faster(tmp_path, run):
 
 
 def test_layer_rows_compare_kept_and_pruned_channels(tmp_path, run):
-    plan, scores = run[0], run[1]
+    scores = run[1]
     rows = {row["layer"]: row for row in write(tmp_path, run)["layers"]}
     for name, row in rows.items():
         s, mask = scores[name], torch.zeros(row["channels"], dtype=torch.bool)
@@ -170,6 +170,8 @@ def test_report_files_are_written_atomically(tmp_path, run, monkeypatch):
     from icprune import plots
 
     def full(path, *args, **kwargs):
+        with open(path, "wb") as half:
+            half.write(b"\x89PNG half")  # the disk fills up mid-file
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(plots, "score_distributions", full)

@@ -18,7 +18,7 @@ from icprune.zoo import ZOO
 
 EPILOG = (
     "exit codes: 0 ok, 1 the run failed, 2 bad arguments, 3 model cannot be loaded, "
-    "4 data cannot be read, 5 --out exists or cannot be written, 130 interrupted"
+    "4 data cannot be read, 5 --out exists, is in use or cannot be written, 130 interrupted"
 )
 MODEL_HELP = (
     f"a zoo model ({', '.join(ZOO)}) or your own as 'package.module:factory' (a function "

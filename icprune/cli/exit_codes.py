@@ -5,11 +5,13 @@ Scripts can rely on these numbers:
 ==  ===========  ==============================================================================
 0   OK           the command did what it was asked
 1   FAILURE      the run itself failed: e.g. an unreachable target, NaN activations, a layer the
-                 pruner cannot handle (the message says what to change)
+                 pruner cannot handle, out of memory (the message says what to change)
 2   USAGE        bad arguments: unknown options, values out of range, options that do not combine
 3   MODEL        the model spec, factory or checkpoint cannot be loaded
-4   DATA         the data spec cannot be read: no such path, an empty folder, an unreadable image
-5   OUTPUT       ``--out`` exists (pass ``--force``) or cannot be written
+4   DATA         the data spec cannot be read: no such path, an empty folder, an unreadable image,
+                 labels outside the model's classes, data the model cannot run on
+5   OUTPUT       ``--out`` exists (pass ``--force``), is in use by another run or cannot be
+                 written; a ``--resume`` checkpoint that is missing or damaged
 130 INTERRUPTED  stopped with Ctrl-C
 ==  ===========  ==============================================================================
 

@@ -452,7 +452,7 @@ def test_results_are_written_before_latency_and_a_failed_timing_loses_nothing(
 
     monkeypatch.setattr(commands, "latency", out_of_memory)
     argv = ["prune", "resnet20", "--ratio", 0.3, "--input-shape", "3,16,16", "--quiet"]
-    code, stdout, err = run(capsys, *argv, "--latency-batch", 1024, "--out", tmp_path / "o")
+    code, _, err = run(capsys, *argv, "--latency-batch", 1024, "--out", tmp_path / "o")
     assert code == ExitCode.OK and "latency not measured (--latency-batch 1024" in err
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert (
