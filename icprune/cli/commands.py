@@ -14,6 +14,8 @@ import argparse
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +66,8 @@ _OPTIONS = {
     "ignored_layers": "--ignore",
     "nan_policy": "--nan-policy",
     "ratio": "--ratio",
+    "lr": "--lr",
+    "train_data": "--data",
 }
 _ARGUMENT = re.compile(rf"(?<![\w-])({'|'.join(_OPTIONS)})(?:=(['\"]?)([^\s,;'\")]+)\2)?(?![\w-])")
 
@@ -78,6 +82,17 @@ def in_cli_words(message: str) -> str:
         return flag if match.group(3) is None else f"{flag} {match.group(3)}"
 
     return _ARGUMENT.sub(option, message)
+
+
+@contextmanager
+def _in_cli_words() -> Iterator[None]:
+    """Re-raise a library ``ValueError`` with its message :func:`in_cli_words`."""
+    try:
+        yield
+    except ValueError as exc:
+        if type(exc) is not ValueError:
+            raise
+        raise ValueError(in_cli_words(str(exc))) from None
 
 
 def _checkpoint_name(rank: int, world_size: int) -> str:
@@ -369,7 +384,7 @@ def _plan(model, scores, example, args) -> PruningPlan:
     """:func:`icprune.plan` with the command's options; its errors in the command's words, and
     a plan that prunes nothing refused."""
     name, value = _target(args)
-    try:
+    with _in_cli_words():
         chosen = plan(
             model,
             scores,
@@ -380,10 +395,6 @@ def _plan(model, scores, example, args) -> PruningPlan:
             min_channels=args.min_channels,
             ignored_layers=args.ignore or [],
         )
-    except ValueError as exc:
-        if type(exc) is not ValueError:
-            raise
-        raise ValueError(in_cli_words(str(exc))) from None
     if chosen.params[1] == chosen.params[0]:
         raise CommandError(
             f"{_OPTIONS[name]} {value} prunes no channel here: it is less than one step of "
@@ -419,7 +430,7 @@ def _prune(args, source_kind: str, launch: Launch, folder: RunFolder, checkpoint
         with timed(timings, "recalibrate_bn_s"):
             recalibrate_bn(pruned, data.batches, progress=progress)
     if args.finetune_epochs:
-        with timed(timings, "finetune_s"):
+        with timed(timings, "finetune_s"), _in_cli_words():
             finetune(
                 pruned,
                 data.batches,
@@ -429,6 +440,7 @@ def _prune(args, source_kind: str, launch: Launch, folder: RunFolder, checkpoint
                 progress=progress,
                 inplace=True,
             )
+    _check_finite(model, pruned, example, args)
     settings = _settings(args, source=source_kind, data_description=data and data.description)
     folder.write_results(pruned=pruned, plan=chosen, scores=scores, settings=settings)
     before, after, failure = _measure(model, pruned, example, val, args.latency_batch)
@@ -455,6 +467,30 @@ def _prune(args, source_kind: str, launch: Launch, folder: RunFolder, checkpoint
         f"{PLAN_FILE}, {SCORES_FILE}, report.md, report.json and plots"
     )
     return ExitCode.OK
+
+
+def _finite_output(model: nn.Module, example: torch.Tensor) -> bool:
+    with torch.no_grad():
+        output = model(example)
+    return not isinstance(output, torch.Tensor) or bool(torch.isfinite(output).all())
+
+
+def _check_finite(model, pruned, example, args) -> None:
+    """A pruned model whose output holds NaN/Inf where the unpruned model's does not (e.g.
+    fine-tuning diverged at a huge ``--lr``) is an error, not a result."""
+    if _finite_output(pruned, example) or not _finite_output(model, example):
+        return
+    if args.finetune_epochs:
+        why = f"fine-tuning diverged (--finetune-epochs {args.finetune_epochs}, --lr {args.lr})"
+        fix = "lower --lr"
+    else:
+        why = "pruning and BatchNorm re-estimation broke it"
+        fix = "check --data"
+    raise CommandError(
+        f"the pruned model's output holds NaN/Inf on the example input, the unpruned model's "
+        f"does not: {why}; nothing was written: {fix}",
+        ExitCode.FAILURE,
+    )
 
 
 def _measure(model, pruned, example, val, latency_batch):

@@ -806,3 +806,24 @@ def test_score_leaves_a_file_another_run_wrote_meanwhile(capsys, tmp_path, monke
     assert out.read_text() == "the other run's" and sorted(tmp_path.iterdir()) == [out]
     assert run(capsys, "score", "resnet20", "--out", out, "--quiet", "--force")[0] == ExitCode.OK
     assert json.loads(out.read_text())["settings"]["source"] == "weights"
+
+
+def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monkeypatch):
+    import icprune.cli.commands as commands
+
+    data = labelled_file(tmp_path / "lab.pt", [0, 1, 2, 3, 4, 5, 6, 7])
+    argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 1e30, "--out", tmp_path / "o")
+    assert code == ExitCode.FAILURE and "the loss is nan" in err  # caught by finetune itself
+    assert "lower --lr (given: 1e+30)" in err and " lr " not in err and "train_data" not in err
+    assert "--resume" in err and not (tmp_path / "o" / "model.pt").exists()
+
+    def diverged(model, *args, **kwargs):  # a loss that stayed finite, weights that did not
+        with torch.no_grad():
+            model.fc.weight.fill_(3e38)
+        return model
+
+    monkeypatch.setattr(commands, "finetune", diverged)
+    code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 10, "--out", tmp_path / "p")
+    assert code == ExitCode.FAILURE and "fine-tuning diverged" in err and "lower --lr" in err
+    assert not (tmp_path / "p" / "model.pt").exists()
