@@ -85,7 +85,7 @@ def in_cli_words(message: str) -> str:
 
 
 @contextmanager
-def _in_cli_words() -> Iterator[None]:
+def _reworded() -> Iterator[None]:
     """Re-raise a library ``ValueError`` with its message :func:`in_cli_words`."""
     try:
         yield
@@ -384,7 +384,7 @@ def _plan(model, scores, example, args) -> PruningPlan:
     """:func:`icprune.plan` with the command's options; its errors in the command's words, and
     a plan that prunes nothing refused."""
     name, value = _target(args)
-    with _in_cli_words():
+    with _reworded():
         chosen = plan(
             model,
             scores,
@@ -430,7 +430,7 @@ def _prune(args, source_kind: str, launch: Launch, folder: RunFolder, checkpoint
         with timed(timings, "recalibrate_bn_s"):
             recalibrate_bn(pruned, data.batches, progress=progress)
     if args.finetune_epochs:
-        with timed(timings, "finetune_s"), _in_cli_words():
+        with timed(timings, "finetune_s"), _reworded():
             finetune(
                 pruned,
                 data.batches,

@@ -58,8 +58,9 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
 
     ``CommandError`` keeps its code; :class:`~icprune.zoo.ModelLoadError` is MODEL,
     :class:`~icprune.sources.DataLoadError` DATA, ``KeyboardInterrupt`` INTERRUPTED, and the
-    errors of a failed run (``ValueError``, ``TypeError``, ``RuntimeError``, ``MemoryError``)
-    FAILURE, an exhausted memory said so. Anything else is a bug of icprune: None (the caller
+    errors of a failed run (``ValueError``, ``TypeError``, ``RuntimeError``, ``MemoryError``,
+    and an ``OSError`` no check turned into a clearer error) FAILURE, an exhausted memory said
+    so. Anything else is a bug of icprune: None (the caller
     lets it propagate with its traceback).
     """
     if isinstance(exc, CommandError):
@@ -73,6 +74,6 @@ def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
     if _out_of_memory(exc):
         detail = str(exc).strip() or type(exc).__name__
         return f"out of memory ({detail}); use smaller batches or inputs", ExitCode.FAILURE
-    if isinstance(exc, (ValueError, TypeError, RuntimeError)):
+    if isinstance(exc, (ValueError, TypeError, RuntimeError, OSError)):
         return str(exc), ExitCode.FAILURE
     return None
