@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from icprune.cli.output import claim, timed, write_run
+from icprune.cli.output import RunFolder, claim, timed
 from icprune.counting import count
 from icprune.data import digits
 from icprune.evaluation import accuracy, latency
@@ -97,7 +97,11 @@ def run_demo(
     Returns:
         0 (the exit code of ``icprune demo``).
     """
-    out = claim(out, force=force, is_dir=True)
+    with RunFolder(claim(out, force=force, is_dir=True)) as folder:
+        return _demo(folder, progress, config)
+
+
+def _demo(folder: RunFolder, progress: bool, config: DemoConfig) -> int:
     torch.manual_seed(config.seed)
     data = digits(size=config.size, max_train=config.max_train)
     train = Shuffled(data.train_x, data.train_y, config.batch, config.seed)
@@ -130,19 +134,18 @@ def run_demo(
             progress=progress,
             inplace=True,
         )
-    batch = data.test_x[: config.latency_batch]
-    seconds = latency({"unpruned": model, "pruned": pruned}, batch, rounds=config.latency_rounds)
-    before = ModelSummary(*count(model, example), accuracy(model, test), seconds["unpruned"])
-    after = ModelSummary(*count(pruned, example), accuracy(pruned, test), seconds["pruned"])
     settings = {
         "demo": asdict(config),
         "source": "features",
         "score": "icprune.score defaults",
         "accuracy_after_recalibration_only": recalibrated_accuracy,
     }
-    report = write_run(
-        out,
-        pruned=pruned,
+    folder.write_results(pruned=pruned, plan=result.plan, scores=result.scores, settings=settings)
+    batch = data.test_x[: config.latency_batch]
+    seconds = latency({"unpruned": model, "pruned": pruned}, batch, rounds=config.latency_rounds)
+    before = ModelSummary(*count(model, example), accuracy(model, test), seconds["unpruned"])
+    after = ModelSummary(*count(pruned, example), accuracy(pruned, test), seconds["pruned"])
+    report = folder.write_report(
         plan=result.plan,
         scores=result.scores,
         before=before,
@@ -157,5 +160,7 @@ def run_demo(
         f"{recalibrated_accuracy:.1%}; latency: batch of {len(batch)} test images, median of "
         f"{config.latency_rounds} interleaved rounds, {torch.get_num_threads()} threads"
     )
-    print(f"wrote {out}/: model.pt, plan.json, scores.json, report.md, report.json and plots")
+    print(
+        f"wrote {folder.path}/: model.pt, plan.json, scores.json, report.md, report.json and plots"
+    )
     return 0

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 import icprune
+from icprune.files import atomic_write
 from icprune.planning import PruningPlan
 from icprune.scoring import LayerScores, normalize
 
@@ -25,6 +26,8 @@ PLOTS = {
     "capacity_vs_independence.png": "Capacity vs independence per layer",
     "score_distributions.png": "Score distributions per layer",
 }
+#: Every file :func:`write_report` writes.
+REPORT_FILES = ("report.json", "report.md", *PLOTS)
 
 
 @dataclass(frozen=True)
@@ -134,19 +137,29 @@ def _row(
     Tensor[C] float64 or None), plus ``_mask`` and ``_scores`` for the plots."""
     c, kept = mask.numel(), int(mask.sum())
 
-    def mean(values: torch.Tensor | None) -> float | None:
+    def mean(values: torch.Tensor | None, where: torch.Tensor | None = None) -> float | None:
+        if values is not None and where is not None:
+            values = values[where]
         return None if values is None or values.numel() == 0 else float(values.mean())
 
+    margin = None
+    if score is not None and 0 < kept < c:
+        margin = float(score[mask].min() - score[~mask].max())
     return {
         "layer": name,
         "channels": c,
         "kept": kept,
         "pruned_share": 1 - kept / c,
         "capacity_mean": mean(capacity),
+        "capacity_mean_kept": mean(capacity, mask),
+        "capacity_mean_pruned": mean(capacity, ~mask),
         "independence_mean": mean(independence),
+        "independence_mean_kept": mean(independence, mask),
+        "independence_mean_pruned": mean(independence, ~mask),
         "score_mean": mean(score),
-        "score_mean_kept": None if score is None else mean(score[mask]),
-        "score_mean_pruned": None if score is None else mean(score[~mask]),
+        "score_mean_kept": mean(score, mask),
+        "score_mean_pruned": mean(score, ~mask),
+        "score_margin": margin,
         "kept_indices": mask.nonzero().flatten().tolist(),
         "_mask": mask.numpy(),
         "_scores": None if score is None else (capacity, independence, normalize(score, "minmax")),
@@ -198,13 +211,21 @@ def write_report(
         before/after latency; ``accuracy_change``: after - before; None where unknown),
         ``plan`` (``macs``/``params`` [before, after] from the analytic count,
         ``flops_reduction``, ``params_reduction``, the plan's ``settings``), ``layers`` (one
-        row per layer: ``layer``, ``channels``, ``kept``, ``pruned_share``, ``capacity_mean``,
-        ``independence_mean``, ``score_mean``, ``score_mean_kept``, ``score_mean_pruned`` -
-        None without scores or channels to average - and ``kept_indices``),
+        row per layer: ``layer``, ``channels``, ``kept``, ``pruned_share``; the means of
+        capacity, independence and score over all, the kept and the pruned channels
+        (``capacity_mean``, ``capacity_mean_kept``, ``capacity_mean_pruned``, likewise
+        ``independence_mean*`` and ``score_mean*``; ``score_mean`` is 0 under z-score
+        normalisation); ``score_margin``, the lowest kept score minus the highest pruned one
+        (negative where a coupled group outvoted a layer's own scores) - all None without
+        scores or channels to average - and ``kept_indices``),
         ``timings`` and ``plots`` (file names).
+
+    Every file is written atomically (a temporary file renamed over it): a failed write
+    leaves an older file of that name as it was.
 
     Raises:
         FileNotFoundError: ``out_dir`` is not an existing directory.
+        OSError: a file cannot be written.
         TypeError: arguments of the wrong type, or settings/timings that are not JSON values.
         ValueError: empty scores, scores that do not match the plan (channel counts) or hold
             NaN/Inf; a title with a line break; negative or non-finite
@@ -263,8 +284,9 @@ def write_report(
         "plots": list(PLOTS),
     }
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    (out / "report.json").write_text(text)
-    (out / "report.md").write_text(_markdown(report))
+    for name, content in (("report.json", text), ("report.md", _markdown(report))):
+        with atomic_write(out / name) as tmp:
+            tmp.write_text(content)
     _plot(out, rows)
     return json.loads(text)
 
@@ -273,19 +295,18 @@ def _plot(out: Path, rows: list[dict]) -> None:
     from icprune import plots  # matplotlib takes ~0.5 s to import: only when a report is made
 
     names = [r["layer"] for r in rows]
-    plots.channels_kept(
-        out / "channels_kept.png", names, [r["channels"] for r in rows], [r["kept"] for r in rows]
-    )
     scored = [r for r in rows if r["_scores"] is not None]
     layers = [r["layer"] for r in scored]
     masks = [r["_mask"] for r in scored]
     capacity, independence, normalised = (
         [r["_scores"][i].numpy() for r in scored] for i in range(3)
     )
-    plots.capacity_vs_independence(
-        out / "capacity_vs_independence.png", layers, capacity, independence, masks
-    )
-    plots.score_distributions(out / "score_distributions.png", layers, normalised, masks)
+    with atomic_write(out / "channels_kept.png") as tmp:
+        plots.channels_kept(tmp, names, [r["channels"] for r in rows], [r["kept"] for r in rows])
+    with atomic_write(out / "capacity_vs_independence.png") as tmp:
+        plots.capacity_vs_independence(tmp, layers, capacity, independence, masks)
+    with atomic_write(out / "score_distributions.png") as tmp:
+        plots.score_distributions(tmp, layers, normalised, masks)
 
 
 def _si(value: float) -> str:
@@ -326,6 +347,16 @@ def _ratio_text(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
+def _speed(speedup: float | None) -> str:
+    """before/after latency as words: ``" (1.48x faster)"``, ``" (1.12x slower)"``, or ``""``
+    when unknown; ``" (same speed)"`` when both round to 1.00x."""
+    if speedup is None:
+        return ""
+    if f"{speedup:.2f}" == "1.00" or f"{1 / speedup:.2f}" == "1.00":
+        return " (same speed)"
+    return f" ({speedup:.2f}x faster)" if speedup > 1 else f" ({1 / speedup:.2f}x slower)"
+
+
 def _comparison_rows(report: dict) -> list[tuple[str, str, str, str]]:
     """``(quantity, before, after, after / before)`` for accuracy, MACs, parameters, latency."""
     b, a, change = report["before"], report["after"], report["change"]
@@ -344,8 +375,7 @@ def _comparison_rows(report: dict) -> list[tuple[str, str, str, str]]:
             "latency",
             _ms(b["latency_s"]),
             _ms(a["latency_s"]),
-            _ratio_text(change["latency_ratio"])
-            + ("" if speedup is None else f" ({speedup:.2f}x faster)"),
+            _ratio_text(change["latency_ratio"]) + _speed(speedup),
         ),
     ]
 
@@ -397,17 +427,20 @@ def _markdown(report: dict) -> str:
     lines += [
         "## Layers",
         "",
-        "Capacity: histogram entropy (nats); independence and score as scored (higher = keep); "
-        "means over the layer's channels, and the mean score of its kept and pruned channels.",
+        "Means over the layer's kept and pruned channels of the capacity (histogram entropy, "
+        "nats), the independence and the fused score as scored (higher = keep; the score is "
+        "normalised per layer, so its mean over all channels says nothing). Margin: the lowest "
+        "kept score minus the highest pruned one; negative where channels coupled across layers "
+        "were ranked by their group and outvoted this layer's own scores.",
         "",
-        "| layer | channels | kept | pruned | mean capacity | mean independence | mean score | "
-        "score kept | score pruned |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| layer | channels | kept | pruned | capacity kept | capacity pruned | "
+        "independence kept | independence pruned | score kept | score pruned | margin |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    columns = ("capacity_mean", "independence_mean")
-    scores = ("score_mean", "score_mean_kept", "score_mean_pruned")
+    parts = ("capacity_mean", "independence_mean")
+    scores = ("score_mean_kept", "score_mean_pruned", "score_margin")
     for row in report["layers"]:
-        cells = [_number(row[k], "{:.4g}") for k in columns]
+        cells = [_number(row[f"{k}_{w}"], "{:.4g}") for k in parts for w in ("kept", "pruned")]
         cells += [_number(row[k], "{:.3f}") for k in scores]
         lines.append(
             f"| `{row['layer']}` | {row['channels']} | {row['kept']} | "

@@ -5,7 +5,11 @@ A *data spec* is one of:
 - a directory of images (``.jpg``, ``.jpeg``, ``.png``, ``.bmp``, ``.gif``, ``.ppm``,
   ``.tif``, ``.tiff``, ``.webp``, searched recursively). Images directly in the folder are
   unlabelled; if every image lies in a subfolder, the first-level subfolder names (sorted) are
-  the class labels 0, 1, ... (torchvision's ``ImageFolder`` convention). Each image is resized
+  the class labels 0, 1, ... (torchvision's ``ImageFolder`` convention). Every image is
+  decoded completely when the source is made (so a truncated or corrupt file is found before
+  any work, named); images are converted to the model's RGB or greyscale (16-bit greyscale
+  scaled to 8 bits; 32-bit integer and float images, whose range is unknown, are refused).
+  Each image is resized
   (shorter side to ``size / 0.875``, bilinear, antialiased), centre-cropped to ``size``, scaled
   to [0, 1] and normalised with the ImageNet mean and standard deviation (their averages for
   one-channel models) - with torchvision's transforms when torchvision is importable, else the
@@ -13,8 +17,10 @@ A *data spec* is one of:
 - a tensor file: ``.pt`` (read with ``torch.load(..., weights_only=True)``) holding a Tensor
   ``[N, C, H, W]``, an ``(inputs, targets)`` pair or a dict with ``"inputs"`` (and optionally
   ``"targets"``); ``.npy`` holding the inputs array; ``.npz`` holding ``inputs`` (and
-  optionally ``targets``) or a single array. Inputs are used as they are (already
-  normalised), converted to float32;
+  optionally ``targets``) or a single array. Inputs must be dense floating tensors (any
+  float dtype; integer and bool images must be normalised first) and are used as they are
+  (already normalised), converted to float32, which they must fit finitely; targets must be
+  dense integer labels;
 - ``synthetic``: standard-normal noise of the model's input shape, with a warning: noise says
   little about which channels matter, and data-free scoring (``source="weights"``) is the
   better choice without data.
@@ -33,6 +39,7 @@ import numpy as np
 import torch
 
 from icprune.data import IMAGENET_MEAN, IMAGENET_STD
+from icprune.files import FileReadError, load_torch_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 TENSOR_EXTENSIONS = (".pt", ".npy", ".npz")
@@ -56,6 +63,8 @@ class Source:
         num_samples: N, the number of samples over all batches.
         input_shape: ``(C, H, W)`` of one sample.
         description: what the data is, for reports (e.g. ``"128 images in 2 classes from x/"``).
+        targets: every sample's label, Tensor ``[N]`` int64 (None when not ``labelled``), to
+            check labels against the model before any work.
     """
 
     batches: Sequence
@@ -63,6 +72,7 @@ class Source:
     num_samples: int
     input_shape: tuple[int, int, int]
     description: str
+    targets: torch.Tensor | None = None
 
     def shard(self, rank: int, world_size: int) -> Source:
         """Every ``world_size``-th batch from batch ``rank`` on (read lazily), e.g. one process's
@@ -138,6 +148,48 @@ def _image_files(root: Path) -> list[Path]:
     )
 
 
+#: Image modes whose value range is unknown (32-bit integer and float): refused.
+_UNSCALED_MODES = ("I", "F")
+
+
+def _check_image(path: Path) -> None:
+    """Decode ``path`` completely (``Image.verify`` misses a truncated JPEG), with PIL's
+    tolerance of truncated files off.
+
+    Raises:
+        DataLoadError: PIL cannot read or fully decode it, or its mode has no fixed range.
+    """
+    from PIL import Image, ImageFile
+
+    tolerant = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with Image.open(path) as image:
+            if image.mode in _UNSCALED_MODES:
+                raise DataLoadError(
+                    f"image {os.fspath(path)!r} has mode {image.mode!r} (32-bit integer or "
+                    f"float pixels of unknown range); save it as 8- or 16-bit RGB or greyscale"
+                )
+            image.load()
+    except DataLoadError:
+        raise
+    except Exception as exc:  # PIL raises several types for corrupt or foreign files
+        text = str(exc).strip() or type(exc).__name__
+        raise DataLoadError(f"cannot read image {os.fspath(path)!r} ({text})") from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = tolerant
+
+
+def _to_8_bit(image):
+    """A 16-bit greyscale PIL image scaled to 8 bits (PIL's own conversion clips at 255)."""
+    if not image.mode.startswith("I;16"):
+        return image
+    from PIL import Image
+
+    pixels = np.asarray(image, dtype=np.float64) / 257.0
+    return Image.fromarray(np.rint(pixels).astype(np.uint8), mode="L")
+
+
 def image_folder(
     root: str | os.PathLike,
     input_shape: tuple[int, int, int],
@@ -184,11 +236,7 @@ def image_folder(
     from PIL import Image
 
     for path in files:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as exc:  # PIL raises several types for corrupt or foreign files
-            raise DataLoadError(f"cannot read image {os.fspath(path)!r} ({exc})") from exc
+        _check_image(path)
     labelled = all(path.parent != root for path in files)
     folders = [path.relative_to(root).parts[0] for path in files]  # a file's class subfolder
     classes = sorted(set(folders)) if labelled else []
@@ -199,7 +247,7 @@ def image_folder(
     def decode(path: Path) -> torch.Tensor:
         try:
             with Image.open(path) as image:
-                return transform(image.convert(mode))
+                return transform(_to_8_bit(image).convert(mode))
         except OSError as exc:
             raise DataLoadError(f"cannot decode image {os.fspath(path)!r} ({exc})") from exc
 
@@ -215,6 +263,7 @@ def image_folder(
         len(files),
         input_shape,
         f"{len(files)} images {what}from {os.fspath(root)}",
+        targets,
     )
 
 
@@ -222,16 +271,20 @@ def _read_tensors(path: Path) -> tuple[object, object]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".pt":
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = load_torch_file(path, "data file")
         elif suffix == ".npy":
             data = np.load(path, allow_pickle=False)
         else:
             with np.load(path, allow_pickle=False) as archive:
                 data = {key: archive[key] for key in archive.files}
-    except Exception as exc:  # unpickling, zip and format errors all mean "unreadable"
+    except FileReadError as exc:
+        hint = "; save tensors only, e.g. torch.save({'inputs': x, 'targets': y}, path)"
+        raise DataLoadError(f"{exc}{hint if exc.unsafe else ''}") from None
+    except Exception as exc:  # zip and format errors all mean "unreadable"
+        text = str(exc).strip() or ("the file is empty" if path.stat().st_size == 0 else "")
         raise DataLoadError(
-            f"cannot read {os.fspath(path)!r} ({type(exc).__name__}: {exc})"
-        ) from exc
+            f"cannot read {os.fspath(path)!r} ({type(exc).__name__}: {text})"
+        ) from None
     if isinstance(data, dict):
         if "inputs" in data:
             return data["inputs"], data.get("targets")
@@ -251,6 +304,15 @@ def _as_tensor(value: object, what: str, path: Path) -> torch.Tensor:
         value = torch.from_numpy(value)
     if not isinstance(value, torch.Tensor):
         raise DataLoadError(f"{what} in {os.fspath(path)!r} is {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise DataLoadError(
+            f"{what} in {os.fspath(path)!r} are a {value.layout} tensor; save a dense one "
+            f"(tensor.to_dense())"
+        )
+    if value.is_quantized or value.is_meta:
+        raise DataLoadError(
+            f"{what} in {os.fspath(path)!r} are a quantized or meta tensor; save plain values"
+        )
     return value
 
 
@@ -282,28 +344,37 @@ def tensor_file(
         raise DataLoadError(f"no such file {os.fspath(path)!r}")
     raw_inputs, raw_targets = _read_tensors(path)
     inputs = _as_tensor(raw_inputs, "the inputs", path)
-    if inputs.ndim != 4 or inputs.shape[0] == 0 or not inputs.is_floating_point():
+    if inputs.ndim != 4 or inputs.numel() == 0 or not inputs.is_floating_point():
+        hint = "" if inputs.is_floating_point() else " (convert and normalise them first)"
         raise DataLoadError(
             f"inputs in {os.fspath(path)!r} must be a non-empty float tensor [N, C, H, W]"
-            f" of normalised images; got {inputs.dtype} of shape {tuple(inputs.shape)}"
+            f" of normalised images; got {inputs.dtype} of shape {tuple(inputs.shape)}{hint}"
         )
     if input_shape is not None and inputs.shape[1] != input_shape[0]:
         raise DataLoadError(
             f"inputs in {os.fspath(path)!r} have {inputs.shape[1]} channels, the model "
             f"takes {input_shape[0]}"
         )
-    if not torch.isfinite(inputs).all():
-        raise DataLoadError(f"inputs in {os.fspath(path)!r} hold NaN or Inf values")
+    converted = inputs.float()
+    if not torch.isfinite(converted).all():
+        if not torch.isfinite(inputs).all():
+            raise DataLoadError(f"inputs in {os.fspath(path)!r} hold NaN or Inf values")
+        raise DataLoadError(
+            f"inputs in {os.fspath(path)!r} exceed the float32 range (they become Inf); pass "
+            f"normalised inputs"
+        )
+    inputs = converted
     targets = None
     if raw_targets is not None:
         targets = _as_tensor(raw_targets, "the targets", path)
-        if targets.shape != (len(inputs),) or targets.is_floating_point() or targets.is_complex():
+        integer = not (targets.is_floating_point() or targets.is_complex())
+        if targets.shape != (len(inputs),) or not integer or targets.dtype == torch.bool:
             raise DataLoadError(
                 f"targets in {os.fspath(path)!r} must be integer labels of shape "
                 f"[{len(inputs)}], got {targets.dtype} of shape {tuple(targets.shape)}"
             )
         targets = targets.long()[:max_samples]
-    inputs = inputs.float()[:max_samples]
+    inputs = inputs[:max_samples]
     x_batches = inputs.split(batch_size)
     batches = (
         list(x_batches)
@@ -317,6 +388,7 @@ def tensor_file(
         len(inputs),
         shape,
         f"{len(inputs)} samples of shape {shape} from {os.fspath(path)}",
+        targets,
     )
 
 
@@ -382,6 +454,8 @@ def load_source(
     if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
         raise DataLoadError(f"max_samples must be a positive int, got {max_samples!r}")
     text = os.fspath(spec)
+    if not text.strip():
+        raise DataLoadError("the data spec is empty: name a folder, a tensor file or 'synthetic'")
     needs_shape = text == SYNTHETIC or Path(text).is_dir()
     if needs_shape and input_shape is None:
         raise DataLoadError(

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from icprune import models
+from icprune.files import FileReadError, load_torch_file
 
 
 class ModelLoadError(ValueError):
@@ -64,15 +65,17 @@ ZOO: dict[str, ZooEntry] = {
 
 
 def _read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    if os.path.isdir(path):
+        raise ModelLoadError(f"--weights: {os.fspath(path)!r} is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise ModelLoadError(f"--weights: no such file {os.fspath(path)!r}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and safety errors all mean "not a readable checkpoint"
-        raise ModelLoadError(
-            f"--weights: cannot read {os.fspath(path)!r} as a torch checkpoint with "
-            f"weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0]})"
-        ) from exc
+        data = load_torch_file(path, "checkpoint")
+    except FileReadError as exc:
+        hint = "; pass a state_dict saved with torch.save(model.state_dict(), path)"
+        raise ModelLoadError(f"--weights: {exc}{hint if exc.unsafe else ''}") from None
+    except OSError as exc:
+        raise ModelLoadError(f"--weights: cannot read {os.fspath(path)!r} ({exc})") from None
     if isinstance(data, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(data.get(key), Mapping):
@@ -100,12 +103,30 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], name: str) 
         for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
         if keys
     ]
+    if not problems:
+        bad = [
+            k
+            for k, v in state.items()
+            if v.layout != torch.strided or (v.is_floating_point() and not v.isfinite().all())
+        ]
+        if bad:
+            problems = [f"sparse or NaN/Inf tensors ({len(bad)}): {', '.join(bad[:3])}"]
     if problems:
         raise ModelLoadError(
             f"--weights do not fit {name}: {'; '.join(problems)}; pass a checkpoint of this "
             f"architecture"
         )
     model.load_state_dict(state, strict=True)
+
+
+def _describe(exc: BaseException) -> str:
+    """``"ZeroDivisionError: division by zero"``; a SyntaxError with its file and line."""
+    if isinstance(exc, SyntaxError):
+        return f"SyntaxError: {exc.msg} ({exc.filename}, line {exc.lineno})"
+    if isinstance(exc, SystemExit):
+        return f"SystemExit (it called sys.exit({exc.code!r}))"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _import_factory(spec: str) -> Callable[[], nn.Module]:
@@ -120,6 +141,11 @@ def _import_factory(spec: str) -> Callable[[], nn.Module]:
         raise ModelLoadError(
             f"model {spec!r}: cannot import module {module_name!r} ({exc}); check the name and "
             f"run from the directory that holds it (or put it on PYTHONPATH)"
+        ) from exc
+    except (Exception, SystemExit) as exc:  # the module's own code failed (SyntaxError too)
+        raise ModelLoadError(
+            f"model {spec!r}: importing module {module_name!r} raised {_describe(exc)}; fix "
+            f"the module"
         ) from exc
     factory = module
     for part in attr.split("."):
@@ -159,10 +185,8 @@ def build_model(
         factory = _import_factory(spec)
         try:
             model = factory()
-        except Exception as exc:
-            raise ModelLoadError(
-                f"model {spec!r}: the factory raised {type(exc).__name__}: {exc}"
-            ) from exc
+        except (Exception, SystemExit) as exc:
+            raise ModelLoadError(f"model {spec!r}: the factory raised {_describe(exc)}") from exc
         if not isinstance(model, nn.Module):
             raise ModelLoadError(
                 f"model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"

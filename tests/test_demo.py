@@ -57,3 +57,15 @@ def test_shuffled_batches_cover_the_data_in_a_new_order_each_pass():
     second = torch.cat([b[1] for b in batches])
     assert sorted(first.tolist()) == list(range(10)) == sorted(second.tolist())
     assert not torch.equal(first, second)
+
+
+def test_a_failed_demo_leaves_no_folder_behind(tmp_path, monkeypatch):
+    import icprune.demo
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(icprune.demo, "digits", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "demo", progress=False, config=QUICK)
+    assert list(tmp_path.iterdir()) == []  # rerunning `icprune demo` just works

@@ -83,8 +83,8 @@ def test_limits_are_honoured(ratio, max_layer_ratio, min_channels, round_to, glo
             max_layer_ratio=max_layer_ratio, min_channels=min_channels, round_to=round_to,
             global_ranking=global_ranking,
         )  # fmt: skip
-    except ValueError as exc:
-        assert "max_layer_ratio" in str(exc)
+    except ValueError as exc:  # the limits leave too little to prune: they are named
+        assert "max_layer_ratio" in str(exc) or "round_to rounds every group" in str(exc)
         return
     for group, kept in zip(chosen.groups, chosen.kept, strict=True):
         c, k = group.channels, len(kept)

@@ -129,6 +129,58 @@ def test_markdown_shows_the_before_after_table_layers_and_plots(tmp_path, run):
     assert "-0.000" not in md
 
 
+def test_a_slowdown_reads_slower_not_faster(tmp_path, run):
+    plan = run[0]
+    before = ModelSummary(plan.macs[0], plan.params[0], latency_s=1.0e-3)
+    after = ModelSummary(plan.macs[1], plan.params[1], latency_s=1.12e-3)
+    report = write(tmp_path, run, before=before, after=after)
+    md = (tmp_path / "report.md").read_text()
+    assert "| latency | 1 ms | 1.12 ms | 1.120 (1.12x slower) |" in md and "faster" not in md
+    assert "(1.12x slower)" in icprune.report.comparison_table(report)
+    same = write(tmp_path, run, before=before, after=replace(after, latency_s=1.001e-3))
+    assert "(same speed)" in icprune.report.comparison_table(same)
+
+
+def test_layer_rows_compare_kept_and_pruned_channels(tmp_path, run):
+    scores = run[1]
+    rows = {row["layer"]: row for row in write(tmp_path, run)["layers"]}
+    for name, row in rows.items():
+        s, mask = scores[name], torch.zeros(row["channels"], dtype=torch.bool)
+        mask[row["kept_indices"]] = True
+        for part in ("capacity", "independence"):
+            values = getattr(s, part)
+            assert row[f"{part}_mean_kept"] == pytest.approx(float(values[mask].mean()))
+            if row["kept"] < row["channels"]:
+                assert row[f"{part}_mean_pruned"] == pytest.approx(float(values[~mask].mean()))
+            else:
+                assert row[f"{part}_mean_pruned"] is None and row["score_margin"] is None
+        if row["kept"] < row["channels"]:
+            margin = float(s.score[mask].min() - s.score[~mask].max())
+            assert row["score_margin"] == pytest.approx(margin)
+    md = (tmp_path / "report.md").read_text()
+    assert "mean score" not in md  # always 0 under z-score normalisation: not shown
+    assert "| capacity kept | capacity pruned |" in md and "| margin |" in md
+    pruned = next(r for r in rows.values() if r["pruned_share"] > 0)
+    assert f"| {pruned['score_margin']:.3f} |" in md
+
+
+def test_report_files_are_written_atomically(tmp_path, run, monkeypatch):
+    write(tmp_path, run)
+    before = {name: (tmp_path / name).read_bytes() for name in FILES}
+    from icprune import plots
+
+    def full(path, *args, **kwargs):
+        with open(path, "wb") as half:
+            half.write(b"\x89PNG half")  # the disk fills up mid-file
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plots, "score_distributions", full)
+    with pytest.raises(OSError, match="No space"):
+        write(tmp_path, run, title="another run")
+    assert {p.name for p in tmp_path.iterdir()} == FILES  # no temporary file is left
+    assert (tmp_path / "score_distributions.png").read_bytes() == before["score_distributions.png"]
+
+
 def test_unknown_accuracy_and_latency_read_na(tmp_path, run):
     plan = run[0]
     bare = ModelSummary(plan.macs[0], plan.params[0])

@@ -141,7 +141,7 @@ def test_unreadable_tensor_files(tmp_path):
     with pytest.raises(DataLoadError, match="cannot read"):
         tensor_file(tmp_path / "junk.npy")
     torch.save({"inputs": torch.nn.Conv2d(1, 1, 1)}, tmp_path / "module.pt")  # needs unpickling
-    with pytest.raises(DataLoadError, match="cannot read"):
+    with pytest.raises(DataLoadError, match="cannot be read: it holds Python objects"):
         tensor_file(tmp_path / "module.pt")
 
 
@@ -192,3 +192,94 @@ def test_image_transform_prefers_torchvision_when_importable(monkeypatch):
     )
     assert calls[0] == ("Resize", (256,)) and calls[1] == ("CenterCrop", (224,))
     assert calls[3] == ("Normalize", ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+
+
+def _photo(size=48):
+    from sklearn.datasets import load_sample_images
+
+    return np.ascontiguousarray(load_sample_images().images[0][:size, :size])
+
+
+def test_a_truncated_jpeg_that_verify_passes_is_found_up_front(tmp_path):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(_photo(96)).save(buffer, "JPEG", quality=90)
+    cut = buffer.getvalue()[: int(len(buffer.getvalue()) * 0.9)]
+    with Image.open(io.BytesIO(cut)) as image:
+        image.verify()  # PIL's quick check does not notice
+    (tmp_path / "a").mkdir()
+    Image.fromarray(_photo()).save(tmp_path / "a" / "good.jpg")
+    (tmp_path / "a" / "cut.jpg").write_bytes(cut)
+    with pytest.raises(DataLoadError, match=r"cannot read image .*cut\.jpg.*truncated"):
+        image_folder(tmp_path, (3, 32, 32))
+
+
+def test_odd_image_modes_are_converted_or_refused(tmp_path):
+    from PIL import Image
+
+    photo = Image.fromarray(_photo())
+    ramp = np.linspace(0, 65535, 48 * 48).reshape(48, 48).astype(np.uint16)
+    images = {
+        "cmyk.jpg": photo.convert("CMYK"),
+        "grey.png": photo.convert("L"),
+        "rgba.png": photo.convert("RGBA"),
+        "palette.png": photo.convert("P"),
+        "deep.png": Image.fromarray(ramp),  # 16-bit greyscale
+    }
+    for name, image in images.items():
+        image.save(tmp_path / name)
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
+    source = image_folder(tmp_path, (3, 32, 32), batch_size=8)
+    batch = source.batches[0]
+    assert batch.shape == (5, 3, 32, 32) and torch.isfinite(batch).all()
+    deep = sorted(images).index("deep.png")
+    grey = image_folder(tmp_path, (1, 32, 32), batch_size=8).batches[0][deep]
+    # scaled from 16 to 8 bits, not clipped at 255 (which would make the ramp almost white)
+    assert grey.max() - grey.min() > 3.0 and grey.median() < grey.max() - 1.0
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tiff")  # mode "F"
+    with pytest.raises(DataLoadError, match=r"float\.tiff.*mode 'F'.*unknown range"):
+        image_folder(tmp_path, (3, 32, 32))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (torch.randn(2, 3, 8, 8).to_sparse(), "sparse_coo tensor; save a dense one"),
+        (torch.full((2, 3, 8, 8), 1e300, dtype=torch.float64), "exceed the float32 range"),
+        (torch.zeros(2, 3, 0, 8), r"non-empty float tensor"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), "convert and normalise them first"),
+        ((torch.zeros(2, 3, 8, 8), torch.tensor([True, False])), "integer labels"),
+        (
+            (torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]).to_sparse()),
+            "the targets in .*sparse_coo",
+        ),
+    ],
+)
+def test_sparse_empty_and_out_of_range_tensors_are_refused(tmp_path, value, message):
+    path = tmp_path / "data.pt"
+    torch.save(value, path)
+    with pytest.raises(DataLoadError, match=message):
+        tensor_file(path, (3, 8, 8))
+
+
+def test_pickled_objects_are_refused_without_inviting_an_unsafe_load(tmp_path):
+    torch.save({"inputs": torch.nn.Conv2d(1, 1, 1)}, tmp_path / "module.pt")
+    with pytest.raises(DataLoadError, match="object of class torch.nn.modules.conv.Conv2d") as bad:
+        tensor_file(tmp_path / "module.pt")
+    assert "weights_only=False" not in str(bad.value) and "save tensors only" in str(bad.value)
+
+
+def test_sources_carry_every_label_and_an_empty_spec_is_refused(tmp_path, photo_folder):
+    folder = image_folder(photo_folder, (3, 32, 32))
+    assert folder.targets.tolist() == [0] * 6 + [1] * 6
+    assert folder.shard(1, 2).targets.tolist() == folder.targets.tolist()
+    torch.save((torch.zeros(3, 3, 8, 8), torch.tensor([2, 0, 1])), tmp_path / "d.pt")
+    assert tensor_file(tmp_path / "d.pt", max_samples=2).targets.tolist() == [2, 0]
+    assert tensor_file(tmp_path / "d.pt").targets.dtype == torch.int64
+    assert image_folder(photo_folder / "a", (3, 32, 32)).targets is None
+    for spec in ("", "  "):
+        with pytest.raises(DataLoadError, match="the data spec is empty"):
+            load_source(spec, (3, 32, 32))

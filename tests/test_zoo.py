@@ -47,6 +47,10 @@ def test_factory_spec_imports_from_the_working_directory(tmp_path, monkeypatch):
         ("def make():\n    raise OSError('disk')\n", "user_models:make", "raised OSError: disk"),
         ("def make():\n    return 'model'\n", "user_models:make", "returned str, not an nn.Module"),
         ("", "user_models:", "'package.module:function'"),
+        ("1 / 0\n", "user_models:make", "importing module 'user_models' raised ZeroDivisionError"),
+        ("def make(:\n", "user_models:make", r"raised SyntaxError: .*user_models\.py, line 1"),
+        ("import sys\nsys.exit(3)\n", "user_models:make", r"it called sys\.exit\(3\)"),
+        ("def make():\n    raise SystemExit\n", "user_models:make", "factory raised SystemExit"),
     ],
 )
 def test_bad_factory_specs_say_what_is_wrong(tmp_path, monkeypatch, source, spec, message):
@@ -74,11 +78,11 @@ def test_bad_weights_say_what_is_wrong(tmp_path):
         build_model("resnet20", tmp_path / "missing.pt")
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
-    with pytest.raises(ModelLoadError, match="cannot read .* weights_only=True"):
+    with pytest.raises(ModelLoadError, match="it is not a complete torch.save file"):
         build_model("resnet20", text)
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": resnet20()}, pickled)  # a whole pickled module is refused
-    with pytest.raises(ModelLoadError, match="weights_only=True"):
+    with pytest.raises(ModelLoadError, match="holds Python objects icprune does not load"):
         build_model("resnet20", pickled)
     other = tmp_path / "resnet56.pt"
     torch.save(__import__("icprune").models.resnet56().state_dict(), other)
@@ -90,3 +94,22 @@ def test_bad_weights_say_what_is_wrong(tmp_path):
         build_model("resnet20", num_classes=0)
     with pytest.raises(ModelLoadError, match="zoo models only"):
         build_model("user_models:make", other)
+
+
+def test_empty_folder_object_and_nan_weights_say_what_is_wrong(tmp_path):
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="the file is empty"):
+        build_model("resnet20", empty)
+    with pytest.raises(ModelLoadError, match="is a folder, not a checkpoint file"):
+        build_model("resnet20", tmp_path)
+    pickled = tmp_path / "model.pt"
+    torch.save(resnet20(), pickled)  # a whole pickled model, not a state_dict
+    with pytest.raises(ModelLoadError, match="object of class .*CifarResNet.*state_dict") as bad:
+        build_model("resnet20", pickled)
+    assert "weights_only=False" not in str(bad.value)
+    state = resnet20().state_dict()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(ModelLoadError, match=r"NaN/Inf tensors \(1\): conv1\.weight"):
+        build_model("resnet20", tmp_path / "nan.pt")

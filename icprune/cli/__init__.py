@@ -12,14 +12,13 @@ import math
 import sys
 from collections.abc import Sequence
 
-from icprune.cli.exit_codes import CommandError, ExitCode
+from icprune.cli.exit_codes import describe
 from icprune.cli.launch import stop
-from icprune.sources import DataLoadError
-from icprune.zoo import ZOO, ModelLoadError
+from icprune.zoo import ZOO
 
 EPILOG = (
     "exit codes: 0 ok, 1 the run failed, 2 bad arguments, 3 model cannot be loaded, "
-    "4 data cannot be read, 5 --out exists or cannot be written, 130 interrupted"
+    "4 data cannot be read, 5 --out exists, is in use or cannot be written, 130 interrupted"
 )
 MODEL_HELP = (
     f"a zoo model ({', '.join(ZOO)}) or your own as 'package.module:factory' (a function "
@@ -41,7 +40,7 @@ def _number(cast, what: str, low: float, high: float = math.inf, open_low=False,
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         above = value > low if open_low else value >= low
         below = value < high if open_high else value <= high
-        if not (above and below and math.isfinite(value)):
+        if not (above and below and math.isfinite(float(value))):
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
 
@@ -51,8 +50,17 @@ def _number(cast, what: str, low: float, high: float = math.inf, open_low=False,
 _fraction = _number(float, "a number in (0, 1)", 0, 1, open_low=True)
 _positive_int = _number(int, "an integer >= 1", 1)
 _count = _number(int, "an integer >= 0", 0)
-_non_negative = _number(float, "a finite number >= 0", 0)
 _positive = _number(float, "a finite number > 0", 0, open_low=True)
+#: The largest --latency-batch: larger batches say nothing more about speed, and can exhaust
+#: the memory after all the work (the results are written before latency is measured).
+MAX_LATENCY_BATCH = 1024
+_latency_batch = _number(
+    int, f"an integer in [0, {MAX_LATENCY_BATCH}]", 0, MAX_LATENCY_BATCH, open_high=False
+)
+#: The largest --lam: beyond it the fused score is independence alone, and overflows soon.
+MAX_LAM = 1e6
+_lam = _number(float, f"a number in [0, {MAX_LAM:g}]", 0, MAX_LAM, open_high=False)
+_seed = _number(int, "an integer in [-2**63, 2**64)", -(2**63), 2**64)
 
 
 def _shape(text: str) -> tuple[int, int, int]:
@@ -107,9 +115,16 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--lam",
-        type=_non_negative,
+        type=_lam,
         default=1.0,
-        help="weight of independence against capacity (default 1)",
+        help=f"weight of independence against capacity, in [0, {MAX_LAM:g}] (default 1)",
+    )
+    parser.add_argument(
+        "--nan-policy",
+        choices=("raise", "zero"),
+        default="raise",
+        help="a NaN/Inf value in a feature map (or weight): stop with an error naming the layer "
+        "(raise, the default), or count it and score it as 0 (zero)",
     )
     parser.add_argument(
         "--device",
@@ -119,7 +134,7 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_seed,
         default=0,
         help="seed of random initialisation, image subsets and noise (default 0)",
     )
@@ -188,6 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune at most this fraction of any group (default 0.9)",
     )
     prune_p.add_argument(
+        "--min-channels",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="every group keeps at least N channels (default 1)",
+    )
+    prune_p.add_argument(
         "--ignore",
         nargs="+",
         action="extend",
@@ -214,10 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune_p.add_argument(
         "--latency-batch",
-        type=_count,
+        type=_latency_batch,
         default=8,
         metavar="N",
-        help="time both models on N copies of one sample (default 8; 0: skip)",
+        help=f"time both models on N copies of one sample, after the results are written "
+        f"(default 8; 0: skip; at most {MAX_LATENCY_BATCH})",
     )
     prune_p.add_argument(
         "--checkpoint-every",
@@ -230,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune_p.add_argument(
         "--resume",
         action="store_true",
-        help="continue an interrupted run from --out/calibration.pt (same command and data)",
+        help="continue an interrupted or failed run from its --out/calibration.pt (same model, "
+        "data and scoring options; the pruning options may change)",
     )
     prune_p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
     prune_p.set_defaults(handler="prune")
@@ -289,16 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(_run(args))
-    except CommandError as exc:
-        message, code = str(exc), exc.code
-    except ModelLoadError as exc:
-        message, code = str(exc), ExitCode.MODEL
-    except DataLoadError as exc:
-        message, code = str(exc), ExitCode.DATA
-    except (ValueError, TypeError, RuntimeError) as exc:
-        message, code = str(exc), ExitCode.FAILURE
-    except KeyboardInterrupt:
-        message, code = "interrupted", ExitCode.INTERRUPTED
+    except (Exception, KeyboardInterrupt) as exc:
+        described = describe(exc)
+        if described is None:
+            raise  # a bug of icprune: its traceback is what a report needs
+        message, code = described
     finally:
         stop()
     print(f"icprune: error: {message}", file=sys.stderr)

@@ -52,11 +52,23 @@ def _device(requested: str) -> torch.device:
         raise CommandError(
             f"--device {requested!r}: expected auto, cpu, cuda or cuda:N", ExitCode.USAGE
         ) from None
+    if device.type not in ("cpu", "cuda"):
+        raise CommandError(
+            f"--device {requested!r}: expected auto, cpu, cuda or cuda:N", ExitCode.USAGE
+        )
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError(
             f"--device {requested!r}: no CUDA device is available; use --device cpu",
             ExitCode.USAGE,
         )
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise CommandError(
+                f"--device {requested!r}: this machine has {count} CUDA device(s), "
+                f"cuda:0 to cuda:{count - 1}",
+                ExitCode.USAGE,
+            )
     return device
 
 

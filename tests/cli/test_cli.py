@@ -405,3 +405,426 @@ def test_val_data_errors_name_the_option(capsys, tmp_path, photo_folder):
     code, _, err = run(capsys, *argv, "--val-data", photo_folder / "a")
     assert code == ExitCode.DATA and "--val-data" in err and "has no labels" in err
     assert not (tmp_path / "o").exists()
+
+
+# --- hostile input: every bad input a clear message, its exit code, nothing lost ---
+
+SMALL = ["--input-shape", "3,16,16", *FAST]
+
+
+def labelled_file(path, targets, n=8, size=16):
+    inputs = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+    torch.save({"inputs": inputs, "targets": torch.tensor(targets)}, path)
+    return path
+
+
+def factory_module(tmp_path, monkeypatch, name, source):
+    """A user's model module ``name`` in ``tmp_path``, importable as the command imports it."""
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+
+
+def test_force_and_success_delete_only_the_checkpoint_this_run_wrote(capsys, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    mine = {"calibration_imagenet.pt": "my stats", "calibration.rank1.pt": "mine too"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(8, 3, 16, 16), data)
+    argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    code, _, _ = run(capsys, *argv, "--out", out, "--force")
+    assert code == ExitCode.OK and not (out / "calibration.pt").exists()
+    assert {name: (out / name).read_text() for name in mine} == mine
+    assert not (out / ".icprune.lock").exists()
+
+
+def test_results_are_written_before_latency_and_a_failed_timing_loses_nothing(
+    capsys, tmp_path, monkeypatch
+):
+    import icprune.cli.commands as commands
+
+    def out_of_memory(models, batch):
+        assert (tmp_path / "o" / "model.pt").is_file()  # the results are already written
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 TB")
+
+    monkeypatch.setattr(commands, "latency", out_of_memory)
+    argv = ["prune", "resnet20", "--ratio", 0.3, "--input-shape", "3,16,16", "--quiet"]
+    code, _, err = run(capsys, *argv, "--latency-batch", 1024, "--out", tmp_path / "o")
+    assert code == ExitCode.OK and "latency not measured (--latency-batch 1024" in err
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert (
+        report["after"]["latency_s"] is None
+        and "can't allocate" in (report["settings"]["latency_error"])
+    )
+    assert icprune.load(tmp_path / "o" / "model.pt", resnet20) is not None
+    code, _, err = run(capsys, *argv, "--latency-batch", 100000, "--out", tmp_path / "p")
+    assert code == ExitCode.USAGE and "--latency-batch: must be an integer in [0, 1024]" in err
+
+
+def test_empty_weights_file_exits_3(capsys, tmp_path):
+    (tmp_path / "w.pt").write_bytes(b"")
+    code, _, err = run(
+        capsys, "score", "resnet20", "--weights", tmp_path / "w.pt", "--out", tmp_path / "s.json"
+    )
+    assert code == ExitCode.MODEL and "cannot be read" in err and "the file is empty" in err
+
+
+def test_labels_outside_the_models_classes_exit_4_before_any_work(
+    capsys, tmp_path, monkeypatch, photo_folder
+):
+    import icprune.cli.commands as commands
+
+    monkeypatch.setattr(commands, "score", lambda *a, **k: pytest.fail("scored bad labels"))
+    bad = labelled_file(tmp_path / "bad.pt", [0, 1, 2, 3, 4, 5, 6, 99])
+    argv = ["prune", "resnet20", "--ratio", 0.3, "--batch-size", 4, *FAST]
+    code, _, err = run(
+        capsys, *argv, "--data", bad, "--finetune-epochs", 1, "--out", tmp_path / "a"
+    )
+    assert code == ExitCode.DATA and f"--data {str(bad)!r}: label 99" in err and "[0, 10)" in err
+    negative = labelled_file(tmp_path / "neg.pt", [0, -1, 2, 3, 4, 5, 6, 7])
+    code, _, err = run(capsys, *argv, "--val-data", negative, "--out", tmp_path / "b")
+    assert code == ExitCode.DATA and "--val-data" in err and "label -1" in err
+    folder = ["--val-data", photo_folder, "--num-classes", 1, "--input-shape", "3,16,16"]
+    code, _, err = run(
+        capsys, "prune", "resnet20", "--ratio", 0.3, *folder, "--out", tmp_path / "c"
+    )
+    assert code == ExitCode.DATA and "2 class folders" in err and "has 1 outputs" in err
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("raise ZeroDivisionError('at import')\n", "raised ZeroDivisionError: at import"),
+        ("def build(:\n", r"raised SyntaxError: .*bad_import\.py, line 1"),
+    ],
+)
+def test_a_factory_module_that_fails_to_import_exits_3(
+    capsys, tmp_path, monkeypatch, source, message
+):
+    factory_module(tmp_path, monkeypatch, "bad_import", source)
+    code, _, err = run(capsys, "prune", "bad_import:build", "--ratio", 0.3, "--out", "o")
+    assert code == ExitCode.MODEL and "model 'bad_import:build': importing module" in err
+    assert __import__("re").search(message, err) and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+NAN_MODEL = """
+import torch
+from icprune.models import resnet20
+
+def build():
+    model = resnet20()
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[0] = float("nan")
+    return model.eval()
+"""
+
+
+def test_a_failed_calibration_leaves_no_folder_and_names_the_nan_policy_flag(
+    capsys, tmp_path, monkeypatch
+):
+    factory_module(tmp_path, monkeypatch, "nan_model", NAN_MODEL)
+    torch.save(torch.randn(8, 3, 16, 16), tmp_path / "x.pt")
+    argv = ["prune", "nan_model:build", "--data", "x.pt", "--ratio", 0.3, "--out", "o", *FAST]
+    code, _, err = run(capsys, *argv)
+    assert code == ExitCode.FAILURE and "non-finite" in err
+    assert "--nan-policy zero" in err and "nan_policy" not in err
+    assert not (tmp_path / "o").exists()  # the same command can simply be rerun
+    code, _, _ = run(capsys, *argv, "--nan-policy", "zero")
+    assert code == ExitCode.OK
+    scores = json.loads((tmp_path / "o" / "scores.json").read_text())
+    assert scores["settings"]["nan_policy"] == "zero"
+
+
+class Interrupting(list):
+    """Batches whose calibration is stopped by Ctrl-C when batch ``at`` is fetched."""
+
+    at = 0
+
+    def __getitem__(self, i):
+        if i == self.at:
+            raise KeyboardInterrupt
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("at", [1, 5])
+def test_ctrl_c_leaves_no_empty_folder_and_suggests_resume(capsys, tmp_path, monkeypatch, at):
+    import icprune.cli.commands as commands
+    from icprune.sources import load_source
+
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(1)), data)
+    argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--checkpoint-every", 2]
+    argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
+
+    def interrupted(*args, **kwargs):
+        source = load_source(*args, **kwargs)
+        batches = Interrupting(source.batches)
+        batches.at = at
+        return dataclasses.replace(source, batches=batches)
+
+    monkeypatch.setattr(commands, "load_source", interrupted)
+    code, _, err = run(capsys, *argv)
+    assert code == ExitCode.INTERRUPTED and "interrupted" in err
+    if at == 1:  # before the first checkpoint: nothing to keep, and no folder in the way
+        assert not (tmp_path / "o").exists() and "--resume" not in err
+    else:
+        assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["calibration.pt"]
+        assert "rerun the command with --resume" in err and "--force to start over" in err
+    monkeypatch.undo()
+    code, _, err = run(capsys, *argv)
+    if at == 5:
+        assert code == ExitCode.OUTPUT and "pass --resume to continue it" in err
+        code, _, _ = run(capsys, *argv, "--resume")
+    assert code == ExitCode.OK and not (tmp_path / "o" / "calibration.pt").exists()
+
+
+def test_a_truncated_jpeg_exits_4_before_any_work(capsys, tmp_path, monkeypatch, photo_folder):
+    import shutil
+
+    import icprune.cli.commands as commands
+
+    monkeypatch.setattr(commands, "score", lambda *a, **k: pytest.fail("calibrated"))
+    images = tmp_path / "images"
+    shutil.copytree(photo_folder, images)
+    whole = (images / "b" / "img4.jpg").read_bytes()
+    (images / "b" / "img4.jpg").write_bytes(whole[: int(len(whole) * 0.9)])
+    code, _, err = run(
+        capsys, "score", "resnet20", "--data", images, "--out", tmp_path / "s.json", "--quiet"
+    )
+    assert code == ExitCode.DATA and "img4.jpg" in err and "truncated" in err
+
+
+def test_a_read_only_out_exits_5_before_any_work(capsys, tmp_path, monkeypatch):
+    import os
+
+    import icprune.cli.commands as commands
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(out)) and args and args[0] & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only)
+    monkeypatch.setattr(commands, "build_model", lambda *a: pytest.fail("loaded the model"))
+    argv = ["prune", "resnet20", "--ratio", 0.3, *SMALL, "--out", out, "--force"]
+    code, _, err = run(capsys, *argv)
+    assert code == ExitCode.OUTPUT and "cannot write in folder" in err and "Permission" in err
+
+
+def test_a_second_run_into_a_locked_out_exits_5_and_leaves_it_alone(capsys, tmp_path):
+    import fcntl
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "plan.json").write_text("the other run's")
+    fd = os.open(out / ".icprune.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"pid 1 on elsewhere")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # the other run, still working
+    try:
+        code, _, err = run(
+            capsys, "prune", "resnet20", "--ratio", 0.3, *SMALL, "--out", out, "--force"
+        )
+    finally:
+        os.close(fd)
+    assert code == ExitCode.OUTPUT and "in use by another icprune run (pid 1 on elsewhere)" in err
+    assert (out / "plan.json").read_text() == "the other run's"
+    code, _, _ = run(capsys, "prune", "resnet20", "--ratio", 0.3, *SMALL, "--out", out, "--force")
+    assert code == ExitCode.OK and not (out / ".icprune.lock").exists()  # a lock left by a dead run
+
+
+def test_a_failed_write_exits_5_and_keeps_the_previous_run_whole(capsys, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    argv = ["prune", "resnet20", *SMALL, "--out", out]
+    assert run(capsys, *argv, "--ratio", 0.4)[0] == ExitCode.OK
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = Path.write_text
+
+    def disk_full(self, *args, **kwargs):
+        if "scores.json" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    code, _, err = run(capsys, *argv, "--ratio", 0.3, "--force")
+    assert code == ExitCode.OUTPUT and "No space left on device" in err
+    assert f"cannot write {str(out / 'scores.json')!r}" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # not a byte changed
+
+    def torch_save_fails(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr("icprune.serialization.torch.save", torch_save_fails)
+    code, _, err = run(capsys, *argv, "--ratio", 0.3, "--force")
+    assert code == ExitCode.OUTPUT and "cannot write" in err and "model.pt" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_messages_name_cli_flags_and_never_invite_an_unsafe_load(capsys, tmp_path):
+    code, _, err = run(
+        capsys, "prune", "resnet20", "--ratio", 0.99, *SMALL, "--out", tmp_path / "o"
+    )
+    assert code == ExitCode.FAILURE and "--max-layer-ratio 0.9" in err and "--min-channels 1" in err
+    assert "max_layer_ratio" not in err and "min_channels" not in err
+    code, _, err = run(
+        capsys, "prune", "resnet20", "--ratio", 0.5, "--round-to", 1000, *SMALL, "--out", "o"
+    )
+    assert code == ExitCode.FAILURE and "--ratio 0.5 cannot be met: no channel" in err
+    assert "--round-to rounds every group" in err and "round_to" not in err
+    torch.save(resnet20(), tmp_path / "whole.pt")
+    torch.save(torch.randn(4, 3, 16, 16).to_sparse(), tmp_path / "sparse.pt")
+    cases = [
+        (["--weights", tmp_path / "whole.pt"], ExitCode.MODEL, "object of class"),
+        (["--data", tmp_path / "sparse.pt"], ExitCode.DATA, "sparse_coo tensor"),
+        (["--data", tmp_path / "whole.pt"], ExitCode.DATA, "object of class"),
+        (["--ignore", ""], ExitCode.USAGE, "--ignore: an empty layer name"),
+        (["--input-shape", "1,16,16"], ExitCode.USAGE, "first layer 'conv1' takes 3 channels"),
+    ]
+    for extra, expected, message in cases:
+        code, _, err = run(
+            capsys, "prune", "resnet20", "--ratio", 0.3, *extra, "--out", tmp_path / "p", *FAST
+        )
+        assert code == expected and message in err, (extra, err)
+        assert "weights_only=False" not in err and "Traceback" not in err
+    assert not (tmp_path / "p").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seed", "99999999999999999999999"], "--seed: must be an integer in [-2**63, 2**64)"),
+        (["--lam", "1e308"], "--lam: must be a number in [0, 1e+06]"),
+        (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N"),
+        (["--out", ""], "--out is empty"),
+        (["--resume", "--force"], "pass one of them"),
+        (["--resume"], "data-free scoring (--source weights) has none to continue"),
+        (["--min-channels", "0"], "--min-channels: must be an integer >= 1"),
+        (["--nan-policy", "explode"], "--nan-policy: invalid choice: 'explode'"),
+    ],
+)
+def test_out_of_range_options_exit_2(capsys, tmp_path, extra, message):
+    argv = ["prune", "resnet20", "--ratio", 0.3, "--out", tmp_path / "o", *SMALL, *extra]
+    code, _, err = run(capsys, *argv)
+    assert code == ExitCode.USAGE and message in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_empty_specs_and_mismatched_shapes_exit_4(capsys, tmp_path):
+    torch.save(torch.randn(4, 3, 16, 16), tmp_path / "x.pt")
+    cases = [
+        (["--data", ""], "the data spec is empty"),
+        (["--data", tmp_path / "x.pt", "--input-shape", "3,32,32"], "but --input-shape says"),
+        (["--data", tmp_path / "x.pt", "--val-data", tmp_path / "x.pt"], "--val-data"),
+    ]
+    for extra, message in cases:
+        code, _, err = run(capsys, "prune", "resnet20", "--ratio", 0.3, *extra, "--out", "o", *FAST)
+        assert code == ExitCode.DATA and message in err, err
+
+
+def test_resume_needs_a_sound_checkpoint_of_the_same_run(capsys, tmp_path):
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2)), data)
+    argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    code, _, err = run(capsys, *argv, "--resume", "--out", tmp_path / "none")
+    assert code == ExitCode.OUTPUT and "there is no" in err and "--out does not exist" in err
+    done = tmp_path / "done"
+    assert run(capsys, *argv, "--out", done)[0] == ExitCode.OK
+    code, _, err = run(capsys, *argv, "--resume", "--out", done)
+    assert code == ExitCode.OUTPUT and "the run finished" in err
+    (done / "calibration.pt").write_bytes(b"PK\x03\x04 truncated")
+    code, _, err = run(capsys, *argv, "--resume", "--out", done)
+    assert code == ExitCode.OUTPUT and "not a complete torch.save file" in err
+    assert "rerun with --force to start calibration over" in err
+    torch.save(torch.nn.Linear(1, 1), done / "calibration.pt")
+    code, _, err = run(capsys, *argv, "--resume", "--out", done)
+    assert code == ExitCode.OUTPUT and "object of class" in err and "weights_only=False" not in err
+
+
+def test_resume_with_another_model_is_refused_in_cli_words(capsys, tmp_path, monkeypatch):
+    import icprune.cli.commands as commands
+    from icprune.sources import load_source
+
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)), data)
+    argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--checkpoint-every", 1]
+    argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
+
+    def interrupted(*args, **kwargs):
+        source = load_source(*args, **kwargs)
+        batches = Interrupting(source.batches)
+        batches.at = 3
+        return dataclasses.replace(source, batches=batches)
+
+    monkeypatch.setattr(commands, "load_source", interrupted)
+    assert run(capsys, *argv)[0] == ExitCode.INTERRUPTED
+    monkeypatch.undo()
+    for extra, message in ((["--seed", 7], "model"), (["--nan-policy", "zero"], "--nan-policy")):
+        code, _, err = run(capsys, *argv, "--resume", *extra)
+        assert code == ExitCode.OUTPUT and "--resume: checkpoint" in err and message in err
+        assert "with --force to start calibration over" in err and "nan_policy" not in err
+    assert run(capsys, *argv, "--resume", "--ratio", 0.2)[0] == ExitCode.OK  # pruning may change
+
+
+def test_an_empty_existing_out_needs_no_force_and_a_broken_link_is_named(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    code, _, _ = run(
+        capsys, "prune", "resnet20", "--ratio", 0.3, *SMALL, "--out", tmp_path / "empty"
+    )
+    assert code == ExitCode.OK
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    code, _, err = run(
+        capsys, "prune", "resnet20", "--ratio", 0.3, *SMALL, "--out", tmp_path / "link"
+    )
+    assert code == ExitCode.OUTPUT and "is a broken symbolic link" in err
+
+
+def test_score_leaves_a_file_another_run_wrote_meanwhile(capsys, tmp_path, monkeypatch):
+    import icprune.cli.commands as commands
+
+    out = tmp_path / "s.json"
+    real = commands.score
+
+    def and_another_run_finishes(*args, **kwargs):
+        scores = real(*args, **kwargs)
+        out.write_text("the other run's")
+        return scores
+
+    monkeypatch.setattr(commands, "score", and_another_run_finishes)
+    code, _, err = run(capsys, "score", "resnet20", "--out", out, "--quiet")
+    assert code == ExitCode.OUTPUT and "was created by someone else" in err
+    assert out.read_text() == "the other run's" and sorted(tmp_path.iterdir()) == [out]
+    assert run(capsys, "score", "resnet20", "--out", out, "--quiet", "--force")[0] == ExitCode.OK
+    assert json.loads(out.read_text())["settings"]["source"] == "weights"
+
+
+def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monkeypatch):
+    import icprune.cli.commands as commands
+
+    data = labelled_file(tmp_path / "lab.pt", [0, 1, 2, 3, 4, 5, 6, 7])
+    argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 1e30, "--out", tmp_path / "o")
+    assert code == ExitCode.FAILURE and "the loss is nan" in err  # caught by finetune itself
+    assert "lower --lr (given: 1e+30)" in err and " lr " not in err and "train_data" not in err
+    assert "--resume" in err and not (tmp_path / "o" / "model.pt").exists()
+
+    def diverged(model, *args, **kwargs):  # a loss that stayed finite, weights that did not
+        with torch.no_grad():
+            model.fc.weight.fill_(3e38)
+        return model
+
+    monkeypatch.setattr(commands, "finetune", diverged)
+    code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 10, "--out", tmp_path / "p")
+    assert code == ExitCode.FAILURE and "fine-tuning diverged" in err and "lower --lr" in err
+    assert not (tmp_path / "p" / "model.pt").exists()
