@@ -47,7 +47,14 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from icprune.kernels.common import FLAG_BIAS, interpreting, pow2_f32, row_offsets
+from icprune.kernels.common import (
+    FLAG_BIAS,
+    interpreting,
+    pow2_f32,
+    row_mode,
+    row_offsets,
+    sample_strides,
+)
 from icprune.kernels.gram import GRAM_PRECISIONS, gram_matrix
 
 from icprune.backends import BatchStats
@@ -259,6 +266,57 @@ def _histograms(idx, ok, BINS_P2: tl.constexpr, FLAT: tl.constexpr):
 
 
 @triton.jit
+def _tile_step(
+    x_ptr, t, c, col, col_ok, M, S, stride_n, stride_s, lo_run, hi_run, k_run, off_run, sum_run,
+    bad_run, acc, BINS: tl.constexpr, BINS_P2: tl.constexpr, BIN_BITS: tl.constexpr,
+    K_MIN: tl.constexpr, INDEX_BITS: tl.constexpr, STEPS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr, FLAT: tl.constexpr, ROW_MODE: tl.constexpr, WIDE: tl.constexpr,
+    MASKED: tl.constexpr,
+):  # fmt: skip
+    """One tile (BLOCK_M samples x BLOCK_C channels, tile index t) into a program's running
+    state: extremes, layout (k, off), sums, non-finite counts and the Tensor[BLOCK_C, BINS_P2]
+    histograms ``acc``, re-laid out exactly when the tile widens the range. MASKED: bounds-check
+    samples and channels (the last tile / channel block only)."""
+    offsets = row_offsets(t * BLOCK_M, BLOCK_M, S, stride_n, stride_s, ROW_MODE, WIDE)
+    ptrs = x_ptr + offsets[:, None] + col[None, :]
+    if MASKED:
+        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        ok = (rows < M)[:, None] & col_ok[None, :]
+        raw = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
+    else:  # a constant mask: every select on it folds away
+        ok = tl.full((BLOCK_M, BLOCK_C), 1, tl.int1)
+        raw = tl.load(ptrs).to(tl.float32)
+    finite = tl.abs(raw) < float("inf")  # False for NaN and +-inf
+    v = tl.where(finite, raw, 0.0)
+    bad_run += tl.sum((ok & ~finite).to(tl.int32), axis=0)
+    lo_t = tl.min(tl.where(ok, v, float("inf")), axis=0)
+    hi_t = tl.max(tl.where(ok, v, float("-inf")), axis=0)
+    # Tile sums in float32 of values scaled by 2**-e (e: frexp exponent of the tile's
+    # max|v|, so |v * 2**-e| < 1 and BLOCK_M of them cannot overflow), float64 across.
+    top = tl.maximum(tl.abs(lo_t), tl.abs(hi_t))
+    e = tl.where(top > 0, ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, 0)
+    e = tl.where(col_ok, e, 0)
+    part = tl.sum(v * pow2_f32(-e)[None, :], axis=0).to(tl.float64)
+    sum_run += part * ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+    grew = (lo_t < lo_run) | (hi_t > hi_run)
+    lo_run = tl.minimum(lo_run, lo_t)
+    hi_run = tl.maximum(hi_run, hi_t)
+    if tl.max(grew.to(tl.int32), axis=0) > 0:  # rare after the first tiles
+        k_new, off_new = _layout(
+            lo_run.to(tl.float64), hi_run.to(tl.float64), BINS, BIN_BITS, K_MIN, INDEX_BITS,
+            STEPS,
+        )  # fmt: skip
+        moved = (k_new != k_run) | (off_new != off_run)
+        if tl.max(moved.to(tl.int32), axis=0) > 0:
+            acc = _relayout(acc, k_run, off_run, k_new, off_new, BINS)
+        k_run = k_new
+        off_run = off_new
+    index = _bin_index(v, pow2_f32(-k_run)[None, :], off_run.to(tl.float32)[None, :], BINS)
+    acc += _histograms(index, ok, BINS_P2, FLAT)
+    return lo_run, hi_run, k_run, off_run, sum_run, bad_run, acc
+
+
+@triton.jit
 def _stats_pass(
     x_ptr,  # (N, C, S) input, element strides stride_n, stride_c, stride_s
     hist_ptr,  # (P, C, BINS) int32 out: histogram of each sample-run program, own layout
@@ -284,6 +342,7 @@ def _stats_pass(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     FLAT: tl.constexpr,
+    ROW_MODE: tl.constexpr,  # icprune.kernels.common.row_mode of the input and BLOCK_M
     WIDE: tl.constexpr,  # int64 element offsets (the input spans >= 2**31 elements)
 ):
     pid = tl.program_id(0)
@@ -306,38 +365,23 @@ def _stats_pass(
     sum_run = tl.zeros((BLOCK_C,), tl.float64)
     bad_run = tl.zeros((BLOCK_C,), tl.int32)
     acc = tl.zeros((BLOCK_C, BINS_P2), tl.int32)
-    for t in range(t0, t1):
-        rows = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        ok = (rows < M)[:, None] & col_ok[None, :]
-        ptrs = x_ptr + row_offsets(rows, S, stride_n, stride_s, WIDE)[:, None] + col[None, :]
-        raw = tl.load(ptrs, mask=ok, other=0.0).to(tl.float32)
-        finite = tl.abs(raw) < float("inf")  # False for NaN and +-inf
-        v = tl.where(finite, raw, 0.0)
-        bad_run += tl.sum((ok & ~finite).to(tl.int32), axis=0)
-        lo_t = tl.min(tl.where(ok, v, float("inf")), axis=0)
-        hi_t = tl.max(tl.where(ok, v, float("-inf")), axis=0)
-        # Tile sums in float32 of values scaled by 2**-e (e: frexp exponent of the tile's
-        # max|v|, so |v * 2**-e| < 1 and BLOCK_M of them cannot overflow), float64 across.
-        top = tl.maximum(tl.abs(lo_t), tl.abs(hi_t))
-        e = tl.where(top > 0, ((top.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126, 0)
-        e = tl.where(col_ok, e, 0)
-        part = tl.sum(v * pow2_f32(-e)[None, :], axis=0).to(tl.float64)
-        sum_run += part * ((e.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
-        grew = (lo_t < lo_run) | (hi_t > hi_run)
-        lo_run = tl.minimum(lo_run, lo_t)
-        hi_run = tl.maximum(hi_run, hi_t)
-        if tl.max(grew.to(tl.int32), axis=0) > 0:  # rare after the first tiles
-            k_new, off_new = _layout(
-                lo_run.to(tl.float64), hi_run.to(tl.float64), BINS, BIN_BITS, K_MIN, INDEX_BITS,
-                STEPS,
-            )  # fmt: skip
-            moved = (k_new != k_run) | (off_new != off_run)
-            if tl.max(moved.to(tl.int32), axis=0) > 0:
-                acc = _relayout(acc, k_run, off_run, k_new, off_new, BINS)
-            k_run = k_new
-            off_run = off_new
-        index = _bin_index(v, pow2_f32(-k_run)[None, :], off_run.to(tl.float32)[None, :], BINS)
-        acc += _histograms(index, ok, BINS_P2, FLAT)
+    # Whole tiles skip every mask (the compiler folds them away); only the tiles past the last
+    # whole one and the last channel block pay for them. (Two loops, not a branch per tile:
+    # a branch merging the running state makes compilation take minutes.)
+    whole = tl.where((cb + 1) * BLOCK_C <= C, tl.minimum(t1, M // BLOCK_M), t0)
+    whole = tl.maximum(whole, t0)
+    for t in range(t0, whole):
+        lo_run, hi_run, k_run, off_run, sum_run, bad_run, acc = _tile_step(
+            x_ptr, t, c, col, col_ok, M, S, stride_n, stride_s, lo_run, hi_run, k_run,
+            off_run, sum_run, bad_run, acc, BINS, BINS_P2, BIN_BITS, K_MIN, INDEX_BITS, STEPS,
+            BLOCK_M, BLOCK_C, FLAT, ROW_MODE, WIDE, False,
+        )  # fmt: skip
+    for t in range(whole, t1):
+        lo_run, hi_run, k_run, off_run, sum_run, bad_run, acc = _tile_step(
+            x_ptr, t, c, col, col_ok, M, S, stride_n, stride_s, lo_run, hi_run, k_run,
+            off_run, sum_run, bad_run, acc, BINS, BINS_P2, BIN_BITS, K_MIN, INDEX_BITS, STEPS,
+            BLOCK_M, BLOCK_C, FLAT, ROW_MODE, WIDE, True,
+        )  # fmt: skip
     row = pm.to(tl.int64) * C + c
     b = tl.arange(0, BINS_P2)
     tl.store(hist_ptr + row[:, None] * BINS + b[None, :], acc, mask=col_ok[:, None] & (b < BINS))
@@ -439,16 +483,17 @@ def default_config(x: torch.Tensor, bins: int) -> KernelConfig:
     ``bench/gpu_kernels.py --sweep`` on a GPU).
 
     Where Triton lowers ``tl.histogram`` to shared-memory atomics (>= 3.7), one flat histogram
-    per tile of ~4096 values; channels_last (channel stride 1) reads 64 contiguous bytes of
-    channels per sample. Where it lowers to warp ballots (3.6, whose cost grows with the
-    slots), one histogram per channel over tiles of ~2048 values, at most 8 channels per
-    program (more spill registers on sm_90). NCHW: 4 channels per program, runs along the
-    samples. A program's histograms stay within 4096 slots. The Gram uses 64-channel blocks
-    for C <= 64, else 128, and 32-sample steps (64 spill registers with 3.6)."""
+    per tile of ~4096 values; where it lowers to warp ballots (3.6, whose cost grows with the
+    slots), one histogram per channel over tiles of ~2048 values. channels_last (channel
+    stride 1): 16 channels per program with atomics, 8 with ballots (32-64 contiguous bytes
+    per sample; 32 channels spill registers on sm_90); NCHW: 4 channels per program, runs
+    along the samples. A program's histograms stay within 4096 slots. The Gram uses
+    64-channel blocks for C <= 64, else 128, and 32-sample steps (64 spill with 3.6).
+    bench/gpu_sass.py checks these for spills; bench/gpu.sh times alternatives."""
     c = x.shape[1]
     flat = _triton_version() >= (3, 7)
     if x.stride(1) == 1 and c > 1:  # channels last
-        block_c = 64 // x.element_size() if flat else 8
+        block_c = 16 if flat else 8
     else:
         block_c = 4
     bins_p2 = triton.next_power_of_2(bins)
@@ -472,9 +517,10 @@ def _check_config(cfg: KernelConfig, bins: int) -> None:
     def pow2(v: int) -> bool:
         return isinstance(v, int) and v >= 1 and v & (v - 1) == 0
 
-    if not (pow2(cfg.block_m) and pow2(cfg.block_c) and cfg.block_c <= 32):
+    if not (pow2(cfg.block_m) and cfg.block_m <= 8192 and pow2(cfg.block_c) and cfg.block_c <= 32):
         raise ValueError(
-            f"channel_stats: block_m and block_c must be powers of two, block_c <= 32; got {cfg}"
+            f"channel_stats: block_m and block_c must be powers of two, block_m <= 8192 and "
+            f"block_c <= 32; got {cfg}"
         )
     if cfg.block_c * triton.next_power_of_2(bins) > 2 * MAX_BINS:
         raise ValueError(
@@ -578,9 +624,10 @@ def channel_stats(
     p_sum = torch.empty(runs, c, dtype=torch.float64, **part)
     p_bad = torch.empty(runs, c, dtype=torch.int32, **part)
     _stats_pass[(blocks * runs,)](
-        x, p_hist, p_k, p_off, p_lo, p_hi, p_sum, p_bad, c, s, m, runs, *x.stride(),
+        x, p_hist, p_k, p_off, p_lo, p_hi, p_sum, p_bad, c, s, m, runs, *sample_strides(x),
         BINS_P2=bins_p2, BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, FLAT=cfg.flat_histogram,
-        WIDE=wide, num_warps=cfg.stats_warps, **consts,
+        ROW_MODE=row_mode(x, cfg.block_m), WIDE=wide,
+        num_warps=cfg.stats_warps, **consts,
     )  # fmt: skip
     # Integer outputs accumulated with atomics live in one zeroed buffer: one memset.
     ints = torch.zeros(c * bins + 2, dtype=torch.int64, **part)

@@ -29,7 +29,14 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from icprune.kernels.common import FLAG_BIAS, interpreting, pow2_f32, row_offsets
+from icprune.kernels.common import (
+    FLAG_BIAS,
+    interpreting,
+    pow2_f32,
+    row_mode,
+    row_offsets,
+    sample_strides,
+)
 
 #: Gram products for float32 input (16-bit inputs always use their exact native products).
 GRAM_PRECISIONS = ("3xtf32", "tf32", "ieee")
@@ -95,6 +102,7 @@ def _gram(
     SCALE_BITS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    ROW_MODE: tl.constexpr,  # icprune.kernels.common.row_mode of the input and BLOCK_K
     WIDE: tl.constexpr,
     WIDEN: tl.constexpr,  # 16-bit tiles widened to float32 (interpreter; see _gram_step)
 ):
@@ -127,7 +135,7 @@ def _gram(
         acc = tl.zeros((BLOCK_G, BLOCK_G), tl.float32)
         for k0 in range(c0, tl.minimum(c0 + CHUNK, m1), BLOCK_K):
             rows = k0 + tl.arange(0, BLOCK_K)
-            base = row_offsets(rows, S, stride_n, stride_s, WIDE)[:, None]
+            base = row_offsets(k0, BLOCK_K, S, stride_n, stride_s, ROW_MODE, WIDE)[:, None]
             row_ok = (rows < m1)[:, None]
             a = tl.load(x_ptr + base + col_i[None, :], mask=row_ok & (ci < C)[None, :], other=0.0)
             b = tl.load(x_ptr + base + col_j[None, :], mask=row_ok & (cj < C)[None, :], other=0.0)
@@ -235,10 +243,10 @@ def gram_matrix(
     scaled = x.dtype != torch.float16  # float16 cannot overflow or underflow float32 products
     common = {"SCALED": scaled, "FLAG_BIAS": FLAG_BIAS, "SCALE_BITS": GRAM_SCALE_BITS}
     _gram[(pairs * splits,)](
-        x, flags, part, c, s, m, nb, split_m, GRAM_CHUNK // block_k * block_k, *x.stride(),
+        x, flags, part, c, s, m, nb, split_m, GRAM_CHUNK // block_k * block_k, *sample_strides(x),
         PRECISION=_PRECISION_CODE[precision], BLOCK_G=block_g, BLOCK_K=block_k,
-        WIDE=wide, WIDEN=interpreting(), num_warps=warps, num_stages=stages,
-        **common,
+        ROW_MODE=row_mode(x, block_k), WIDE=wide, WIDEN=interpreting(),
+        num_warps=warps, num_stages=stages, **common,
     )  # fmt: skip
     out = torch.empty(c, c, dtype=torch.float64, device=x.device)
     # Rows per finishing program: one program per pair on the interpreter, else enough
