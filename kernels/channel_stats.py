@@ -18,8 +18,8 @@ non-finite values - as device tensors, with no host synchronisation, in five lau
    partials, the partial moved into the batch layout and added to the int64 counts with integer
    atomics (order-independent, so deterministic); sums in float64 (a fixed reduction tree).
 3. the Gram matrix, two launches of :mod:`icprune.kernels.gram` (tensor cores; it reads the
-   input a second time - from L2 for maps up to ~60 MB - and picks its power-of-two scale from
-   the extremes this pass left on the device).
+   input a second time - partly from L2 where the map is small - and picks its power-of-two
+   scale from the extremes this pass left on the device).
 
 (plus one memset of the int64 outputs accumulated with atomics).
 
@@ -30,7 +30,8 @@ a tiny negative x whose product underflows - or is flushed - to -0, is put in bi
 would); a layout for a larger range is coarser and aligned, so moving counts between layouts
 only adds integers. Races: the interpreter runs programs one after another and cannot show
 them, so by construction every output element has one writer, or is accumulated with integer
-atomics (exact, order-free); nothing is accumulated with float atomics.
+atomics (exact, order-free); the one float atomic (kernels/gram.py) adds into a partial that a
+single program owns, in that program's order.
 
 Sums: float32 per tile of values scaled by a power of two (no overflow), float64 across tiles
 and partials (fixed order). Gram: see :mod:`icprune.kernels.gram` and docs/method.md.
