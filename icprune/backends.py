@@ -195,8 +195,9 @@ def cpp_batch(x: torch.Tensor, bins: int) -> BatchStats:
 
 def triton_batch(x: torch.Tensor, bins: int) -> BatchStats:
     """Batch statistics of Tensor[N, C, *spatial] by the Triton kernels (see
-    :func:`icprune.kernels.channel_stats.channel_stats`); nothing synchronises with the host."""
-    return BatchStats(*triton_kernels().channel_stats(_as_3d(x), bins))
+    :func:`icprune.kernels.channel_stats.channel_stats`, which returns a BatchStats); nothing
+    synchronises with the host."""
+    return triton_kernels().channel_stats(_as_3d(x), bins)
 
 
 BATCH_FUNCTIONS = {"cpp": cpp_batch, "triton": triton_batch}
