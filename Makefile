@@ -34,5 +34,21 @@ test: lint
 quality: $(STAMP)
 	$(PY) -m bench.quality
 
+# Second venv for tests/torchvision: torchvision 0.29.1 needs torch 2.14.1 (both on local disk).
+# icprune is installed editable without building its extension (ICPRUNE_BUILD_EXT=0): the
+# in-place icprune/_C*.so that $(STAMP) built needs numpy only, no libtorch, and loads here too.
+TV_VENV := .venv-tv
+TV_PY := $(TV_VENV)/bin/python
+TV_STAMP := $(TV_VENV)/.icprune-installed
+TV_TORCH := torch==2.14.1 torchvision==0.29.1
+
+$(TV_STAMP): pyproject.toml setup.py | $(STAMP)
+	test -x $(TV_PY) || $(PYTHON) -m venv $(TV_VENV)
+	$(TV_PY) -m pip install --quiet --upgrade pip
+	$(TV_PY) -m pip install --quiet $(TV_TORCH)
+	ICPRUNE_BUILD_EXT=0 $(TV_PY) -m pip install --quiet -e . pytest 'hypothesis>=6.90' \
+		'torch-pruning==1.6.1'
+	touch $(TV_STAMP)
+
 clean:
-	rm -rf $(VENV) build *.egg-info icprune/_C*.so
+	rm -rf $(VENV) $(TV_VENV) build *.egg-info icprune/_C*.so
