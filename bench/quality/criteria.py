@@ -42,6 +42,8 @@ class Context:
         groups: its dependency groups (:func:`icprune.dependency_groups`).
         calib: calibration batches, list of Tensor[N, ...] model inputs.
         seed: the model's seed (for ``random``).
+        backend: :class:`icprune.ChannelStats` backend of the input statistics (``"torch"``:
+            float64 Gram matrices; ``"auto"``: the fast float32 ones, for large models).
         cache: statistics shared between criteria of one model.
     """
 
@@ -49,6 +51,7 @@ class Context:
     groups: list[icprune.Group]
     calib: list[torch.Tensor]
     seed: int
+    backend: str = "torch"
     cache: dict = field(default_factory=dict)
 
     @property
@@ -63,7 +66,9 @@ class Context:
         """Consumer input statistics over the calibration data (computed once)."""
         if "inputs" not in self.cache:
             consumers = prototypes.consumers_of(self.groups)
-            self.cache["inputs"] = prototypes.input_stats(self.model, self.calib, consumers)
+            self.cache["inputs"] = prototypes.input_stats(
+                self.model, self.calib, consumers, backend=self.backend
+            )
         return self.cache["inputs"]
 
 

@@ -124,7 +124,9 @@ def recover(
         else:
             if key not in ctx.cache:
                 consumers = prototypes.consumers_of(ctx.groups)
-                ctx.cache[key] = prototypes.input_stats(ctx.model, data, consumers)
+                ctx.cache[key] = prototypes.input_stats(
+                    ctx.model, data, consumers, backend=ctx.backend
+                )
             stats = ctx.cache[key]
         prototypes.repair(
             ctx.model, model, plan, stats, ridge=pipeline.ridge, lstsq=pipeline.repair == "lstsq"

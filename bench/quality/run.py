@@ -1,7 +1,7 @@
 """Run the comparison and write its report.
 
     python -m bench.quality [--quick] [--out DIR] [--results FILE] [--rows FILE] [--cache DIR]
-                            [--split both|selection|confirmation] [--criteria A,B] [--pipelines A,B]
+                            [--split both|selection|confirmation] [--criteria 'A;B'] [--pipelines 'A;B']
                             [--no-progress] [--threads N]
 
 ``make quality`` runs the full comparison (both splits, the diagnosis, the report). The protocol
@@ -199,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> Results:
     parser.add_argument("--rows", type=Path, default=None, help="also save all rows as JSON")
     parser.add_argument("--cache", type=Path, default=None, help="keep trained nets here")
     parser.add_argument("--split", choices=("both", "selection", "confirmation"), default="both")
-    parser.add_argument("--criteria", default=None, help="comma-separated criteria names")
-    parser.add_argument("--pipelines", default=None, help="comma-separated pipeline names")
+    parser.add_argument("--criteria", default=None, help="criteria names separated by ';' (or 'all')")
+    parser.add_argument("--pipelines", default=None, help="pipeline names separated by ';'")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: these small nets gain little from "
@@ -208,11 +208,13 @@ def main(argv: Sequence[str] | None = None) -> Results:
     args = parser.parse_args(argv)  # fmt: skip
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    names = args.criteria.split(",") if args.criteria else None
+    names = None
+    if args.criteria:
+        names = list(criteria.registry()) if args.criteria == "all" else args.criteria.split(";")
     unknown = sorted(set(names or ()) - set(criteria.registry()))
     if unknown:
         parser.error(f"unknown criteria {unknown}; known: {list(criteria.registry())}")
-    pipes = args.pipelines.split(",") if args.pipelines else None
+    pipes = args.pipelines.split(";") if args.pipelines else None
     unknown = sorted(set(pipes or ()) - set(pipeline.PIPELINES))
     if unknown:
         parser.error(f"unknown pipelines {unknown}; known: {list(pipeline.PIPELINES)}")
