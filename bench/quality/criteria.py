@@ -90,9 +90,9 @@ def _bn_after(ctx: Context) -> dict[str, str]:
 def _bn_scale(ctx: Context) -> dict[str, torch.Tensor]:
     modules, follower = ctx.modules(), _bn_after(ctx)
     return {
-        name: bn_scale(modules[follower[name]].weight) if name in follower else l1_norm(
-            modules[name].weight
-        )
+        name: bn_scale(modules[follower[name]].weight)
+        if name in follower
+        else l1_norm(modules[name].weight)
         for name in ctx.layers
     }
 
@@ -160,6 +160,8 @@ REGISTRY: dict[str, tuple[Criterion, bool]] = {
     "wcondvar, r=1e-4": (_group("wcondvar", 1e-4), True),
     "wcondvar, r=1": (_group("wcondvar", 1.0), True),
     "greedy": (_group("greedy"), True),
+    "greedy, r=1e-1": (_group("greedy", 1e-1), True),
+    "greedy, r=1": (_group("greedy", 1.0), True),
 }
 
 

@@ -77,8 +77,8 @@ def oracle(model, group: icprune.Group, batches: Sequence[torch.Tensor]) -> torc
         for c in range(group.channels):
             mask = torch.ones(group.channels)
             mask[c] = 0.0
-            shape = (1, -1, 1, 1)
-            handles = [n.register_forward_hook(lambda _m, _i, out, k=mask: out * k.view(shape))
+            mask = mask.view(1, -1, 1, 1)
+            handles = [n.register_forward_hook(lambda _m, _i, out, k=mask: out * k)
                        for n in norms]  # fmt: skip
             try:
                 cut = F.log_softmax(model(x), 1)

@@ -70,9 +70,11 @@ def photo(name: str) -> torch.Tensor:
     else:
         import skimage.data
 
-        array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(
-            skimage.data, name
-        )()
+        array = (
+            skimage.data.stereo_motorcycle()[0]
+            if name == "motorcycle"
+            else getattr(skimage.data, name)()
+        )
     x = torch.as_tensor(array).float() / 255.0
     if x.dim() == 2:
         x = x[..., None].expand(-1, -1, 3)
@@ -92,8 +94,8 @@ def crops(names: Sequence[str], count: int, seed: int) -> torch.Tensor:
         _, h, w = img.shape
         area = h * w * (0.2 + 0.8 * torch.rand((), generator=gen).item())
         ratio = math.exp(math.log(3 / 4) + math.log(16 / 9) * torch.rand((), generator=gen).item())
-        ch = min(h, int(round(math.sqrt(area / ratio))))
-        cw = min(w, int(round(math.sqrt(area * ratio))))
+        ch = min(h, round(math.sqrt(area / ratio)))
+        cw = min(w, round(math.sqrt(area * ratio)))
         top = int(torch.randint(0, h - ch + 1, (), generator=gen))
         left = int(torch.randint(0, w - cw + 1, (), generator=gen))
         crop = img[:, top : top + ch, left : left + cw]
@@ -209,7 +211,7 @@ def _criteria_names(quick: bool) -> list[str]:
     from bench.quality.defaults import DATA_DEFAULT, DATA_FREE_DEFAULT
 
     names = [DATA_DEFAULT, DATA_FREE_DEFAULT, "L1", "random"]
-    return names[:1] + ["L1"] if quick else list(dict.fromkeys(names))
+    return [names[0], "L1"] if quick else list(dict.fromkeys(names))
 
 
 def write(result: dict, out: Path, results_file: Path, command: str) -> None:
@@ -289,8 +291,11 @@ def _lite0_verdict(rows: list[dict], default: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m bench.quality.lite0", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.quality.lite0",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 crops, one target")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--results", type=Path, default=None)

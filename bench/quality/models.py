@@ -4,14 +4,15 @@ Every network maps Tensor[N, 1, 16, 16] (the upsampled digits) to Tensor[N, 10] 
 built from Conv2d + BatchNorm2d + activation units, so that every pruned channel has a
 BatchNorm and icprune's dependency groups cover all of them. Each kind has a *selection* net
 (used, with the selection seeds, to choose defaults) and a *confirmation* net of the same kind
-but another depth, width or block design (used, with other seeds, only to report):
+but another depth, width or block design (used, with other seeds, only to report);
+selection / confirmation:
 
-| kind | selection | confirmation |
-|---|---|---|
-| plain | ``vgg``: VGG-style 16-16-M-32-32-M-64-64 | ``vgg-b``: 24-M-48-48-M-96 |
-| residual | ``resnet``: BasicBlocks 2-2-2, widths 16/32/64 | ``resnet-b``: Bottlenecks 1-1-1, widths 16/32/64 (x4) |
-| inverted residual | ``mobilenet``: expansion 4, depthwise 3x3, ReLU6 | ``mobilenet-b``: expansion 6, other widths |
-| concat | ``densenet``: dense blocks 3-3, growth 12 | ``densenet-b``: dense blocks 2-2-2, growth 8 |
+- plain: ``vgg`` (VGG-style 16-16-M-32-32-M-64-64) / ``vgg-b`` (24-M-48-48-M-96);
+- residual: ``resnet`` (BasicBlocks 2-2-2, widths 16/32/64) / ``resnet-b`` (Bottlenecks
+  1-1-1, widths 16/32/64, expansion 4);
+- inverted residual: ``mobilenet`` (expansion 4, widths 16/24/32) / ``mobilenet-b`` (expansion
+  6, widths 24/40);
+- concat: ``densenet`` (dense blocks 3-3, growth 12) / ``densenet-b`` (blocks 2-2-2, growth 8).
 
 The models are defined here, not taken from ``icprune.models``, so that the benchmark does not
 move when the package's modules do.

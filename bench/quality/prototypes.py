@@ -84,7 +84,9 @@ class InputStats:
 def consumers_of(groups: Sequence[icprune.Group]) -> list[str]:
     """Names of the modules that consume some group's channels on their input side, in the
     order first met."""
-    return list(dict.fromkeys(d.module for g in groups for d in g.dependencies if d.kind == "input"))
+    return list(
+        dict.fromkeys(d.module for g in groups for d in g.dependencies if d.kind == "input")
+    )
 
 
 def input_stats(
@@ -360,8 +362,7 @@ def tap_coverage(module: nn.Module, spatial: tuple[int, ...]) -> torch.Tensor:
     eye = torch.eye(t, dtype=torch.float64).reshape(t, 1, *kernel)
     ones = torch.ones(1, 1, *spatial, dtype=torch.float64)
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(kernel)]
-    pad = module.padding if isinstance(module.padding, tuple) else module.padding
-    hits = conv(ones, eye, stride=module.stride, padding=pad, dilation=module.dilation)
+    hits = conv(ones, eye, stride=module.stride, padding=module.padding, dilation=module.dilation)
     return hits.reshape(t, -1).mean(1)
 
 

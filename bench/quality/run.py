@@ -1,8 +1,8 @@
 """Run the comparison and write its report.
 
-    python -m bench.quality [--quick] [--out DIR] [--results FILE] [--rows FILE] [--cache DIR]
-                            [--split both|selection|confirmation] [--criteria 'A;B'] [--pipelines 'A;B']
-                            [--no-progress] [--threads N]
+    python -m bench.quality [--quick] [--out DIR] [--results FILE] [--rows FILE]
+        [--cache DIR] [--split both|selection] [--criteria 'A;B'|all] [--pipelines 'A;B']
+        [--no-progress] [--threads N]
 
 ``make quality`` runs the full comparison (both splits, the diagnosis, the report). The protocol
 is in :mod:`bench.quality`. ``--quick`` is a smoke test (two selection nets and one confirmation
@@ -189,8 +189,11 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> Results:
     """Command line entry point; returns the results (for tests)."""
-    parser = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.quality",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test (well under a minute)")
     parser.add_argument("--out", type=Path, default=Path("docs"), help="quality.md/.png here")
     parser.add_argument("--results", type=Path, default=None,
@@ -199,12 +202,18 @@ def main(argv: Sequence[str] | None = None) -> Results:
     parser.add_argument("--rows", type=Path, default=None, help="also save all rows as JSON")
     parser.add_argument("--cache", type=Path, default=None, help="keep trained nets here")
     parser.add_argument("--split", choices=("both", "selection", "confirmation"), default="both")
-    parser.add_argument("--criteria", default=None, help="criteria names separated by ';' (or 'all')")
+    parser.add_argument(
+        "--criteria", default=None, help="criteria names separated by ';' (or 'all')"
+    )
     parser.add_argument("--pipelines", default=None, help="pipeline names separated by ';'")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default 1: these small nets gain little from "
-                             "more, and several threads slow down badly on a shared machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these small nets gain little from "
+        "more, and several threads slow down badly on a shared machine)",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -227,8 +236,8 @@ def main(argv: Sequence[str] | None = None) -> Results:
     partial = args.quick or args.split != "both" or names is not None or pipes is not None
     results_file = args.results
     if results_file is None:
-        results_file = args.out / "cpu-quality.md" if partial else Path(
-            "bench/results/cpu-quality.md"
+        results_file = (
+            args.out / "cpu-quality.md" if partial else Path("bench/results/cpu-quality.md")
         )
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
