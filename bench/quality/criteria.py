@@ -14,7 +14,8 @@ Names (``data`` = reads calibration data; the others are data-free):
   of each filter's weights and its distance to the other filters); ``IC wts``: its capacity
   term alone; ``ICII wts + L1``: z-scores of both added per layer;
 - ``ICII feat``: ``icprune.score(model, data)`` (feature maps after the BatchNorm); ``ICII feat,
-  act``: read after the activation;
+  act``: read after the activation; ``IC feat`` / ``II feat``: its capacity (entropy) /
+  independence (mean distance) term alone;
 - ``E2``, ``var``, ``condvar``, ``wE2``, ``wvar``, ``wcondvar``, ``greedy``, ``wbn``: the
   consumer-side group criteria of :mod:`bench.quality.prototypes` (``condvar``/``wcondvar``/
   ``greedy`` with ridge 1e-2 unless the name says ``r=``).
@@ -151,6 +152,8 @@ REGISTRY: dict[str, tuple[Criterion, bool]] = {
     "wbn + L1": (_zsum(_group("wbn"), _L1), False),
     "ICII feat": (lambda ctx: _icii(ctx, True), True),
     "ICII feat, act": (lambda ctx: _icii(ctx, True, read_at="activation"), True),
+    "IC feat": (lambda ctx: _icii(ctx, True, "capacity"), True),
+    "II feat": (lambda ctx: _icii(ctx, True, "independence"), True),
     "E2": (_group("E2"), True),
     "var": (_group("var"), True),
     "condvar": (_group("condvar"), True),

@@ -31,8 +31,9 @@ from bench.quality.train import Recipe, trained
 ORACLE_IMAGES = 256
 #: Criteria compared with the oracle (names of :func:`bench.quality.criteria.registry`, plus
 #: ``ICII at input``: icprune's ICII estimator on the statistics of the consumer's input).
-COMPARED = ("random", "L1", "BN scale", "ICII wts", "ICII feat", "ICII feat, act",
-            "ICII at input", "E2", "var", "wE2", "wvar", "wcondvar", "greedy", "wbn")  # fmt: skip
+COMPARED = ("random", "L1", "BN scale", "ICII wts", "ICII feat", "IC feat", "II feat",
+            "ICII feat, act", "ICII at input", "E2", "var", "wE2", "wvar", "wcondvar", "greedy",
+            "wbn")  # fmt: skip
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -31,7 +32,7 @@ from bench.quality.train import TRAIN, Recipe, accuracy, trained
 
 #: Criteria that may become a default (the others are baselines).
 CANDIDATES_DATA = ("ICII feat", "ICII feat, act", "E2", "var", "condvar", "wE2", "wvar",
-                   "wcondvar", "greedy")  # fmt: skip
+                   "wcondvar", "wcondvar, r=1", "greedy", "greedy, r=1e-1")  # fmt: skip
 CANDIDATES_FREE = ("ICII wts", "IC wts", "ICII wts + L1", "wbn", "wbn + L1")
 #: The pipeline each kind of default is chosen by: with data, repair + BN re-estimation; a
 #: data-free score is judged with BN re-estimation only.
@@ -49,6 +50,8 @@ class Config:
         targets: MAC reductions, each in (0, 1).
         selection_criteria: criteria measured on the selection split.
         selection_pipelines, confirmation_pipelines: recovery pipelines measured.
+        study_criteria, study_pipelines: the repair study on the selection split (ridge, mean
+            compensation alone, little data).
         train: the training recipe; max_train: use only this many training images.
         diagnosis: run the residual-net diagnosis (:mod:`bench.quality.diagnosis`).
     """
@@ -60,8 +63,13 @@ class Config:
     )
     targets: tuple[float, ...] = (0.3, 0.5, 0.7)
     selection_criteria: tuple[str, ...] = (*BASELINES, *CANDIDATES_FREE, *CANDIDATES_DATA)
-    selection_pipelines: tuple[str, ...] = ("none", "bn", "repair", "repair+bn")
+    selection_pipelines: tuple[str, ...] = ("none", "bn", "repair+bn")
     confirmation_pipelines: tuple[str, ...] = ("none", "bn", "repair", "repair+bn")
+    study_criteria: tuple[str, ...] = ("L1", "greedy")
+    study_pipelines: tuple[str, ...] = (
+        "bias", "repair r=1e-4", "repair", "repair r=1e-1", "repair r=1", "bn, 64 img",
+        "repair+bn, 64 img",
+    )  # fmt: skip
     train: Recipe = TRAIN
     max_train: int | None = None
     diagnosis: bool = True
@@ -75,6 +83,8 @@ QUICK = Config(
     selection_criteria=("random", "L1", "ICII wts", "ICII feat", "wbn", "wcondvar"),
     selection_pipelines=("bn", "repair+bn"),
     confirmation_pipelines=("bn", "repair+bn"),
+    study_criteria=("L1",),
+    study_pipelines=("repair",),
     train=Recipe(epochs=1, lr=0.05),
     max_train=256,
     diagnosis=True,
@@ -100,17 +110,22 @@ def _measure_split(
     split: str,
     nets: Sequence[str],
     seeds: Sequence[int],
-    names: Sequence[str],
-    pipes: Sequence[str],
+    blocks: Sequence[tuple[Sequence[str], Sequence[str]]],
     config: Config,
     digits: data.Digits,
     cache: Path | None,
     progress: bool,
 ) -> None:
+    """Measure every ``(criteria, pipelines)`` block on every net and seed of the split (each
+    net is trained, and each criterion scored, once)."""
     registry = criteria.registry()
-    flows = [pipeline.PIPELINES[p] for p in pipes]
+    wanted: dict[str, list[str]] = {}
+    for names, pipes in blocks:
+        for name in names:
+            wanted.setdefault(name, [])
+            wanted[name] += [p for p in pipes if p not in wanted[name]]
     example = models.example_input()
-    bar = tqdm(total=len(nets) * len(seeds) * len(names), desc=split, unit="criterion",
+    bar = tqdm(total=len(nets) * len(seeds) * len(wanted), desc=split, unit="criterion",
                disable=not progress)  # fmt: skip
     for arch in nets:
         for seed in seeds:
@@ -121,8 +136,9 @@ def _measure_split(
             results.unpruned[f"{arch}/{seed}"] = accuracy(model, digits.test_x, digits.test_y)
             groups = icprune.dependency_groups(model, example)
             ctx = criteria.Context(model, groups, digits.calib, seed)
-            for name in names:
+            for name, pipes in wanted.items():
                 t0 = time.perf_counter()
+                flows = [pipeline.PIPELINES[p] for p in pipes]
                 scores = registry[name][0](ctx)
                 for target in config.targets:
                     reached, accs = pipeline.measure(ctx, scores, target, flows, digits.test_x,
@@ -153,7 +169,12 @@ def run(
 ) -> Results:
     """Train, prune, recover and measure every split in ``splits``; choose the defaults on the
     selection split (when measured) and run the diagnosis. Deterministic for a given config on
-    a given machine."""
+    a given machine. Without ``cache``, trained nets are kept in a temporary folder for the run
+    (the diagnosis reuses the selection nets)."""
+    if cache is None:
+        with tempfile.TemporaryDirectory(prefix="icprune-quality-") as tmp:
+            return run(config, splits, criteria_override, pipelines_override, Path(tmp),
+                       progress)  # fmt: skip
     start = time.perf_counter()
     results = Results()
     results.settings = {
@@ -167,15 +188,18 @@ def run(
     if "selection" in splits:
         names = criteria_override or config.selection_criteria
         pipes = pipelines_override or config.selection_pipelines
-        _measure_split(results, "selection", *config.selection, names, pipes, config, digits,
-                       cache, progress)  # fmt: skip
+        blocks = [(names, pipes)]
+        if criteria_override is None and pipelines_override is None:
+            blocks.append((config.study_criteria, config.study_pipelines))
+        _measure_split(results, "selection", *config.selection, blocks, config, digits, cache,
+                       progress)  # fmt: skip
         results.chosen = choose(results)
     if "confirmation" in splits:
         if not results.chosen:
             raise ValueError("the confirmation split needs the defaults chosen on the selection")
         names = criteria_override or confirmation_criteria(results.chosen)
         pipes = pipelines_override or config.confirmation_pipelines
-        _measure_split(results, "confirmation", *config.confirmation, names, pipes, config,
+        _measure_split(results, "confirmation", *config.confirmation, [(names, pipes)], config,
                        digits, cache, progress)  # fmt: skip
     if config.diagnosis and "selection" in splits:
         t0 = time.perf_counter()
