@@ -79,7 +79,7 @@ def photo(name: str) -> torch.Tensor:
             if name == "motorcycle"
             else getattr(skimage.data, name)()
         )
-    x = torch.as_tensor(array).float() / 255.0
+    x = torch.tensor(array).float() / 255.0  # a copy: scikit-image's arrays are read-only
     if x.dim() == 2:
         x = x[..., None].expand(-1, -1, 3)
     return x[..., :3].permute(2, 0, 1).contiguous()
