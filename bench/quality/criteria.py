@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import icprune
-from bench.quality import prototypes
+from bench.quality import models, prototypes
 from icprune.baselines import bn_scale, fpgm, l1_norm, random_scores
 
 
@@ -45,6 +45,7 @@ class Context:
         seed: the model's seed (for ``random``).
         backend: :class:`icprune.ChannelStats` backend of the input statistics (``"torch"``:
             float64 Gram matrices; ``"auto"``: the fast float32 ones, for large models).
+        example: a model input for shape-only passes (None: the digits nets' input).
         cache: statistics shared between criteria of one model.
     """
 
@@ -53,6 +54,7 @@ class Context:
     calib: list[torch.Tensor]
     seed: int
     backend: str = "torch"
+    example: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)
 
     @property
@@ -132,7 +134,10 @@ def _z(v: torch.Tensor) -> torch.Tensor:
 def _group(criterion: str, ridge: float = 1e-2) -> Criterion:
     def fn(ctx: Context) -> dict[str, torch.Tensor]:
         stats = ctx.input_stats() if criterion in prototypes.DATA_CRITERIA else None
-        return prototypes.group_scores(ctx.model, ctx.groups, criterion, stats, ridge=ridge)
+        example = ctx.example if ctx.example is not None else models.example_input()
+        return prototypes.group_scores(
+            ctx.model, ctx.groups, criterion, stats, ridge=ridge, example=example
+        )
 
     return fn
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import platform
 import sys
@@ -166,8 +167,9 @@ def distill(model: nn.Module, x: torch.Tensor, teacher: torch.Tensor, epochs: in
     return model.eval()
 
 
-def run(quick: bool = False, progress: bool = True) -> dict:
-    """Every measurement of the track; see the module docstring."""
+def run(quick: bool = False, progress: bool = True, rows: Path | None = None) -> dict:
+    """Every measurement of the track; see the module docstring. With ``rows``, the results so
+    far are written there as JSON after every criterion."""
     t_start = time.perf_counter()
     model = load_model()
     ncal, nheld = (64, 64) if quick else (CALIB_CROPS, HELDOUT_CROPS)
@@ -179,7 +181,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     ref_held = logits(model, held)
     ref_calib = logits(model, calib)
     groups = icprune.dependency_groups(model, example)
-    ctx = criteria.Context(model, groups, calib_batches, seed=0, backend="auto")
+    ctx = criteria.Context(model, groups, calib_batches, seed=0, backend="auto", example=example)
     result: dict = {"rows": [], "unpruned": {}, "chosen": {}, "seconds": {}}
     bn_only = icprune.recalibrate_bn(copy.deepcopy(model), calib_batches, progress=False)
     result["unpruned"]["bn"] = agreement(ref_held, logits(bn_only, held))
@@ -211,6 +213,8 @@ def run(quick: bool = False, progress: bool = True) -> dict:
                                        "agreement": agree, "kl": kl,
                                        "reduction": plan.flops_reduction})  # fmt: skip
             bar.update()
+        if rows is not None:
+            rows.write_text(json.dumps(result, indent=1), encoding="utf-8")
     bar.close()
     result["seconds"]["total"] = time.perf_counter() - t_start
     return result
@@ -308,6 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 crops, one target")
     parser.add_argument("--out", type=Path, default=Path("docs"))
     parser.add_argument("--results", type=Path, default=None)
+    parser.add_argument("--rows", type=Path, default=None, help="save the results as JSON")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)  # fmt: skip
@@ -318,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        result = run(args.quick, not args.no_progress)
+        result = run(args.quick, not args.no_progress, args.rows)
     finally:
         torch.set_num_threads(threads)
     shown = sys.argv[1:] if argv is None else list(argv)

@@ -273,6 +273,7 @@ def group_scores(
     stats: InputStats | None = None,
     *,
     ridge: float = 1e-2,
+    example: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Scores of every group's channels by a consumer-side criterion (see the module docstring),
     given to every output layer of the group (so :func:`icprune.plan` uses them as they are).
@@ -283,6 +284,8 @@ def group_scores(
         criterion: one of :data:`DATA_CRITERIA` (needs ``stats``) or :data:`DATA_FREE_CRITERIA`.
         stats: from :func:`input_stats` on the same model.
         ridge: relative ridge r of the conditional variance and of the greedy fit.
+        example: a model input (Tensor[1, ...]) for the one shape-only pass that finds the
+            BatchNorm after each consumer, needed by data-free criteria without ``stats``.
 
     Returns:
         dict layer name -> Tensor[C] float64 (higher = keep).
@@ -292,7 +295,7 @@ def group_scores(
     if criterion in DATA_CRITERIA and stats is None:
         raise ValueError(f"criterion {criterion!r} needs input statistics")
     modules = dict(model.named_modules())
-    follower = stats.follower if stats is not None else _followers(model)
+    follower = stats.follower if stats is not None else _followers(model, example)
     out: dict[str, torch.Tensor] = {}
     for group in groups:
         reads = _consumer_reads(group)
@@ -327,13 +330,12 @@ def group_scores(
     return out
 
 
-def _followers(model: nn.Module) -> dict[str, str]:
-    """conv/linear -> the BatchNorm directly after it, from one shape-only pass (data-free)."""
-    first = next(m for m in model.modules() if isinstance(m, CONSUMER_TYPES))
-    c_in = first.in_features if isinstance(first, nn.Linear) else first.in_channels
-    spatial = (16, 16) if isinstance(first, nn.Conv2d) else ()
-    probe = torch.zeros(2, c_in, *spatial)
-    return input_stats(model, [probe], [], bins=2).follower
+def _followers(model: nn.Module, example: torch.Tensor | None) -> dict[str, str]:
+    """conv/linear -> the BatchNorm directly after it, from one pass of ``example`` (zeros of
+    its shape: data-free)."""
+    if example is None:
+        raise ValueError("data-free consumer criteria need example=<a model input>")
+    return input_stats(model, [torch.zeros_like(example)], [], bins=2).follower
 
 
 def _bn_energy(model: nn.Module, group: icprune.Group, follower: Mapping[str, str]):

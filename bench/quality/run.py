@@ -166,15 +166,17 @@ def run(
     pipelines_override: Sequence[str] | None = None,
     cache: Path | None = None,
     progress: bool = True,
+    reuse: Results | None = None,
 ) -> Results:
     """Train, prune, recover and measure every split in ``splits``; choose the defaults on the
     selection split (when measured) and run the diagnosis. Deterministic for a given config on
     a given machine. Without ``cache``, trained nets are kept in a temporary folder for the run
-    (the diagnosis reuses the selection nets)."""
+    (the diagnosis reuses the selection nets). With ``reuse`` (results saved by an earlier run
+    of the same code), its selection rows and diagnosis are taken instead of measured again."""
     if cache is None:
         with tempfile.TemporaryDirectory(prefix="icprune-quality-") as tmp:
             return run(config, splits, criteria_override, pipelines_override, Path(tmp),
-                       progress)  # fmt: skip
+                       progress, reuse)  # fmt: skip
     start = time.perf_counter()
     results = Results()
     results.settings = {
@@ -185,7 +187,13 @@ def run(
         "max_train": config.max_train,
     }
     digits = data.load(config.max_train)
-    if "selection" in splits:
+    if reuse is not None:
+        results.rows = [r for r in reuse.rows if r.split == "selection"]
+        results.unpruned = dict(reuse.unpruned)
+        results.diagnosis = reuse.diagnosis
+        results.chosen = choose(results)
+        results.settings["reused"] = True
+    elif "selection" in splits:
         names = criteria_override or config.selection_criteria
         pipes = pipelines_override or config.selection_pipelines
         blocks = [(names, pipes)]
@@ -201,7 +209,7 @@ def run(
         pipes = pipelines_override or config.confirmation_pipelines
         _measure_split(results, "confirmation", *config.confirmation, [(names, pipes)], config,
                        digits, cache, progress)  # fmt: skip
-    if config.diagnosis and "selection" in splits:
+    if config.diagnosis and "selection" in splits and reuse is None:
         t0 = time.perf_counter()
         nets, seeds = config.selection
         arch = next(a for a in nets if models.KINDS[a] == "residual")
@@ -230,6 +238,13 @@ def main(argv: Sequence[str] | None = None) -> Results:
         "--criteria", default=None, help="criteria names separated by ';' (or 'all')"
     )
     parser.add_argument("--pipelines", default=None, help="pipeline names separated by ';'")
+    parser.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        help="take the selection rows and the diagnosis from this --rows file of "
+        "an earlier run instead of measuring them again",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument(
         "--threads",
@@ -258,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> Results:
         config = replace(config, diagnosis=False)
     splits = ("selection", "confirmation") if args.split == "both" else (args.split,)
     partial = args.quick or args.split != "both" or names is not None or pipes is not None
+    partial = partial and args.reuse is None
     results_file = args.results
     if results_file is None:
         results_file = (
@@ -266,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> Results:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        results = run(config, splits, names, pipes, args.cache, not args.no_progress)
+        reuse = Results.load(args.reuse) if args.reuse is not None else None
+        results = run(config, splits, names, pipes, args.cache, not args.no_progress, reuse)
     finally:
         torch.set_num_threads(threads)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,7 @@ from torch import nn
 import icprune
 from bench.quality import criteria, models, pipeline, prototypes, results
 from bench.quality.diagnosis import group_vector, spearman
-from bench.quality.run import CHOICE_PIPELINE, choose, main
+from bench.quality.run import CHOICE_PIPELINE, QUICK, choose, main, run
 
 
 @pytest.mark.parametrize("arch", models.ARCHS)
@@ -176,6 +176,13 @@ def test_quick_mode_runs_end_to_end(tmp_path):
     assert all(r.reduction >= r.target for r in res.rows)
     again = results.Results.load(tmp_path / "rows.json")
     assert again.rows == res.rows
+    # --reuse takes the selection rows and diagnosis as they are and measures the confirmation
+    reused = run(QUICK, reuse=again, progress=False)
+    assert [r for r in reused.rows if r.split == "selection"] == [
+        r for r in res.rows if r.split == "selection"
+    ]
+    assert reused.chosen == res.chosen and reused.diagnosis == res.diagnosis
+    assert {r.split for r in reused.rows} == {"selection", "confirmation"}
     # the hand-written section survives a rerun
     marked = text.replace("<!-- hand-written: end -->", "kept words\n<!-- hand-written: end -->")
     (tmp_path / "quality.md").write_text(marked)
