@@ -23,7 +23,7 @@ from icprune.compensated import add_
 RANGE_MODES = ("layer", "channel")
 NAN_POLICIES = ("raise", "zero")
 #: Where samples can come from (``read_at``): feature-map read points, the weights, or unknown.
-READ_AT = ("output", "bn", "activation", "weights", None)
+READ_AT = ("output", "bn", "activation", "input", "weights", None)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Most histogram bins per channel (more bins than that only add sampling noise to the entropy,
 #: and C * bins int64 counters must fit in memory).
@@ -125,8 +125,8 @@ class ChannelStats:
         name: layer name used in error messages (e.g. ``"layer1.0.conv1"``).
         read_at: where the samples come from, kept as metadata (and used in error messages):
             ``"output"``, ``"bn"`` or ``"activation"`` for feature maps (see
-            :mod:`icprune.graph`), ``"weights"`` for the data-free statistics of a layer's
-            weights, None if unspecified.
+            :mod:`icprune.graph`), ``"input"`` for what a consumer layer reads (its input),
+            ``"weights"`` for the data-free statistics of a layer's weights, None if unspecified.
         device: device holding the statistics (default CPU); updates must come from it.
         backend: how a batch is computed (see :mod:`icprune.backends`): ``"auto"`` (Triton for
             CUDA tensors, the C++ extension for CPU tensors, else torch), or one of ``"triton"``,
