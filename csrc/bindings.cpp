@@ -79,6 +79,6 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("hi"), py::arg("lo"), py::arg("x"), py::arg("x_lo") = py::none(),
       "(hi, lo) += x (+ x_lo) in place, compensated (TwoSum, renormalised), one pass "
-      "(csrc/compensated.h): the same results as icprune.compensated.add_'s torch code. All "
+      "(csrc/compensated.h): the same results as icprune.stats.compensated.add_'s torch code. All "
       "C-contiguous float64 arrays of one size, not overlapping; x_lo may be None.");
 }

@@ -105,7 +105,7 @@ int bit_length(int64_t v) {
   return bits;
 }
 
-// icprune.binning.bin_layout for one range [lo, hi] (lo <= hi, finite).
+// icprune.stats.binning.bin_layout for one range [lo, hi] (lo <= hi, finite).
 void layout(double lo, double hi, int bins, int64_t& k, int64_t& off) {
   const double half_span = hi / 2 - lo / 2;
   k = kMinExponent;
@@ -116,7 +116,7 @@ void layout(double lo, double hi, int bins, int64_t& k, int64_t& off) {
   off = bin_index(lo, k);
 }
 
-// icprune.binning.rebin of one channel: add src (layout k0, off0) into dst (layout k1, off1).
+// icprune.stats.binning.rebin of one channel: add src (layout k0, off0) into dst (layout k1, off1).
 template <typename C>
 void rebin_add(const C* src, int64_t k0, int64_t off0, int64_t* dst, int64_t k1, int64_t off1,
                int bins) {

@@ -24,7 +24,7 @@ struct BatchView {
 
 // Outputs, all caller-allocated, C = view.c, B = bins:
 //   counts   int64[C * B]  histogram of channel c in its own batch layout (row c)
-//   exponent int64[C]      bin exponent k of channel c (icprune.binning.bin_layout of lo, hi)
+//   exponent int64[C]      bin exponent k of channel c (icprune.stats.binning.bin_layout of lo, hi)
 //   offset   int64[C]      bin offset of channel c
 //   minimum, maximum double[C]  extremes of channel c
 //   sums     double[C]     sum of channel c

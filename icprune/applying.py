@@ -21,9 +21,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from icprune.graph import NORM_TYPES, channel_structure
 from icprune.planning import PruningPlan
 from icprune.slicing import slice_channels
+from icprune.structure.graph import NORM_TYPES, channel_structure
 
 
 def set_channels(module: nn.Module, out_channels: int, in_channels: int) -> None:

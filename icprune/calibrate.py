@@ -1,13 +1,13 @@
 """Calibration: stream a model's feature maps into per-layer :class:`ChannelStats`.
 
 Forward hooks read each prunable layer's feature map at its read point (see
-:mod:`icprune.graph`) and add it to that layer's statistics; no feature map is kept. The model
-runs in eval mode without gradients, and its mode, parameters and buffers are left exactly as
+:mod:`icprune.structure.graph`) and add it to that layer's statistics; no feature map is kept. The
+model runs in eval mode without gradients, and its mode, parameters and buffers are left exactly as
 they were.
 
 Calibration can checkpoint its statistics to a file every few batches and resume from it after
 an interruption, and can combine the statistics of several processes (``distributed=True``, see
-:mod:`icprune.distributed`).
+:mod:`icprune.stats.distributed`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from icprune.distributed import all_reduce_stats, check_initialized
 from icprune.files import exclusive, load_torch_file, save_atomically
-from icprune.graph import ReadPoint, out_channels, prunable_layers, read_points
 from icprune.modes import frozen
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.distributed import all_reduce_stats, check_initialized
+from icprune.structure.graph import ReadPoint, out_channels, prunable_layers, read_points
 
 #: Format tag and version of calibration checkpoint files.
 CHECKPOINT_FORMAT = "icprune.calibration"
@@ -287,7 +287,7 @@ def calibrate(
         data: iterable of batches, each a Tensor ``[N, ...]`` model input or a tuple/list whose
             first element is the input (e.g. a DataLoader yielding ``(images, labels)``).
         layers: qualified module names to calibrate; None = every Conv/Linear layer except the
-            output layers (see :func:`icprune.graph.prunable_layers`).
+            output layers (see :func:`icprune.structure.graph.prunable_layers`).
         bins: histogram bins per channel (see :class:`ChannelStats`).
         range_mode: ``"layer"`` or ``"channel"`` histogram range (see :class:`ChannelStats`).
         read_at: where a layer's feature map is read: ``"output"`` (the conv/linear output),
@@ -326,24 +326,24 @@ def calibrate(
         checkpoint_every: batches between checkpoint writes (an int >= 1; used with
             ``checkpoint``).
         distributed: combine the statistics of all processes of the default
-            ``torch.distributed`` process group (:func:`icprune.distributed.all_reduce_stats`):
-            every process calls ``calibrate`` with its own shard of the batches (a shard may be
-            empty) and gets the statistics of all of them, identical on every process and equal
-            to one process calibrating every batch. An error on one process (e.g. a non-finite
-            feature map raised during its forward) leaves the others waiting until the process
-            group's timeout.
+            ``torch.distributed`` process group
+            (:func:`icprune.stats.distributed.all_reduce_stats`): every process calls ``calibrate``
+            with its own shard of the batches (a shard may be empty) and gets the statistics of all
+            of them, identical on every process and equal to one process calibrating every batch. An
+            error on one process (e.g. a non-finite feature map raised during its forward) leaves
+            the others waiting until the process group's timeout.
 
     Returns:
         dict qualified layer name -> :class:`ChannelStats` over all samples of all batches
         (``count = sum(N * H * W)``), in ``named_modules()`` order.
 
     Raises:
-        ValueError: unknown layer names, untraceable model (see :func:`icprune.graph.trace`),
-            ``data`` yielding no batch or only empty ones, non-finite feature maps
-            (``nan_policy="raise"``), a checkpoint that cannot be read (damaged, truncated,
-            holding Python objects other than tensors and plain values, or failing the checks
-            of :meth:`ChannelStats.load_state_dict`) or written with other settings, another
-            model or other data, or holding more batches than ``max_batches``;
+        ValueError: unknown layer names, untraceable model (see
+            :func:`icprune.structure.graph.trace`), ``data`` yielding no batch or only empty ones,
+            non-finite feature maps (``nan_policy="raise"``), a checkpoint that cannot be read
+            (damaged, truncated, holding Python objects other than tensors and plain values, or
+            failing the checks of :meth:`ChannelStats.load_state_dict`) or written with other
+            settings, another model or other data, or holding more batches than ``max_batches``;
             ``checkpoint_every`` not an int >= 1.
         TypeError: ``data`` not iterable, a single Tensor (pass a list of batches), or
             yielding something other than Tensors/tuples.

@@ -1,7 +1,7 @@
 """Pruning plans: which output channels of every prunable layer to keep.
 
 :func:`plan` turns per-layer channel scores into a :class:`PruningPlan` over the model's
-dependency groups (:mod:`icprune.dependency`):
+dependency groups (:mod:`icprune.structure.dependency`):
 
 1. **Group scores.** Each scored layer of a group (its conv/linear and depthwise layers) has its
    score vector min-max normalised to [0, 1] within the layer (:func:`icprune.scoring.normalize`;
@@ -18,7 +18,7 @@ dependency groups (:mod:`icprune.dependency`):
    above C).
 4. **Target.** ``ratio`` prunes that fraction of the scored channels (globally, or of every
    group). ``flops_reduction`` / ``params_reduction`` search the global threshold (or the
-   uniform fraction) by bisection on the analytic cost (:mod:`icprune.cost`) until the
+   uniform fraction) by bisection on the analytic cost (:mod:`icprune.structure.cost`) until the
    reduction is within 1 percentage point of the target; an unreachable target raises.
 """
 
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from icprune.cost import AXIS, CostModel
-from icprune.dependency import KINDS, Dependency, Group, trace_dependencies
-from icprune.graph import channel_structure
 from icprune.scoring import LayerScores, normalize
+from icprune.structure.cost import AXIS, CostModel
+from icprune.structure.dependency import KINDS, Dependency, Group, trace_dependencies
+from icprune.structure.graph import channel_structure
 
 FORMAT = "icprune.plan"
 #: Version 2 added ``structure``; version 1 plans are still read (without it).
@@ -52,7 +52,7 @@ class PruningPlan:
     """Which channels of every dependency group to keep.
 
     Attributes:
-        groups: the model's dependency groups (see :class:`icprune.dependency.Group`).
+        groups: the model's dependency groups (see :class:`icprune.structure.dependency.Group`).
         kept: one sorted LongTensor per group, the indices of its kept channels.
         sizes: ``module -> (out, in)`` full channel counts of every module the groups touch
             (to check that a model matches the plan).
@@ -62,8 +62,8 @@ class PruningPlan:
         settings: the options the plan was made with (JSON values).
         structure: ``module -> (type name, out, in, groups)`` of every conv, linear and
             BatchNorm module of the model the plan was made for
-            (:func:`icprune.graph.channel_structure`); :func:`icprune.apply` refuses a model
-            whose structure differs. None for plans read from version 1 files (then only the
+            (:func:`icprune.structure.graph.channel_structure`); :func:`icprune.apply` refuses a
+            model whose structure differs. None for plans read from version 1 files (then only the
             modules in ``sizes`` are checked).
 
     Raises:
@@ -508,7 +508,7 @@ def plan(
         round_to: kept channel counts are rounded up to a multiple of this (int >= 1; 8 or 16
             keeps CPU/GPU kernels efficient).
         ignored_layers: module names never pruned (see
-            :func:`icprune.dependency.trace_dependencies`).
+            :func:`icprune.structure.dependency.trace_dependencies`).
 
     Returns:
         :class:`PruningPlan`; ``plan.keep`` maps each prunable layer to its sorted kept

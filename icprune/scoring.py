@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from icprune.calibrate import calibrate
-from icprune.stats import ChannelStats
-from icprune.weight_stats import weight_stats
+from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.weights import weight_stats
 
 SOURCES = ("features", "weights")
 INDEPENDENCE_FORMS = ("correlation", "distance")

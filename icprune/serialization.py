@@ -18,7 +18,7 @@ from torch import nn
 
 from icprune.applying import set_channels
 from icprune.files import load_torch_file, save_atomically
-from icprune.graph import NORM_TYPES, PRUNABLE_TYPES, channel_structure
+from icprune.structure.graph import NORM_TYPES, PRUNABLE_TYPES, channel_structure
 
 FORMAT = "icprune.pruned"
 VERSION = 1

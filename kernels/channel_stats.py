@@ -2,17 +2,17 @@
 
 :func:`channel_stats` reads a Tensor[N, C, S] (any strides: contiguous and channels_last are
 both read in place, no transposed copy) of float16/bfloat16/float32 and returns the
-:class:`icprune.backends.BatchStats` of the batch - each channel's histogram in the bin layout
+:class:`icprune.stats.backends.BatchStats` of the batch - each channel's histogram in the bin layout
 of its own batch range (icprune/binning.py), extremes, sums, the Gram matrix and the number of
 non-finite values - as device tensors, with no host synchronisation, in five launches:
 
 1. ``_stats_pass`` - ONE read of the input for histograms, extremes, sums and non-finite counts.
    Persistent programs: program (cb, pm) owns BLOCK_C channels and a contiguous run of sample
    tiles, and keeps one int32 histogram per channel in registers across all its tiles, in the
-   layout of the range it has seen so far (:func:`icprune.binning.bin_layout`, mirrored op by op
-   in float64 by ``_layout``). When a tile widens the range, the running histogram is moved to
+   layout of the range it has seen so far (:func:`icprune.stats.binning.bin_layout`, mirrored op by
+   op in float64 by ``_layout``). When a tile widens the range, the running histogram is moved to
    the new, coarser layout exactly (``_relayout``: bins merge 2**d : 1 and shift, computed from a
-   prefix sum, as :func:`icprune.binning.rebin` does). Partials are bounded by the number of
+   prefix sum, as :func:`icprune.stats.binning.rebin` does). Partials are bounded by the number of
    programs (a few per SM), not by the number of tiles: P x C x B int32.
 2. ``_stats_finish`` - per (channel block, partial): the batch extremes and layout from all
    partials, the partial moved into the batch layout and added to the int64 counts with integer
@@ -58,8 +58,8 @@ from icprune.kernels.common import (
 )
 from icprune.kernels.gram import GRAM_PRECISIONS, gram_matrix
 
-from icprune.backends import BatchStats
-from icprune.binning import INDEX_BITS, K_MIN
+from icprune.stats.backends import BatchStats
+from icprune.stats.binning import INDEX_BITS, K_MIN
 
 #: Inputs the kernels read (float64 has no fast path on GPUs: use the torch backend).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,7 +112,7 @@ def _layout(
     INDEX_BITS: tl.constexpr,
     STEPS: tl.constexpr,
 ):
-    """:func:`icprune.binning.bin_layout` of float64 lo/hi (same shape), op by op in float64
+    """:func:`icprune.stats.binning.bin_layout` of float64 lo/hi (same shape), op by op in float64
     (so bit-identical): returns (k int32, off int64). lo > hi means nothing seen.
 
     Bit arithmetic inline (one helper call costs milliseconds on the interpreter):
@@ -559,8 +559,8 @@ def channel_stats(
         config: block sizes (default :func:`default_config`).
 
     Returns:
-        :class:`icprune.backends.BatchStats` on ``x.device``: counts Tensor[C, B] int64 in each
-        channel's own batch layout, exponent and offset Tensor[C] int64, minimum, maximum and
+        :class:`icprune.stats.backends.BatchStats` on ``x.device``: counts Tensor[C, B] int64 in
+        each channel's own batch layout, exponent and offset Tensor[C] int64, minimum, maximum and
         sums Tensor[C] float64, gram Tensor[C, C] float64 (or None), nonfinite a 0-d int64
         tensor. Nothing is read back to the host; non-finite values are read as 0 everywhere.
 
@@ -659,7 +659,9 @@ def channel_stats_ref(x: torch.Tensor, bins: int) -> BatchStats:
     ``nonfinite`` a 0-d int64 tensor). Its counts and layouts equal :func:`bin_layout` binning
     of the float64 samples; the fast path must match it exactly there, and within the
     documented tolerance in sums and Gram."""
-    from icprune.stats import ChannelStats  # the statistics engine; kernels are beneath it
+    from icprune.stats.channel_stats import (
+        ChannelStats,  # the statistics engine; kernels are beneath it
+    )
 
     if x.dim() != 3:
         raise ValueError(f"channel_stats_ref: expected a Tensor[N, C, S], got {tuple(x.shape)}")

@@ -6,7 +6,7 @@ import torch
 import icprune
 from icprune.models import resnet20
 from icprune.scoring import independence_of, layer_scores, normalize
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
 
 
 def _stats_of(rows: torch.Tensor, **kw) -> ChannelStats:

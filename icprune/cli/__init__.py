@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from icprune.cli.exit_codes import describe
 from icprune.cli.launch import stop
-from icprune.zoo import ZOO
+from icprune.cli.zoo import ZOO
 
 EPILOG = (
     "exit codes: 0 ok, 1 the run failed, 2 bad arguments, 3 model cannot be loaded, "
@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from icprune.cli import commands  # imported here so --help stays fast
-    from icprune.demo import run_demo
+    from icprune.cli.demo import run_demo
 
     if args.handler == "prune":
         return commands.run_prune(args)

@@ -23,6 +23,14 @@ from torch import nn
 
 from icprune.applying import apply
 from icprune.calibrate import batch_input
+from icprune.cli.data_specs import (
+    IMAGE_EXTENSIONS,
+    SYNTHETIC,
+    TENSOR_EXTENSIONS,
+    DataLoadError,
+    Source,
+    load_source,
+)
 from icprune.cli.exit_codes import CommandError, ExitCode
 from icprune.cli.launch import Launch, start
 from icprune.cli.output import (
@@ -35,24 +43,16 @@ from icprune.cli.output import (
     timed,
     write_scores,
 )
-from icprune.counting import count
+from icprune.cli.zoo import build_model
 from icprune.evaluation import accuracy, latency
 from icprune.files import FileReadError, load_torch_file
-from icprune.finetune import finetune
-from icprune.graph import PRUNABLE_TYPES
 from icprune.planning import PruningPlan, plan
-from icprune.recalibrate import recalibrate_bn
+from icprune.recovery.batchnorm import recalibrate_bn
+from icprune.recovery.finetune import finetune
 from icprune.report import ModelSummary, comparison_table
 from icprune.scoring import LayerScores, score
-from icprune.sources import (
-    IMAGE_EXTENSIONS,
-    SYNTHETIC,
-    TENSOR_EXTENSIONS,
-    DataLoadError,
-    Source,
-    load_source,
-)
-from icprune.zoo import build_model
+from icprune.structure.counting import count
+from icprune.structure.graph import PRUNABLE_TYPES
 
 #: Calibration checkpoint while the run is under way (``--resume`` continues from it).
 CALIBRATION_FILE = "calibration.pt"

@@ -59,10 +59,10 @@ except ImportError as exc:
     ) from exc
 
 from icprune.calibrate import calibrate
-from icprune.graph import PRUNABLE_TYPES, out_channels
 from icprune.planning import normalized_scores
 from icprune.scoring import SOURCES, score
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
+from icprune.structure.graph import PRUNABLE_TYPES, out_channels
 
 if not tp.__version__.startswith("1.6."):
     warnings.warn(

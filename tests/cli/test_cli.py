@@ -309,7 +309,7 @@ def test_synthetic_data_warns(capsys, tmp_path):
 
 def test_interrupted_prune_resumes_from_its_calibration_checkpoint(capsys, tmp_path, monkeypatch):
     import icprune.cli.commands as commands
-    from icprune.sources import load_source
+    from icprune.cli.data_specs import load_source
 
     data = tmp_path / "x.pt"
     torch.save(torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1)), data)
@@ -386,10 +386,12 @@ def test_readme_run_prunes_resnet50_on_the_bundled_photographs(capsys, tmp_path)
 
 
 def test_demo_command_runs_the_demo_with_its_options(capsys, tmp_path, monkeypatch):
-    import icprune.demo
+    import icprune.cli.demo
 
     calls = []
-    monkeypatch.setattr(icprune.demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or 0)
+    monkeypatch.setattr(
+        icprune.cli.demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or 0
+    )
     assert run(capsys, "demo")[0] == ExitCode.OK
     assert run(capsys, "demo", "--out", tmp_path / "d", "--force", "--quiet")[0] == ExitCode.OK
     assert calls == [
@@ -554,7 +556,7 @@ class Interrupting(list):
 @pytest.mark.parametrize("at", [1, 5])
 def test_ctrl_c_leaves_no_empty_folder_and_suggests_resume(capsys, tmp_path, monkeypatch, at):
     import icprune.cli.commands as commands
-    from icprune.sources import load_source
+    from icprune.cli.data_specs import load_source
 
     data = tmp_path / "x.pt"
     torch.save(torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(1)), data)
@@ -754,7 +756,7 @@ def test_resume_needs_a_sound_checkpoint_of_the_same_run(capsys, tmp_path):
 
 def test_resume_with_another_model_is_refused_in_cli_words(capsys, tmp_path, monkeypatch):
     import icprune.cli.commands as commands
-    from icprune.sources import load_source
+    from icprune.cli.data_specs import load_source
 
     data = tmp_path / "x.pt"
     torch.save(torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)), data)

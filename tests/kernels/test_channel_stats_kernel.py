@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from icprune.backends import BatchStats
-from icprune.binning import bin_layout
+from icprune.stats.backends import BatchStats
+from icprune.stats.binning import bin_layout
 
 pytest.importorskip("triton")
 from icprune.kernels import channel_stats as kernels
