@@ -26,7 +26,8 @@ from icprune.files import exclusive, load_torch_file, save_atomically
 from icprune.modes import frozen
 from icprune.stats.channel_stats import ChannelStats
 from icprune.stats.distributed import all_reduce_stats, check_initialized
-from icprune.structure.graph import ReadPoint, out_channels, prunable_layers, read_points
+from icprune.structure.graph import ReadPoint, prunable_layers, read_points
+from icprune.structure.layers import out_channels
 
 #: Format tag and version of calibration checkpoint files.
 CHECKPOINT_FORMAT = "icprune.calibration"

@@ -35,13 +35,17 @@ from torch import Tensor, nn
 
 from icprune.scoring import LayerScores, normalize
 from icprune.structure.cost import AXIS, CostModel
+from icprune.structure.counting import as_inputs
 from icprune.structure.dependency import KINDS, Dependency, Group, trace_dependencies
-from icprune.structure.graph import channel_structure
+from icprune.structure.layers import channel_structure, has_channels, out_channels
 
 FORMAT = "icprune.plan"
-#: Version 2 added ``structure``; version 1 plans are still read (without it).
-VERSION = 2
-READ_VERSIONS = (1, 2)
+#: Version 2 added ``structure``; version 3 calls the BatchNorm dependency kind ``"batchnorm"``
+#: (it was ``"norm"``). Plans of versions 1 (without ``structure``) and 2 are still read.
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+#: Dependency kinds as versions 1 and 2 wrote them, where they differ from today's.
+_OLD_KINDS = {"norm": "batchnorm"}
 #: Largest allowed gap between a FLOPs/params target and the plan's reduction.
 TOLERANCE = 0.01
 _UNIFORM_STEPS = 10_000
@@ -217,7 +221,8 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text: str) -> PruningPlan:
-        """Rebuild a plan written by :meth:`to_json` (version 2, or 1 without ``structure``).
+        """Rebuild a plan written by :meth:`to_json` (version 3; 2 and 1, without ``structure``,
+        are read too).
 
         Every value is checked (types, ranges, consistency; see the class docstring) before the
         plan is built.
@@ -269,6 +274,8 @@ class PruningPlan:
                 _is_int(i) and abs(i) < 2**62 for i in g["kept"]
             ):
                 raise ValueError(f"{where}: 'kept' must be a list of channel indices (ints)")
+            if version < 3:
+                deps = [[d[0], _OLD_KINDS.get(d[1], d[1]), *d[2:]] for d in deps]
             groups.append(Group(g["channels"], tuple(Dependency(*d) for d in deps)))
             kept.append(torch.tensor(g["kept"], dtype=torch.int64))
         sizes = _int_table(data["sizes"], "sizes", 2)
@@ -359,11 +366,11 @@ def normalized_scores(
                 f"scores[{name!r}] must be a 1-D floating-point Tensor[C] (or LayerScores), got "
                 f"{type(vec).__name__}{tuple(vec.shape) if isinstance(vec, Tensor) else ''}"
             )
-        weight = getattr(modules[name], "weight", None)
-        if weight is not None and weight.shape[0] != vec.numel():
+        module = modules[name]
+        if has_channels(module) and out_channels(module) != vec.numel():
             raise ValueError(
-                f"scores[{name!r}] has {vec.numel()} values but the layer has {weight.shape[0]} "
-                f"output channels"
+                f"scores[{name!r}] has {vec.numel()} values but the layer has "
+                f"{out_channels(module)} output channels"
             )
         vec = vec.detach().to("cpu", torch.float64)
         if not torch.isfinite(vec).all():
@@ -594,7 +601,7 @@ def plan(
         "min_channels": min_channels,
         "round_to": round_to,
         "ignored_layers": sorted(ignored),
-        "example_inputs": [list(t.shape) for t in _inputs(example_inputs)],
+        "example_inputs": [list(t.shape) for t in as_inputs(example_inputs, "plan")],
     }
     return PruningPlan(
         deps.groups,
@@ -648,10 +655,6 @@ def _nothing_prunable(
             "a smaller round_to"
         )
     return None
-
-
-def _inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
 
 
 def _search(reduction, steps: int, target: float, name: str) -> int:

@@ -52,7 +52,7 @@ from icprune.recovery.finetune import finetune
 from icprune.report import ModelSummary, comparison_table
 from icprune.scoring import LayerScores, score
 from icprune.structure.counting import count
-from icprune.structure.graph import PRUNABLE_TYPES
+from icprune.structure.layers import PRUNABLE_TYPES, in_channels
 
 #: Calibration checkpoint while the run is under way (``--resume`` continues from it).
 CALIBRATION_FILE = "calibration.pt"
@@ -177,7 +177,7 @@ def _first_layer(model: nn.Module) -> tuple[str, int] | None:
     """``(name, input channels)`` of the model's first conv or linear layer, if any."""
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
-            return name, getattr(module, "in_channels", getattr(module, "in_features", 0))
+            return name, in_channels(module)
     return None
 
 

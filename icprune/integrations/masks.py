@@ -33,7 +33,7 @@ from torch.nn.utils import prune
 
 from icprune.applying import check_model
 from icprune.planning import PruningPlan
-from icprune.structure.graph import NORM_TYPES
+from icprune.structure.layers import is_batchnorm, is_depthwise
 
 
 def _keep(size: int, kept: Tensor | None) -> Tensor | None:
@@ -109,13 +109,13 @@ def apply_masks(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -
     for name, (out_size, in_size) in plan.sizes.items():
         module = modules[name]
         rows = _keep(out_size, plan.indices(name, "out"))
-        if isinstance(module, NORM_TYPES):
+        if is_batchnorm(module):
             _mask(module, "weight", rows, None)
             _mask(module, "bias", rows, None)
             continue
         cols = _keep(in_size, plan.indices(name, "in"))
-        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-            cols = None  # a depthwise conv: its one input channel follows its output channel
+        if is_depthwise(module):
+            cols = None  # its one input channel per group follows its output channel
         _mask(module, "weight", rows, cols)
         _mask(module, "bias", rows, None)
     return target

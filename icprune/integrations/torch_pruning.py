@@ -62,7 +62,7 @@ from icprune.calibrate import calibrate
 from icprune.planning import normalized_scores
 from icprune.scoring import SOURCES, score
 from icprune.stats.channel_stats import ChannelStats
-from icprune.structure.graph import PRUNABLE_TYPES, out_channels
+from icprune.structure.layers import PRUNABLE_TYPES, out_channels
 
 if not tp.__version__.startswith("1.6."):
     warnings.warn(

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from icprune.calibrate import _batches, _progress, batch_input, model_device
-from icprune.structure.graph import NORM_TYPES
+from icprune.structure.layers import is_batchnorm
 
 
 def recalibrate_bn(
@@ -62,12 +62,10 @@ def recalibrate_bn(
         Exception: any error of the model's forward on a batch propagates unchanged (with the
             statistics restored).
     """
-    norms = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, NORM_TYPES) and m.track_running_stats
+    batchnorms = [
+        (name, m) for name, m in model.named_modules() if is_batchnorm(m) and m.track_running_stats
     ]
-    if not norms:
+    if not batchnorms:
         raise ValueError(
             f"{type(model).__name__} has no BatchNorm with running statistics "
             f"(track_running_stats=True); there is nothing to recalibrate"
@@ -75,20 +73,20 @@ def recalibrate_bn(
     dev = model_device(model, device)
     batches = _batches(data, max_batches)
     flags = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for _, m in norms]
+    momenta = [(m, m.momentum) for _, m in batchnorms]
     # What a failure restores: the running statistics as they were.
     saved = [
         (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-        for _, m in norms
+        for _, m in batchnorms
     ]
     seen = 0
     done = False
     try:
         model.eval()
-        for _, norm in norms:
-            norm.reset_running_stats()
-            norm.momentum = None  # cumulative moving average over the batches
-            norm.train()
+        for _, bn in batchnorms:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative moving average over the batches
+            bn.train()
         bar = _progress(batches, data, max_batches, "recalibrate_bn", progress)
         with torch.no_grad():
             for batch in bar:
@@ -99,8 +97,8 @@ def recalibrate_bn(
                 "data yielded no batches; pass at least one batch of model inputs (the running "
                 "statistics were restored)"
             )
-        for name, norm in norms:
-            stats = torch.cat([norm.running_mean, norm.running_var])
+        for name, bn in batchnorms:
+            stats = torch.cat([bn.running_mean, bn.running_var])
             if not bool(torch.isfinite(stats).all()):
                 raise ValueError(
                     f"recalibrate_bn: the re-estimated statistics of '{name}' are not finite; "
@@ -111,11 +109,11 @@ def recalibrate_bn(
     finally:
         for module, was_training in flags:
             module.training = was_training
-        for norm, momentum in momenta:
-            norm.momentum = momentum
+        for bn, momentum in momenta:
+            bn.momentum = momentum
         if not done:  # an error or an interrupt: give the model its statistics back
-            for norm, mean, var, tracked in saved:
-                norm.running_mean.copy_(mean)
-                norm.running_var.copy_(var)
-                norm.num_batches_tracked.copy_(tracked)
+            for bn, mean, var, tracked in saved:
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+                bn.num_batches_tracked.copy_(tracked)
     return model

@@ -13,6 +13,7 @@ from torch import nn
 
 from icprune.stats.channel_stats import ChannelStats
 from icprune.structure.graph import prunable_layers
+from icprune.structure.layers import out_channels
 
 
 def weight_stats(
@@ -49,7 +50,7 @@ def weight_stats(
     stats = {}
     for name, module in selected.items():
         weight = module.weight.detach()
-        channels = weight.shape[0]
+        channels = out_channels(module)
         layer = ChannelStats(
             channels,
             bins=bins,

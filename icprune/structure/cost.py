@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from icprune.structure.dependency import Dependencies, LayerShape
 
 #: The axis of a module a dependency kind prunes.
-AXIS = {"output": "out", "depthwise": "out", "norm": "out", "input": "in"}
+AXIS = {"output": "out", "depthwise": "out", "batchnorm": "out", "input": "in"}
 
 
 class CostModel:
@@ -66,7 +66,7 @@ class CostModel:
 
 def _module_cost(shape: LayerShape, out: int, inp: int) -> tuple[int, int]:
     """(MACs, params) of one module with ``out`` output and ``inp`` input channels kept."""
-    if shape.kind == "norm":
+    if shape.kind == "batchnorm":
         return 0, 2 * out if shape.bias else 0
     per_out = 1 if shape.kind == "depthwise" else inp // shape.groups
     weights = out * per_out * shape.kernel

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from icprune.modes import frozen
 
-__all__ = ["count", "count_params"]
+__all__ = ["as_inputs", "count", "count_params"]
 
 
 def count_params(model: nn.Module) -> int:
@@ -17,7 +17,18 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _as_args(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+def as_inputs(example_inputs: Tensor | Sequence[Tensor], caller: str) -> tuple[Tensor, ...]:
+    """The positional arguments of ``model(*example_inputs)``: ``(example_inputs,)`` for one
+    Tensor, the Tensors themselves for a tuple or list of them.
+
+    Args:
+        example_inputs: a Tensor (e.g. Tensor[N, 3, H, W] float images) or a tuple/list of
+            Tensors.
+        caller: the function taking them, for the message (e.g. ``"count()"``).
+
+    Raises:
+        TypeError: anything else (the message names ``caller``).
+    """
     if isinstance(example_inputs, Tensor):
         return (example_inputs,)
     if isinstance(example_inputs, (tuple, list)) and all(
@@ -25,7 +36,7 @@ def _as_args(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
     ):
         return tuple(example_inputs)
     raise TypeError(
-        "count(): `example_inputs` must be a Tensor or a tuple/list of Tensors passed to "
+        f"{caller}: `example_inputs` must be a Tensor or a tuple/list of Tensors passed to "
         "model(*example_inputs), e.g. torch.randn(1, 3, 224, 224) (use device='meta' for a "
         f"free shape-only count); got {type(example_inputs).__name__}"
     )
@@ -52,7 +63,7 @@ def count(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> tuple[
     Raises:
         TypeError: if ``example_inputs`` is not a Tensor or a tuple/list of Tensors.
     """
-    args = _as_args(example_inputs)
+    args = as_inputs(example_inputs, "count()")
     counter = FlopCounterMode(display=False)
     with frozen(model), counter:
         model(*args)

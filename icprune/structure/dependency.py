@@ -8,7 +8,7 @@ space with its output channels. Operations propagate or couple spaces:
 
 - BatchNorm, elementwise activations, pooling, dropout, ``Identity`` and ``mean``/``sum``/
   ``amax``/``amin`` over spatial dimensions keep the layout;
-- a depthwise conv (``groups == in_channels == out_channels``) keeps the layout: its output
+- a depthwise conv (:func:`icprune.structure.layers.is_depthwise`) keeps the layout: its output
   channel c is its input channel c, so it is pruned with the group of its input;
 - elementwise ``add``/``sub``/``mul``/``div`` of same-shaped tensors (residual connections) unify
   the spaces of their operands into one;
@@ -18,7 +18,7 @@ space with its output channels. Operations propagate or couple spaces:
   the ``prod(S)`` features ``c*prod(S) ... (c+1)*prod(S) - 1`` (flatten -> linear).
 
 Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
-grouped (non-depthwise) convs, per-channel PReLU, convs/linears/norms called more than once
+grouped (non-depthwise) convs, per-channel PReLU, convs/linears/BatchNorms called more than once
 (shared weights), unknown functions, the model's inputs and outputs (so the classifier is never
 pruned), and any module listed in ``ignored_layers`` that is not a conv, linear or BatchNorm (it
 is also traced as a leaf, which is how an untraceable submodule is dealt with).
@@ -44,18 +44,26 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode
 
 from icprune.modes import frozen
-from icprune.structure.counting import _as_args, count_params
+from icprune.structure.counting import as_inputs, count_params
 from icprune.structure.graph import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
     ACTIVATION_MODULES,
-    NORM_TYPES,
-    PRUNABLE_TYPES,
     trace,
+)
+from icprune.structure.layers import (
+    PRUNABLE_TYPES,
+    SLICEABLE_TYPES,
+    groups,
+    in_channels,
+    is_batchnorm,
+    is_conv,
+    is_depthwise,
+    out_channels,
 )
 
 #: Kinds of :class:`Dependency`: how a module's channels follow a group.
-KINDS = ("output", "depthwise", "norm", "input")
+KINDS = ("output", "depthwise", "batchnorm", "input")
 
 _PASS_MODULES = (
     nn.modules.pooling._MaxPoolNd,
@@ -99,14 +107,14 @@ class Dependency:
         module: qualified name of the module (``model.named_modules()`` key).
         kind: ``"output"`` (a conv or linear layer whose output channels are the group's),
             ``"depthwise"`` (a depthwise conv: output channels, and input channels with them),
-            ``"norm"`` (a BatchNorm over the group's channels) or ``"input"`` (a conv or linear
+            ``"batchnorm"`` (a BatchNorm over the group's channels) or ``"input"`` (a conv or linear
             layer whose input channels follow the group).
         offset: index of the group's first channel (or feature) along that axis of the module.
         repeat: consecutive input features per channel (``prod(S)`` after flattening a
             ``[N, C, *S]`` map into a linear layer, else 1).
 
     Channel c of the group is channels ``offset + c*repeat ... offset + (c+1)*repeat - 1`` of
-    the module's output axis (kinds output, depthwise, norm) or input axis (kind input).
+    the module's output axis (kinds output, depthwise, batchnorm) or input axis (kind input).
     """
 
     module: str
@@ -142,13 +150,13 @@ class LayerShape:
 
     Attributes:
         module: qualified name.
-        kind: ``"conv"``, ``"depthwise"``, ``"linear"`` or ``"norm"``.
+        kind: ``"conv"``, ``"depthwise"``, ``"linear"`` or ``"batchnorm"``.
         in_channels, out_channels: full channel (feature) counts.
-        groups: conv groups (1 for linear and norm).
+        groups: conv groups (1 for linear and BatchNorm).
         positions: output positions over all calls for ``example_inputs``: ``N * prod(output
-            spatial)`` for a conv, ``N`` for a linear layer (0 for a norm, or when not called).
-        kernel: ``prod(kernel_size)`` (1 for linear and norm).
-        bias: the module has a bias (for a norm: affine weight and bias).
+            spatial)`` for a conv, ``N`` for a linear layer (0 for a BatchNorm, or when not called).
+        kernel: ``prod(kernel_size)`` (1 for linear and BatchNorm).
+        bias: the module has a bias (for a BatchNorm: affine weight and bias).
     """
 
     module: str
@@ -399,11 +407,11 @@ class _Walker:
         module = self.modules[name]
         source = node.args[0] if node.args else None
         lay, src = self.layout(source), _meta(source)
-        if isinstance(module, (*PRUNABLE_TYPES, *NORM_TYPES)):
+        if isinstance(module, SLICEABLE_TYPES):
             self.record(name, module, meta)
         # A module with per-channel state called more than once would need the same channels
         # kept at every call; such modules are opaque. Stateless ones (a shared ReLU) are fine.
-        stateful = isinstance(module, (*PRUNABLE_TYPES, *NORM_TYPES, nn.PReLU))
+        stateful = isinstance(module, (*SLICEABLE_TYPES, nn.PReLU))
         single = len(node.all_input_nodes) == 1 and not (stateful and self.calls[name] > 1)
         if lay is None or src is None or not single:
             return self.opaque(node)
@@ -413,8 +421,8 @@ class _Walker:
             return self.flattened(node, lay, tuple(src.shape), tuple(meta.shape))
         if isinstance(module, PRUNABLE_TYPES):
             return self.prunable(node, module, lay, src, order)
-        if isinstance(module, NORM_TYPES) and all(r == 1 for _, _, r in lay):
-            self.spaces.add(lay, name, "norm", order)
+        if is_batchnorm(module) and all(r == 1 for _, _, r in lay):
+            self.spaces.add(lay, name, "batchnorm", order)
             return lay
         per_channel_prelu = isinstance(module, nn.PReLU) and module.num_parameters > 1
         if (
@@ -437,50 +445,46 @@ class _Walker:
         if isinstance(module, nn.Linear):
             if len(src.shape) != 2:
                 return self.opaque(node)
-            fresh = self.spaces.new(module.out_features)
+            fresh = self.spaces.new(out_channels(module))
             self.spaces.add(lay, name, "input", order)
             self.spaces.add(fresh, name, "output", order)
             return fresh
         if len(src.shape) != module.weight.dim():  # unbatched conv input
             return self.opaque(node)
-        if module.groups == 1:
-            fresh = self.spaces.new(module.out_channels)
+        if groups(module) == 1:
+            fresh = self.spaces.new(out_channels(module))
             self.spaces.add(lay, name, "input", order)
             self.spaces.add(fresh, name, "output", order)
             return fresh
-        if module.groups == module.in_channels == module.out_channels:
+        if is_depthwise(module):
             self.spaces.add(lay, name, "depthwise", order)
             return lay
         return self.opaque(node)  # grouped conv: channel groups cannot shrink independently
 
     def record(self, name: str, module: nn.Module, meta: TensorMetadata) -> None:
-        """Add one call of a conv, linear or norm module to its :class:`LayerShape`."""
+        """Add one call of a conv, linear or BatchNorm module to its :class:`LayerShape`."""
         shape = self.shapes.get(name)
         positions = 0
-        if isinstance(module, nn.Linear):
-            positions = meta.shape.numel() // module.out_features
-        elif isinstance(module, nn.modules.conv._ConvNd):
-            positions = meta.shape.numel() // module.out_channels
+        if isinstance(module, PRUNABLE_TYPES):
+            positions = meta.shape.numel() // out_channels(module)
         if shape is not None:
             positions += shape.positions
         self.shapes[name] = _shape_of(name, module, positions)
 
 
 def _shape_of(name: str, module: nn.Module, positions: int = 0) -> LayerShape:
+    """The :class:`LayerShape` of a conv, linear or BatchNorm module over ``positions``."""
     if isinstance(module, nn.Linear):
-        return LayerShape(
-            name, "linear", module.in_features, module.out_features, 1, positions, 1,
-            module.bias is not None,
-        )  # fmt: skip
-    if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-        return LayerShape(
-            name, "depthwise" if depthwise else "conv", module.in_channels, module.out_channels,
-            module.groups, positions, module.weight[0, 0].numel(), module.bias is not None,
-        )  # fmt: skip
+        kind, kernel = "linear", 1
+    elif is_conv(module):
+        kind = "depthwise" if is_depthwise(module) else "conv"
+        kernel = module.weight[0, 0].numel()
+    else:
+        kind, kernel, positions = "batchnorm", 1, 0
     return LayerShape(
-        name, "norm", module.num_features, module.num_features, 1, 0, 1, module.weight is not None
-    )
+        name, kind, in_channels(module), out_channels(module), groups(module), positions, kernel,
+        (module.bias if kind != "batchnorm" else module.weight) is not None,
+    )  # fmt: skip
 
 
 def _check_ignored(modules: dict[str, nn.Module], ignored_layers: Iterable[str]) -> frozenset[str]:
@@ -527,7 +531,7 @@ def trace_dependencies(
     graph = trace(model, leaves=ignored, hint=_TRACE_HINT)
     module = fx.GraphModule(model, graph)
     counter = FlopCounterMode(display=False)
-    args = _as_args(example_inputs)
+    args = as_inputs(example_inputs, "dependency trace")
     # ShapeProp prints a traceback of its own before raising: keep it off the user's terminal.
     with frozen(model), counter, contextlib.redirect_stderr(io.StringIO()):
         try:
@@ -561,7 +565,7 @@ def trace_dependencies(
     shapes = {
         name: walker.shapes.get(name) or _shape_of(name, m)
         for name, m in modules.items()
-        if isinstance(m, (*PRUNABLE_TYPES, *NORM_TYPES))
+        if isinstance(m, SLICEABLE_TYPES)
     }
     return Dependencies(tuple(groups), shapes, counter.get_total_flops() // 2, count_params(model))
 

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-NORM_TYPES = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm, lazy ones
+from icprune.structure.layers import BATCHNORM_TYPES, PRUNABLE_TYPES
+
 READ_POINTS = ("output", "bn", "activation")
 
 #: Elementwise activation modules.
@@ -63,37 +63,6 @@ class ReadPoint:
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
-def out_channels(module: nn.Module) -> int:
-    """Number of output channels C of a prunable layer (conv ``out_channels``, linear
-    ``out_features``)."""
-    return (
-        module.out_channels if isinstance(module, nn.modules.conv._ConvNd) else module.out_features
-    )
-
-
-def channel_structure(model: nn.Module) -> dict[str, tuple[str, int, int, int]]:
-    """The channel structure of every conv, linear and BatchNorm module of ``model``.
-
-    Returns:
-        dict qualified name -> ``(type name, out, in, groups)``, in ``named_modules()`` order:
-        conv ``(out_channels, in_channels, groups)``, linear ``(out_features, in_features, 1)``,
-        BatchNorm ``(num_features, num_features, 1)``. A plan records it to recognise the model
-        it was made for (:func:`icprune.apply` refuses any other).
-    """
-    structure = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.conv._ConvNd):
-            sizes = (m.out_channels, m.in_channels, m.groups)
-        elif isinstance(m, nn.Linear):
-            sizes = (m.out_features, m.in_features, 1)
-        elif isinstance(m, NORM_TYPES):
-            sizes = (m.num_features, m.num_features, 1)
-        else:
-            continue
-        structure[name] = (type(m).__name__, *sizes)
-    return structure
-
-
 class _Tracer(fx.Tracer):
     """fx tracer that keeps prunable layers, BatchNorms and activations as single calls, also
     when they are user subclasses (fx would otherwise trace into any non-``torch.nn`` class),
@@ -106,7 +75,7 @@ class _Tracer(fx.Tracer):
         self.entered: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        leaf = isinstance(m, (*PRUNABLE_TYPES, *NORM_TYPES, *ACTIVATION_MODULES))
+        leaf = isinstance(m, (*PRUNABLE_TYPES, *BATCHNORM_TYPES, *ACTIVATION_MODULES))
         leaf = leaf or module_qualified_name in self.leaves
         return leaf or super().is_leaf_module(m, module_qualified_name)
 
@@ -273,7 +242,7 @@ def read_points(
         if (
             user is not None
             and user.op == "call_module"
-            and isinstance(modules[user.target], NORM_TYPES)
+            and isinstance(modules[user.target], BATCHNORM_TYPES)
             and len(calls[user.target]) == 1
         ):
             node, hooked = user, user.target

@@ -9,7 +9,7 @@ from torch import nn
 from icprune.models import mobilenet_v2, resnet18, resnet20, resnet50, resnet56, vgg16_bn
 from icprune.structure.dependency import dependency_groups, trace_dependencies
 
-AXIS = {"output": "out", "depthwise": "out", "norm": "out", "input": "in"}
+AXIS = {"output": "out", "depthwise": "out", "batchnorm": "out", "input": "in"}
 
 ZOO = [
     (resnet18, (1, 3, 64, 64), "fc"),
@@ -102,11 +102,11 @@ def test_cat_offsets_and_flatten_repeat():
     by_layer = {g.layers[0]: g for g in groups}
     a, b = by_layer["a"], by_layer["b"]
     assert {(d.module, d.kind, d.offset, d.repeat) for d in a.dependencies} == {
-        ("a", "output", 0, 1), ("bn", "norm", 0, 1), ("dw", "depthwise", 0, 1),
+        ("a", "output", 0, 1), ("bn", "batchnorm", 0, 1), ("dw", "depthwise", 0, 1),
         ("fc", "input", 0, 4),
     }  # fmt: skip
     assert {(d.module, d.kind, d.offset, d.repeat) for d in b.dependencies} == {
-        ("b", "output", 0, 1), ("bn", "norm", 4, 1), ("dw", "depthwise", 4, 1),
+        ("b", "output", 0, 1), ("bn", "batchnorm", 4, 1), ("dw", "depthwise", 4, 1),
         ("fc", "input", 16, 4),
     }  # fmt: skip
     assert by_layer["fc"].channels == 7 and "head" not in by_layer
