@@ -2,16 +2,19 @@
 
 Three implementations of the same batch statistics, all exact in their counts:
 
-- ``"torch"``: the reference in :mod:`icprune.stats` (any device, slow on the CPU);
+- ``"torch"``: :func:`torch_batch`, THE float64 reference (any device, slow on the CPU); the
+  kernels' tests compare against it (:func:`icprune.kernels.channel_stats.channel_stats_ref`);
 - ``"cpp"``: one OpenMP pass over CPU memory in ``icprune._C`` (csrc/channel_stats.cpp), Gram
   matrix through torch's BLAS;
 - ``"triton"``: the fused kernels of :mod:`icprune.kernels.channel_stats`, for CUDA tensors (and
   CPU tensors under ``TRITON_INTERPRET=1``), with no host synchronisation.
 
-A fast backend returns a :class:`BatchStats` - each channel's histogram in the bin layout of its
+Every backend returns a :class:`BatchStats` - each channel's histogram in the bin layout of its
 own batch range - which :class:`ChannelStats` rebins exactly into its running layout, as it does
-when merging. ``"auto"`` picks Triton for CUDA tensors when Triton is importable, the C++ path for
-CPU tensors when it was built, the torch reference otherwise.
+when merging. The C++ extension compiles the binning constants in; it is refused at import when
+they differ from :mod:`icprune.stats.binning`'s (:func:`check_compiled_constants`).
+``"auto"`` picks Triton for CUDA tensors when Triton is importable, the C++ path for CPU tensors
+when it was built, the torch reference otherwise.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import NamedTuple
 import torch
 
 from icprune.extension import HAVE_EXT, LOAD_ERROR, ext
+from icprune.stats.binning import INDEX_BITS, K_MIN, MAX_SHIFT, bin_index, bin_layout
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
 #: NCHW Gram on the CPU: per-sample GEMMs when planes hold at least this many values per channel
@@ -33,15 +37,38 @@ _PLANE_GEMM_MIN = 32
 #: Codes of the input dtypes understood by ``icprune._C.channel_stats``.
 _CPP_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
+#: The binning constants the C++ extension compiles in (csrc/channel_stats.h), by name.
+BINNING_CONSTANTS = {"K_MIN": K_MIN, "INDEX_BITS": INDEX_BITS, "MAX_SHIFT": MAX_SHIFT}
+
+
+def check_compiled_constants(compiled: object) -> None:
+    """Raise unless ``compiled`` (``icprune._C.BINNING_CONSTANTS``, a dict of name -> int) equals
+    :data:`BINNING_CONSTANTS`: the C++ binning would silently disagree with the Python one.
+
+    Raises:
+        ImportError: the constants differ or are missing (a stale or mismatched build of
+            icprune._C; the message says which and how to rebuild).
+    """
+    if compiled != BINNING_CONSTANTS:
+        raise ImportError(
+            f"icprune._C was compiled with the binning constants {compiled!r} but "
+            f"icprune.stats.binning has {BINNING_CONSTANTS}; update csrc/channel_stats.h to match "
+            f"and rebuild the extension (pip install -e . or make .venv/.icprune-installed)"
+        )
+
+
+if HAVE_EXT:
+    check_compiled_constants(getattr(ext, "BINNING_CONSTANTS", None))
 
 
 class BatchStats(NamedTuple):
     """Statistics of one batch of M samples of C channels, in each channel's own bin layout.
 
     Attributes:
-        counts: Tensor[C, B] int64 histogram of channel c in layout (exponent[c], offset[c]).
-        exponent, offset: Tensor[C] int64, :func:`icprune.stats.binning.bin_layout` of the channel's
-            batch range [minimum, maximum].
+        counts: Tensor[C, B] int64 histogram of channel c in layout (bin_exponent[c],
+            bin_offset[c]).
+        bin_exponent, bin_offset: Tensor[C] int64, :func:`icprune.stats.binning.bin_layout` of the
+            channel's batch range [minimum, maximum].
         minimum, maximum: Tensor[C] float64 batch extremes (non-finite values read as 0).
         sums: Tensor[C] float64 sum of each channel's samples.
         gram: Tensor[C, C] float64 ``A @ A.T`` of the C x M samples (accumulated from a float32
@@ -51,8 +78,8 @@ class BatchStats(NamedTuple):
     """
 
     counts: torch.Tensor
-    exponent: torch.Tensor
-    offset: torch.Tensor
+    bin_exponent: torch.Tensor
+    bin_offset: torch.Tensor
     minimum: torch.Tensor
     maximum: torch.Tensor
     sums: torch.Tensor
@@ -172,25 +199,61 @@ def gram_f32(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
     return mirror_upper(gram)
 
 
+def as_samples(x: torch.Tensor) -> torch.Tensor:
+    """The samples of Tensor[N, C, *spatial] (or Tensor[N, C]) as Tensor[M, C] float64, M = N *
+    prod(spatial): a view for channels_last float64 tensors, one copy otherwise."""
+    return x.to(torch.float64).movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def torch_batch(x: torch.Tensor, bins: int) -> BatchStats:
+    """THE reference statistics of one batch, in float64 torch on ``x``'s device.
+
+    Every other backend must reproduce it: exactly in counts, layouts, extremes and non-finite
+    counts, within the documented tolerance (docs/method.md) in sums and Gram.
+
+    Args:
+        x: Tensor[N, C, *spatial] (or Tensor[N, C]) of a floating dtype, at least one element.
+        bins: number of histogram bins B >= 2.
+
+    Returns:
+        :class:`BatchStats` on ``x.device``: non-finite values are read as 0 everywhere and
+        counted in ``nonfinite`` (an int); each channel is binned in the layout of its own range.
+    """
+    samples = as_samples(x)
+    finite = torch.isfinite(samples)
+    nonfinite = 0 if bool(finite.all()) else int((~finite).sum())
+    if nonfinite:
+        samples = torch.where(finite, samples, torch.zeros_like(samples))
+    lo, hi = samples.amin(0), samples.amax(0)
+    bin_exponent, bin_offset = bin_layout(lo, hi, bins)
+    c = samples.shape[1]
+    index = bin_index(samples, bin_exponent) - bin_offset
+    flat = index + torch.arange(c, device=samples.device) * bins
+    counts = torch.bincount(flat.flatten(), minlength=c * bins).view(c, bins)
+    return BatchStats(
+        counts=counts,
+        bin_exponent=bin_exponent,
+        bin_offset=bin_offset,
+        minimum=lo,
+        maximum=hi,
+        sums=samples.sum(0),
+        gram=mirror_upper(samples.T @ samples),
+        nonfinite=nonfinite,
+    )
+
+
 def cpp_batch(x: torch.Tensor, bins: int) -> BatchStats:
     """Batch statistics of a CPU Tensor[N, C, *spatial] (float16/bfloat16/float32/float64, any
     strides) by ``icprune._C.channel_stats``; the tensor is read in place through numpy."""
     x3 = _as_3d(x)
     code = _CPP_DTYPES[x3.dtype]
     view = x3.view(torch.int16) if x3.dtype == torch.bfloat16 else x3  # numpy has no bfloat16
-    counts, exponent, offset, lo, hi, sums, nonfinite = ext.channel_stats(view.numpy(), code, bins)
-    maxabs = float(max(-lo.min(), hi.max()))
+    out = ext.channel_stats(view.numpy(), code, bins)
+    nonfinite = int(out.pop("nonfinite"))
+    batch = {key: torch.from_numpy(value) for key, value in out.items()}
+    maxabs = float(max(-batch["minimum"].min(), batch["maximum"].max()))
     gram = gram_f32(torch.nan_to_num(x3, 0.0, 0.0, 0.0) if nonfinite else x3, maxabs)
-    return BatchStats(
-        torch.from_numpy(counts),
-        torch.from_numpy(exponent),
-        torch.from_numpy(offset),
-        torch.from_numpy(lo),
-        torch.from_numpy(hi),
-        torch.from_numpy(sums),
-        gram,
-        int(nonfinite),
-    )
+    return BatchStats(**batch, gram=gram, nonfinite=nonfinite)
 
 
 def triton_batch(x: torch.Tensor, bins: int) -> BatchStats:
@@ -200,4 +263,4 @@ def triton_batch(x: torch.Tensor, bins: int) -> BatchStats:
     return triton_kernels().channel_stats(_as_3d(x), bins)
 
 
-BATCH_FUNCTIONS = {"cpp": cpp_batch, "triton": triton_batch}
+BATCH_FUNCTIONS = {"torch": torch_batch, "cpp": cpp_batch, "triton": triton_batch}

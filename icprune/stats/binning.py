@@ -1,14 +1,15 @@
 """Exact, split-independent histogram binning with power-of-two bin widths.
 
-A histogram of ``B`` bins is described per channel by an integer exponent ``k`` and an integer
-offset ``off``: bin ``j`` covers ``[(off + j) * 2**k, (off + j + 1) * 2**k)``. A value ``x`` falls
-in the bin of absolute index ``floor(x / 2**k)``, an exact operation in floating point (scaling by
-a power of two only changes the exponent), so the same value always lands in the same bin.
+A histogram of ``B`` bins is described per channel by its *bin layout*: an integer
+``bin_exponent`` (written ``k`` in formulas) and an integer ``bin_offset`` (``off``): bin ``j``
+covers ``[(off + j) * 2**k, (off + j + 1) * 2**k)``. A value ``x`` falls in the bin of absolute
+index ``floor(x / 2**k)``, an exact operation in floating point (scaling by a power of two only
+changes the exponent), so the same value always lands in the same bin.
 
-``k`` and ``off`` are functions of the data's minimum and maximum alone (see
-:func:`bin_layout`), and a histogram laid out for a smaller range is turned into one for a larger
-range exactly, by merging ``2**d`` neighbouring bins (:func:`rebin`). Hence the counts never depend
-on how the data was split into batches or in which order the pieces were merged.
+The layout is a function of the data's minimum and maximum alone (see :func:`bin_layout`), and a
+histogram laid out for a smaller range is turned into one for a larger range exactly, by merging
+``2**d`` neighbouring bins (:func:`rebin`). Hence the counts never depend on how the data was
+split into batches or in which order the pieces were merged.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ K_MIN = -120
 #: Absolute bin indices stay below ``2**INDEX_BITS`` in magnitude (exact in int64 and fp32 math).
 INDEX_BITS = 40
 #: Largest shift applied to an int64 bin index when coarsening (indices are below 2**40).
-_MAX_SHIFT = 62
+MAX_SHIFT = 62
 #: Fitting steps of bin_layout after its lower bound (2 suffice; one spare).
-_LAYOUT_STEPS = 3
+LAYOUT_STEPS = 3
 
 
 def _floor_log2(x: torch.Tensor) -> torch.Tensor:
@@ -31,21 +32,22 @@ def _floor_log2(x: torch.Tensor) -> torch.Tensor:
     return exponent.to(torch.int64) - 1
 
 
-def bin_index(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Absolute bin index ``floor(x / 2**k)`` of every value.
+def bin_index(x: torch.Tensor, bin_exponent: torch.Tensor) -> torch.Tensor:
+    """Absolute bin index ``floor(x / 2**bin_exponent)`` of every value.
 
     Args:
         x: Tensor[..., C] float64 values (finite).
-        k: Tensor[C] int64 bin exponents, broadcast over the last axis of ``x``.
+        bin_exponent: Tensor[C] int64 bin exponents, broadcast over the last axis of ``x``.
 
     Returns:
         Tensor[..., C] int64 absolute bin indices.
     """
-    return torch.floor(torch.ldexp(x, -k.to(torch.float64))).to(torch.int64)
+    return torch.floor(torch.ldexp(x, -bin_exponent.to(torch.float64))).to(torch.int64)
 
 
 def bin_layout(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bin exponent and offset of a ``bins``-bin histogram covering ``[lo, hi]``.
+    """The bin layout (bin_exponent ``k``, bin_offset ``off``) of a ``bins``-bin histogram covering
+    ``[lo, hi]``.
 
     ``k`` is the smallest integer with ``floor(hi / 2**k) - floor(lo / 2**k) <= bins - 1``, but at
     least :data:`K_MIN` and at least ``floor(log2(max(|lo|, |hi|))) + 1 - INDEX_BITS`` (so that
@@ -58,7 +60,8 @@ def bin_layout(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple[torch.Ten
         bins: number of bins B >= 2.
 
     Returns:
-        (k, off): two Tensor[C] int64. Channels with no data get ``k = K_MIN``, ``off = 0``.
+        (bin_exponent, bin_offset): two Tensor[C] int64. Channels with no data get
+        ``bin_exponent = K_MIN``, ``bin_offset = 0``.
     """
     seen = lo <= hi
     lo = torch.where(seen, lo, torch.zeros_like(lo))
@@ -77,7 +80,7 @@ def bin_layout(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple[torch.Ten
     k = torch.where(nonzero, torch.maximum(k, k_mag), k)
     # k is now at most 2 below the answer (span / 2**k < 4 * 2**bitlen(B-1)); a fixed number of
     # steps, not a data-dependent loop, so that nothing waits for the device (CUDA tensors).
-    for _ in range(_LAYOUT_STEPS):
+    for _ in range(LAYOUT_STEPS):
         k = k + (bin_index(hi, k) - bin_index(lo, k) > bins - 1).to(torch.int64)
     off = torch.where(seen, bin_index(lo, k), torch.zeros_like(k))
     return k, off
@@ -85,29 +88,29 @@ def bin_layout(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> tuple[torch.Ten
 
 def rebin(
     counts: torch.Tensor,
-    k_old: torch.Tensor,
-    off_old: torch.Tensor,
-    k_new: torch.Tensor,
-    off_new: torch.Tensor,
+    bin_exponent: torch.Tensor,
+    bin_offset: torch.Tensor,
+    new_bin_exponent: torch.Tensor,
+    new_bin_offset: torch.Tensor,
 ) -> torch.Tensor:
-    """Move histogram counts to a coarser (or shifted) layout, exactly.
+    """Move histogram counts to a coarser (or shifted) bin layout, exactly.
 
-    Requires ``k_new >= k_old`` and a new layout that covers every non-empty old bin, which
-    :func:`bin_layout` guarantees for a range that contains the old one.
+    Requires ``new_bin_exponent >= bin_exponent`` and a new layout that covers every non-empty
+    old bin, which :func:`bin_layout` guarantees for a range that contains the old one.
 
     Args:
-        counts: Tensor[C, B] int64 counts in the old layout.
-        k_old, off_old: Tensor[C] int64 old exponent and offset.
-        k_new, off_new: Tensor[C] int64 new exponent and offset.
+        counts: Tensor[C, B] int64 counts in the layout (bin_exponent, bin_offset).
+        bin_exponent, bin_offset: Tensor[C] int64, the counts' layout.
+        new_bin_exponent, new_bin_offset: Tensor[C] int64, the layout to move them to.
 
     Returns:
         Tensor[C, B] int64 counts in the new layout (same total per channel).
     """
     bins = counts.shape[1]
-    shift = (k_new - k_old).clamp(0, _MAX_SHIFT)
-    absolute = off_old[:, None] + torch.arange(bins, device=counts.device)
+    shift = (new_bin_exponent - bin_exponent).clamp(0, MAX_SHIFT)
+    absolute = bin_offset[:, None] + torch.arange(bins, device=counts.device)
     # Arithmetic right shift of int64 is floor division by 2**shift, also for negative indices.
-    target = (absolute >> shift[:, None]) - off_new[:, None]
+    target = (absolute >> shift[:, None]) - new_bin_offset[:, None]
     # Empty bins beyond the data may point outside the new window; they carry no counts.
     target = target.clamp(0, bins - 1)
     out = torch.zeros_like(counts)

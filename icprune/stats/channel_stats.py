@@ -5,9 +5,9 @@ capacity (histogram entropy) and information independence (correlation or distan
 channels). They are additive, so they stream over calibration batches and merge across instances,
 processes and devices; the exact definitions are in ``docs/method.md``.
 
-This module holds the pure-torch reference that every faster backend must reproduce; the
-faster backends (:mod:`icprune.stats.backends`) compute a batch's statistics in the batch's own bin
-layout, which ``update`` then adds exactly, as :meth:`ChannelStats.merge` does.
+Every backend (:mod:`icprune.stats.backends`: the float64 torch reference
+:func:`~icprune.stats.backends.torch_batch`, C++, Triton) computes a batch's statistics in the
+batch's own bin layout, which ``update`` then adds exactly, as :meth:`ChannelStats.merge` does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,14 @@ from collections.abc import Mapping
 
 import torch
 
-from icprune.stats.backends import BATCH_FUNCTIONS, BatchStats, mirror_upper, resolve_backend
-from icprune.stats.binning import K_MIN, bin_index, bin_layout, rebin
+from icprune.stats.backends import (
+    BATCH_FUNCTIONS,
+    BatchStats,
+    as_samples,
+    mirror_upper,
+    resolve_backend,
+)
+from icprune.stats.binning import K_MIN, bin_layout, rebin
 from icprune.stats.compensated import add_
 
 RANGE_MODES = ("layer", "channel")
@@ -240,25 +246,13 @@ class ChannelStats:
         x = x.detach()  # statistics never take part in autograd
         backend = resolve_backend(self.backend, self.device, self.name, x.dtype)
         # Everything that can raise comes first: a refused batch adds nothing.
-        if backend == "torch":
-            samples, bad = self._finite(self._as_samples(x))
-            batch = None
-            sums, gram = samples.sum(0), mirror_upper(samples.T @ samples)
-        else:
-            batch = BATCH_FUNCTIONS[backend](x, self.bins)
-            bad = 0
-            if not isinstance(batch.nonfinite, torch.Tensor) and batch.nonfinite:
-                _, bad = self._finite(self._as_samples(x))  # raises, naming the channels
-            sums, gram = batch.sums, batch.gram
+        batch = BATCH_FUNCTIONS[backend](x, self.bins)
+        bad = 0
+        if not isinstance(batch.nonfinite, torch.Tensor) and batch.nonfinite:
+            _, bad = self._finite(self._as_samples(x))  # raises, naming the channels
         if x.dtype == torch.float64:  # 16/32-bit data cannot overflow the float64 totals
-            self._check_range(sums, gram)
+            self._check_range(batch.sums, batch.gram)
         self._nonfinite += bad
-        if batch is None:
-            self.count += samples.shape[0]
-            add_(self.sums, self.sums_lo, sums)
-            add_(self.gram, self.gram_lo, gram)
-            self._accumulate_histogram(samples)
-            return
         if isinstance(batch.nonfinite, torch.Tensor):  # on the device: read back later
             pending = self._pending_nonfinite
             self._pending_nonfinite = (
@@ -309,8 +303,7 @@ class ChannelStats:
     def _as_samples(self, x: torch.Tensor) -> torch.Tensor:
         """Validate ``x`` and return its samples as Tensor[M, C] float64."""
         self._check(x)
-        # Channels last: a view for channels_last tensors, one copy otherwise.
-        return x.to(torch.float64).movedim(1, -1).reshape(-1, self.num_channels)
+        return as_samples(x)
 
     def _finite(self, samples: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``samples`` with non-finite values replaced by 0 and how many there were; raises
@@ -335,29 +328,20 @@ class ChannelStats:
             )
         return torch.where(finite, samples, torch.zeros_like(samples)), bad
 
-    def _accumulate_histogram(self, samples: torch.Tensor) -> None:
-        lo = torch.minimum(self.minimum, samples.amin(0))
-        hi = torch.maximum(self.maximum, samples.amax(0))
-        self._relayout(lo, hi)
-        index = bin_index(samples, self.bin_exponent) - self.bin_offset
-        flat = index + torch.arange(self.num_channels, device=self.device) * self.bins
-        self.counts += torch.bincount(flat.flatten(), minlength=self.num_channels * self.bins).view(
-            self.num_channels, self.bins
-        )
-
     def _layout_for(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(exponent, offset) Tensor[C] int64 of the bin layout for per-channel extremes lo/hi."""
+        """(bin_exponent, bin_offset) Tensor[C] int64: the bin layout for per-channel extremes
+        lo/hi (Tensor[C] float64 each)."""
         if self.range_mode == "layer":
             c = self.num_channels
-            k, off = bin_layout(lo.min().reshape(1), hi.max().reshape(1), self.bins)
-            return k.expand(c).clone(), off.expand(c).clone()
+            exponent, offset = bin_layout(lo.min().reshape(1), hi.max().reshape(1), self.bins)
+            return exponent.expand(c).clone(), offset.expand(c).clone()
         return bin_layout(lo, hi, self.bins)
 
     def _relayout(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Widen the range to [lo, hi] (Tensor[C] float64 each), merging bins exactly."""
-        k, off = self._layout_for(lo, hi)
-        self.counts = rebin(self.counts, self.bin_exponent, self.bin_offset, k, off)
-        self.bin_exponent, self.bin_offset = k, off
+        exponent, offset = self._layout_for(lo, hi)
+        self.counts = rebin(self.counts, self.bin_exponent, self.bin_offset, exponent, offset)
+        self.bin_exponent, self.bin_offset = exponent, offset
         self.minimum, self.maximum = lo, hi
 
     def _add(
@@ -375,7 +359,7 @@ class ChannelStats:
         hi = torch.maximum(self.maximum, batch.maximum)
         self._relayout(lo, hi)
         self.counts += rebin(
-            batch.counts, batch.exponent, batch.offset, self.bin_exponent, self.bin_offset
+            batch.counts, batch.bin_exponent, batch.bin_offset, self.bin_exponent, self.bin_offset
         )
         self.count += count
         add_(self.sums, self.sums_lo, batch.sums, sums_lo)
@@ -440,10 +424,10 @@ class ChannelStats:
         # Merging an instance into itself doubles it: read from a copy, not from the tensors
         # being updated in place.
         copy = other is self
-        parts = (other.counts, other.bin_exponent, other.bin_offset, other.minimum, other.maximum)
-        parts += (other.sums, other.gram, other.sums_lo, other.gram_lo)
-        counts, k, off, lo, hi, sums, gram, sums_lo, gram_lo = (t.to(dev, copy=copy) for t in parts)
-        self._add(BatchStats(counts, k, off, lo, hi, sums, gram, 0), other.count, sums_lo, gram_lo)
+        kept = (f for f in BatchStats._fields if f != "nonfinite")  # read back by sync() above
+        batch = {key: getattr(other, key).to(dev, copy=copy) for key in kept}
+        sums_lo, gram_lo = (t.to(dev, copy=copy) for t in (other.sums_lo, other.gram_lo))
+        self._add(BatchStats(**batch, nonfinite=0), other.count, sums_lo, gram_lo)
         self.nonfinite += other.nonfinite
         return self
 
@@ -589,12 +573,15 @@ class ChannelStats:
                 f"{where}: 'minimum'/'maximum' must be finite with minimum <= maximum in every "
                 f"channel"
             )
-        k, off = self._layout_for(lo, hi)
-        if not (torch.equal(k, t["bin_exponent"]) and torch.equal(off, t["bin_offset"])):
+        bin_exponent, bin_offset = self._layout_for(lo, hi)
+        same = torch.equal(bin_exponent, t["bin_exponent"]) and torch.equal(
+            bin_offset, t["bin_offset"]
+        )
+        if not same:
             raise ValueError(
                 f"{where}: 'bin_exponent'/'bin_offset' are not the bin layout of the saved "
-                f"extremes (exponent {t['bin_exponent'][:4].tolist()}..., expected "
-                f"{k[:4].tolist()}...); the file is damaged"
+                f"extremes (bin_exponent {t['bin_exponent'][:4].tolist()}..., expected "
+                f"{bin_exponent[:4].tolist()}...); the file is damaged"
             )
         gram = t["gram"]
         if bool((gram.diagonal() < 0).any()):

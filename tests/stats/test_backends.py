@@ -248,3 +248,58 @@ def test_cpp_gram_is_exactly_symmetric_whatever_the_blas(monkeypatch, layout):
         s.update(x)
         assert torch.equal(s.gram, s.gram.T) and torch.equal(s.distance(), s.distance().T)
         assert torch.equal(s.correlation(), s.correlation().T)
+
+
+# --------------------------------------------------------------- names across the C++ boundary
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+def test_the_compiled_binning_constants_are_the_python_ones():
+    from icprune.stats import binning
+
+    assert backends.ext.BINNING_CONSTANTS == {
+        "K_MIN": binning.K_MIN,
+        "INDEX_BITS": binning.INDEX_BITS,
+        "MAX_SHIFT": binning.MAX_SHIFT,
+    }
+    backends.check_compiled_constants(backends.ext.BINNING_CONSTANTS)  # no error
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        None,  # a stale build without the constants
+        {"K_MIN": -121, "INDEX_BITS": 40, "MAX_SHIFT": 62},
+        {"K_MIN": -120, "INDEX_BITS": 40},
+    ],
+)
+def test_drifted_compiled_constants_are_refused(compiled):
+    with pytest.raises(ImportError, match="binning constants"):
+        backends.check_compiled_constants(compiled)
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+def test_the_cpp_launcher_returns_its_results_by_name():
+    x = _maps(3, (2, 5, 7, 3))
+    out = backends.ext.channel_stats(x.reshape(2, 5, -1).numpy(), 2, 16)
+    fields = set(backends.BatchStats._fields)
+    assert isinstance(out, dict) and set(out) == fields - {"gram"}
+    batch = backends.cpp_batch(x, 16)
+    ref = backends.torch_batch(x, 16)
+    for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "nonfinite"):
+        got, want = getattr(batch, key), getattr(ref, key)
+        assert torch.equal(got, want) if key != "nonfinite" else got == want, key
+
+
+def test_the_torch_backend_is_the_one_reference():
+    """ChannelStats(backend="torch") adds exactly torch_batch's statistics, and the kernels'
+    reference is torch_batch too."""
+    x = _maps(5, (3, 4, 6, 6))
+    x[0, 1, 2, 2] = float("nan")
+    stats = ChannelStats(4, bins=32, range_mode="channel", nan_policy="zero", backend="torch")
+    stats.update(x)
+    ref = backends.torch_batch(x, 32)
+    assert stats.nonfinite == ref.nonfinite == 1
+    for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "sums", "gram"):
+        assert torch.equal(getattr(stats, key), getattr(ref, key)), key
+    assert backends.BATCH_FUNCTIONS["torch"] is backends.torch_batch
