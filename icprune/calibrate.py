@@ -16,12 +16,11 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
-from itertools import islice
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from icprune.batches import batch_input, iter_batches, model_device, progress_bar
 from icprune.files import exclusive, load_torch_file, save_atomically
 from icprune.modes import frozen
 from icprune.stats.channel_stats import ChannelStats
@@ -34,89 +33,6 @@ CHECKPOINT_FORMAT = "icprune.calibration"
 CHECKPOINT_VERSION = 1
 #: Values of each batch input (and model tensor) that enter a fingerprint, evenly spaced.
 FINGERPRINT_VALUES = 4096
-
-
-def model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """The device to run ``model`` on: ``device`` if given (checked against the model's
-    parameters), else the device of the model's parameters, else CPU."""
-    params = list(model.parameters())
-    held = params[0].device if params else None
-    if device is None:
-        return held if held is not None else torch.device("cpu")
-    device = torch.device(device)
-    differs = held is not None and held.type != device.type
-    if held is not None and held.index is not None and device.index is not None:
-        differs = differs or held.index != device.index
-    if differs:
-        raise ValueError(
-            f"device={str(device)!r} but the model's parameters are on {held}; move the model "
-            f"first (model.to({str(device)!r})) - icprune does not move your model"
-        )
-    return device
-
-
-def batch_input(batch: object) -> torch.Tensor:
-    """The model input of one batch: the batch itself if it is a Tensor, else the first element
-    of an ``(input, target, ...)`` tuple or list."""
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"data must yield Tensors or (input, target) tuples of Tensors; got a batch of type "
-            f"{type(batch).__name__}"
-        )
-    return batch
-
-
-def _batches(data: Iterable, max_batches: int | None) -> Iterator:
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    if isinstance(data, torch.Tensor):
-        raise TypeError(
-            f"data is one Tensor of shape {tuple(data.shape)}; pass an iterable of batches, e.g. "
-            f"[x] for one batch or list(x.split(64)) (iterating a Tensor would yield single "
-            f"samples)"
-        )
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise TypeError(
-            f"data must be an iterable of batches (e.g. a DataLoader or a list of Tensors), got "
-            f"{type(data).__name__}"
-        ) from None
-    return islice(iterator, max_batches)
-
-
-def _total(data: Iterable, max_batches: int | None) -> int | None:
-    try:
-        total = len(data)
-    except TypeError:
-        return max_batches
-    return total if max_batches is None else min(total, max_batches)
-
-
-def _progress(
-    batches: Iterator,
-    data: Iterable,
-    max_batches: int | None,
-    desc: str,
-    show: bool,
-    initial: int = 0,
-):
-    """``batches`` wrapped in a tqdm bar named ``desc`` (only on a terminal, and only if
-    ``show``), with the number of batches when ``data`` has a length, starting at ``initial``
-    (batches already done before ``batches``)."""
-    total = _total(data, max_batches)
-    return tqdm(
-        batches,
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="batch",
-        disable=None if show else True,
-    )
 
 
 def _fingerprint(digest, x: torch.Tensor) -> None:
@@ -377,7 +293,7 @@ def calibrate(
         for name, module in selected.items()
     }
     modules = dict(model.named_modules())
-    batches = _batches(data, max_batches)
+    batches = iter_batches(data, max_batches)
     path = None if checkpoint is None else os.fspath(checkpoint)
     settings = None
     if path is not None:
@@ -395,7 +311,7 @@ def calibrate(
                 for point in points.values():
                     hook = _hook(point, stats[point.layer])
                     handles.append(modules[point.module].register_forward_hook(hook))
-                bar = _progress(batches, data, max_batches, "calibrate", progress, initial=seen)
+                bar = progress_bar(batches, data, max_batches, "calibrate", progress, initial=seen)
                 for batch in bar:
                     x = batch_input(batch)
                     if path is not None:

@@ -9,7 +9,7 @@ from itertools import chain
 from torch import Tensor, nn
 
 from icprune.applying import apply
-from icprune.calibrate import batch_input
+from icprune.batches import batch_input
 from icprune.planning import PruningPlan, plan
 from icprune.scoring import LayerScores, score
 

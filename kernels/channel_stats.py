@@ -670,6 +670,11 @@ def channel_stats_ref(x: torch.Tensor, bins: int) -> BatchStats:
     return ref._replace(nonfinite=torch.tensor(ref.nonfinite, dtype=torch.int64, device=x.device))
 
 
+#: The launchable kernels of this module by name, for tools that compile them on their own
+#: (bench/gpu_sass.py reads their SASS for register spills).
+JIT_KERNELS = {"stats_pass": _stats_pass, "stats_finish": _stats_finish}
+
+
 def _check_constants() -> None:
     """The kernels' float32/float64 arithmetic assumes these binning constants."""
     if not (-126 <= K_MIN and INDEX_BITS + 2 <= 52 and MAX_SHIFT == 62):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from icprune.applying import apply
-from icprune.calibrate import batch_input
+from icprune.batches import batch_input
 from icprune.cli.data_specs import (
     IMAGE_EXTENSIONS,
     SYNTHETIC,

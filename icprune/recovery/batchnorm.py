@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from icprune.calibrate import _batches, _progress, batch_input, model_device
+from icprune.batches import batch_input, iter_batches, model_device, progress_bar
 from icprune.structure.layers import is_batchnorm
 
 
@@ -71,7 +71,7 @@ def recalibrate_bn(
             f"(track_running_stats=True); there is nothing to recalibrate"
         )
     dev = model_device(model, device)
-    batches = _batches(data, max_batches)
+    batches = iter_batches(data, max_batches)
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for _, m in batchnorms]
     # What a failure restores: the running statistics as they were.
@@ -87,7 +87,7 @@ def recalibrate_bn(
             bn.reset_running_stats()
             bn.momentum = None  # cumulative moving average over the batches
             bn.train()
-        bar = _progress(batches, data, max_batches, "recalibrate_bn", progress)
+        bar = progress_bar(batches, data, max_batches, "recalibrate_bn", progress)
         with torch.no_grad():
             for batch in bar:
                 model(batch_input(batch).to(dev))

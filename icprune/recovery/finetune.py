@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from icprune.calibrate import _batches, _progress, model_device
+from icprune.batches import iter_batches, model_device, progress_bar
 from icprune.evaluation import check_targets, labelled_batch
 from icprune.modes import frozen
 
@@ -203,8 +203,8 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, total))
     student.train()
     for epoch in range(1, epochs + 1):
-        bar = _progress(
-            _batches(train_data, None), train_data, None, f"finetune {epoch}/{epochs}", progress
+        bar = progress_bar(
+            iter_batches(train_data, None), train_data, None, f"finetune {epoch}/{epochs}", progress
         )
         loss_sum = 0.0
         step = 0

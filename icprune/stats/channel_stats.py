@@ -337,8 +337,17 @@ class ChannelStats:
             return exponent.expand(c).clone(), offset.expand(c).clone()
         return bin_layout(lo, hi, self.bins)
 
-    def _relayout(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Widen the range to [lo, hi] (Tensor[C] float64 each), merging bins exactly."""
+    def widen_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Widen the range of every channel to include [lo, hi], moving the histogram to the bin
+        layout of the wider range exactly (neighbouring bins merge; no count changes).
+
+        Used to bring several instances to one layout before their counts are summed
+        (:func:`icprune.stats.distributed.all_reduce_stats`). A range already wider stays.
+
+        Args:
+            lo, hi: Tensor[C] float64 per-channel extremes on this instance's device.
+        """
+        lo, hi = torch.minimum(self.minimum, lo), torch.maximum(self.maximum, hi)
         exponent, offset = self._layout_for(lo, hi)
         self.counts = rebin(self.counts, self.bin_exponent, self.bin_offset, exponent, offset)
         self.bin_exponent, self.bin_offset = exponent, offset
@@ -355,9 +364,7 @@ class ChannelStats:
         (``sums_lo``/``gram_lo``: compensation terms of ``batch.sums``/``batch.gram``, if any).
         The Gram terms are added with their upper triangle mirrored, so ``gram`` stays exactly
         symmetric whoever computed them."""
-        lo = torch.minimum(self.minimum, batch.minimum)
-        hi = torch.maximum(self.maximum, batch.maximum)
-        self._relayout(lo, hi)
+        self.widen_range(batch.minimum, batch.maximum)
         self.counts += rebin(
             batch.counts, batch.bin_exponent, batch.bin_offset, self.bin_exponent, self.bin_offset
         )

@@ -125,7 +125,7 @@ def all_reduce_stats(
     start = 0
     for s in layers:
         c = s.num_channels
-        s._relayout(lo[start : start + c].to(s.device), hi[start : start + c].to(s.device))
+        s.widen_range(lo[start : start + c].to(s.device), hi[start : start + c].to(s.device))
         start += c
     # Counts, sample count and non-finite count: exact integer sums.
     ints = torch.cat(

@@ -1,0 +1,106 @@
+"""No module of icprune, its kernels or bench/ uses another module's private (_underscore) names.
+
+Every module is parsed (not imported) and two forms are refused: ``from x import _name`` and
+``x._name`` where ``x`` names a module (bound by ``import x`` / ``import a.b as x``, or by
+``from package import x`` for a module of this repository). Attributes of objects (``self._x``,
+a torch module's ``_forward_pre_hooks``) are out of scope: the rule is about modules.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Source folders and the package name they are installed as (setup.py's package_dir).
+PACKAGES = {"icprune": "icprune", "kernels": "icprune.kernels", "bench": "bench"}
+#: (file, use) pairs that are allowed, with the reason.
+ALLOWED = {
+    # The compiled extension is a private submodule, loaded in this one place.
+    ("icprune/extension.py", "from icprune import _C"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Module name -> file of every Python module in PACKAGES."""
+    found = {}
+    for folder, package in PACKAGES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join([package, *parts])] = path
+    return found
+
+
+MODULES = _modules()
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _absolute(module: str | None, level: int, here: str, is_package: bool) -> str:
+    """The absolute module name of a (possibly relative) ``from`` import in module ``here``."""
+    if level == 0:
+        return module or ""
+    base = here.split(".") if is_package else here.split(".")[:-1]
+    base = base[: len(base) - (level - 1)]
+    return ".".join([*base, module] if module else base)
+
+
+def violations(source: str, here: str = "<module>", is_package: bool = False) -> list[str]:
+    """The private cross-module uses in ``source`` (the code of module ``here``), as text."""
+    tree = ast.parse(source)
+    module_names: set[str] = set()
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                module_names.add(alias.asname or alias.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            source_module = _absolute(node.module, node.level, here, is_package)
+            for alias in node.names:
+                full = f"{source_module}.{alias.name}"
+                if _private(alias.name):
+                    found.append(f"line {node.lineno}: from {source_module} import {alias.name}")
+                elif full in MODULES:
+                    module_names.add(alias.asname or alias.name)
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and _private(node.attr)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in module_names
+        ):
+            found.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
+    return found
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("from icprune.calibrate import _batches, model_device", ["import _batches"]),
+        ("import icprune.calibrate as c\nc._progress(1)", ["c._progress"]),
+        ("from icprune.kernels import gram as g\ng._gram", ["g._gram"]),
+        ("from .counting import _as_args", ["import _as_args"]),
+        ("from icprune.stats import ChannelStats\nChannelStats(1)._relayout", []),  # an object
+        ("self._x = 1\nfrom icprune import __version__", []),
+    ],
+)
+def test_the_checker_finds_private_cross_module_uses(code, expected):
+    found = violations(code, "icprune.structure.dependency")
+    assert len(found) == len(expected)
+    for text, want in zip(found, expected, strict=True):
+        assert want in text
+
+
+def test_no_module_uses_another_modules_private_names():
+    assert len(MODULES) > 50  # the walk found the package
+    problems = []
+    for name, path in MODULES.items():
+        rel = path.relative_to(ROOT).as_posix()
+        found = violations(path.read_text(), name, path.name == "__init__.py")
+        allowed = {use for file, use in ALLOWED if file == rel}
+        problems += [f"{rel} {v}" for v in found if v.split(": ", 1)[1] not in allowed]
+    assert not problems, "private names used across modules:\n" + "\n".join(problems)
