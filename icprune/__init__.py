@@ -9,6 +9,7 @@ independence), after Tang et al., arXiv:2303.03645. Exact definitions: docs/meth
     scores = icprune.score(model, source="weights")         # data-free
     stats = icprune.calibrate(model, data)                  # reusable statistics
     result = icprune.prune(model, data, flops_reduction=0.5)  # score -> plan -> apply
+    scores = icprune.score(model, data, scoring_config=icprune.ScoringConfig(lam=0.5))
     icprune.recalibrate_bn(pruned_model, data)              # re-estimate BN statistics
     tuned = icprune.finetune(pruned_model, train_data, 2, teacher=model)  # recover accuracy
 
@@ -20,6 +21,7 @@ from importlib.metadata import version
 
 from icprune.applying import apply
 from icprune.calibrate import calibrate
+from icprune.config import CalibrationConfig, PlanConfig, ScoringConfig, StatsConfig
 from icprune.evaluation import accuracy, latency
 from icprune.extension import HAVE_EXT, build_info
 from icprune.planning import PruningPlan, plan
@@ -37,13 +39,17 @@ __version__ = version("icprune")
 
 __all__ = [
     "HAVE_EXT",
+    "CalibrationConfig",
     "ChannelStats",
     "Dependency",
     "Group",
     "LayerScores",
     "ModelSummary",
+    "PlanConfig",
     "PruneResult",
     "PruningPlan",
+    "ScoringConfig",
+    "StatsConfig",
     "__version__",
     "accuracy",
     "all_reduce_stats",

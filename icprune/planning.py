@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from icprune.config import PlanConfig, with_options
 from icprune.scoring import LayerScores, normalize
 from icprune.structure.cost import AXIS, CostModel
 from icprune.structure.counting import as_inputs
@@ -485,14 +486,7 @@ def plan(
     scores: Mapping[str, LayerScores | Tensor],
     *,
     example_inputs: Tensor | Sequence[Tensor],
-    ratio: float | None = None,
-    flops_reduction: float | None = None,
-    params_reduction: float | None = None,
-    global_ranking: bool = True,
-    max_layer_ratio: float = 0.9,
-    min_channels: int = 1,
-    round_to: int = 1,
-    ignored_layers: Iterable[str] = (),
+    **options,
 ) -> PruningPlan:
     """Choose the output channels to keep in every dependency group of ``model``.
 
@@ -503,19 +497,11 @@ def plan(
             or opaque ones) are skipped; groups with no scored layer are kept whole.
         example_inputs: Tensor or tuple of Tensors for ``model(*example_inputs)`` at the
             resolution the MACs should be counted for, e.g. ``torch.randn(1, 3, 224, 224)``.
-        ratio: fraction of channels to prune, in [0, 1): of all scored channels
-            (``global_ranking=True``) or of each group.
-        flops_reduction: fraction of MACs (= FLOPs) to remove, in [0, 1).
-        params_reduction: fraction of parameters to remove, in [0, 1). Exactly one of
-            ``ratio``, ``flops_reduction``, ``params_reduction`` must be given.
-        global_ranking: rank channels of all groups together (True) or prune every group by the
-            same fraction (False).
-        max_layer_ratio: at most this fraction of a group's channels is pruned, in (0, 1].
-        min_channels: every group keeps at least this many channels (int >= 1).
-        round_to: kept channel counts are rounded up to a multiple of this (int >= 1; 8 or 16
-            keeps CPU/GPU kernels efficient).
-        ignored_layers: module names never pruned (see
-            :func:`icprune.structure.dependency.trace_dependencies`).
+        **options: ``plan_config=`` (:class:`icprune.PlanConfig`: the target - exactly one of
+            ``ratio``, ``flops_reduction``, ``params_reduction`` - and ``global_ranking``,
+            ``max_layer_ratio``, ``min_channels``, ``round_to``, ``ignored_layers``) and/or its
+            fields by name (``flops_reduction=0.5, round_to=8``), overriding the config's
+            value.
 
     Returns:
         :class:`PruningPlan`; ``plan.keep`` maps each prunable layer to its sorted kept
@@ -527,23 +513,26 @@ def plan(
             channel at all can be pruned (the message says why: no prunable group, no scored
             group, every group at its limits, or ``round_to``), or a target that cannot be
             reached (or not within 1 percentage point) under the limits.
-        TypeError: scores or ``example_inputs`` of the wrong type.
+        TypeError: scores or ``example_inputs`` of the wrong type; an unknown keyword option or
+            a config of the wrong class.
     """
-    targets = {"ratio": ratio, "flops_reduction": flops_reduction}
-    targets["params_reduction"] = params_reduction
+    (config,) = with_options("plan", options, PlanConfig)
+    targets = {"ratio": config.ratio, "flops_reduction": config.flops_reduction}
+    targets["params_reduction"] = config.params_reduction
     given = {k: v for k, v in targets.items() if v is not None}
     if len(given) != 1:
         raise ValueError(
             "plan: give exactly one of ratio=, flops_reduction= or params_reduction= "
             f"(got {', '.join(given) or 'none'})"
         )
+    global_ranking, ignored_layers = config.global_ranking, config.ignored_layers
     ((target_name, target),) = given.items()
     target = _check_fraction(target_name, target)
-    max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio, upper_open=False)
+    max_layer_ratio = _check_fraction("max_layer_ratio", config.max_layer_ratio, upper_open=False)
     if max_layer_ratio == 0:
         raise ValueError("max_layer_ratio must be > 0 (it is the most a group may lose)")
-    min_channels = _check_count("min_channels", min_channels)
-    round_to = _check_count("round_to", round_to)
+    min_channels = _check_count("min_channels", config.min_channels)
+    round_to = _check_count("round_to", config.round_to)
     ignored = list(ignored_layers) if not isinstance(ignored_layers, str) else ignored_layers
     vectors = normalized_scores(scores, model)
     deps = trace_dependencies(model, example_inputs, ignored_layers=ignored)

@@ -647,15 +647,9 @@ def channel_stats(
             block_k=cfg.block_k, warps=cfg.gram_warps, stages=cfg.gram_stages,
         )  # fmt: skip
     return BatchStats(
-        counts=counts,
-        bin_exponent=exponent,
-        bin_offset=offset,
-        minimum=lo,
-        maximum=hi,
-        sums=sums,
-        gram=g,
-        nonfinite=flags[0],
-    )
+        counts=counts, bin_exponent=exponent, bin_offset=offset, minimum=lo, maximum=hi,
+        sums=sums, gram=g, nonfinite=flags[0],
+    )  # fmt: skip
 
 
 def channel_stats_ref(x: torch.Tensor, bins: int) -> BatchStats:

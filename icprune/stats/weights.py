@@ -7,10 +7,12 @@ matrix A of ``docs/method.md`` is ``W.reshape(C, K)``. Biases are not included.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from torch import nn
 
+from icprune.config import StatsConfig, with_options
 from icprune.stats.channel_stats import ChannelStats
 from icprune.structure.graph import prunable_layers
 from icprune.structure.layers import out_channels
@@ -20,16 +22,17 @@ def weight_stats(
     model: nn.Module,
     *,
     layers: Iterable[str] | None = None,
-    bins: int = 64,
-    range_mode: str = "layer",
-    nan_policy: str = "raise",
+    **options,
 ) -> dict[str, ChannelStats]:
     """Channel statistics of every prunable layer's weights (no data needed).
 
     Args:
         model: the network; not modified.
         layers: qualified names to use; None = every Conv/Linear layer except output layers.
-        bins, range_mode, nan_policy: as for :class:`ChannelStats`.
+        **options: ``stats_config=`` (:class:`icprune.StatsConfig`: ``bins``, ``range_mode``,
+            ``nan_policy``; its ``backend`` is not used: weights are small, the float64 torch
+            reference costs nothing here) and/or its fields by name (``bins=32``), overriding
+            the config's value.
 
     Returns:
         dict qualified layer name -> :class:`ChannelStats` with ``count = K`` samples per channel
@@ -39,8 +42,9 @@ def weight_stats(
         ValueError: the model has no prunable layer, an unknown layer name, an untraceable model
             (``layers=None``), or NaN/Inf in a weight with ``nan_policy="raise"`` (the message
             names the layer and its output channels).
-        TypeError: a named layer is not a Conv/Linear module.
+        TypeError: a named layer is not a Conv/Linear module; an unknown keyword option.
     """
+    (config,) = with_options("weight_stats", options, StatsConfig)
     selected = prunable_layers(model, layers)
     if not selected:
         raise ValueError(
@@ -53,13 +57,10 @@ def weight_stats(
         channels = out_channels(module)
         layer = ChannelStats(
             channels,
-            bins=bins,
-            range_mode=range_mode,
-            nan_policy=nan_policy,
+            **dataclasses.asdict(config) | {"backend": "torch"},  # weights are small
             name=name,
             read_at="weights",
             device=weight.device,
-            backend="torch",  # weights are small: the float64 reference costs nothing here
         )
         # (C, K) -> K samples of C channels, laid out (N=K, C).
         layer.update(weight.reshape(channels, -1).T)

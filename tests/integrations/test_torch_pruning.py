@@ -263,7 +263,7 @@ def test_errors(model, batches):
         InformationImportance(model, stats={"layer9.conv": ChannelStats(5)})
     with pytest.raises(ValueError, match="lam must be"):
         InformationImportance(model, lam=-1.0)
-    with pytest.raises(ValueError, match="norm must be"):
+    with pytest.raises(ValueError, match=r"normalization \(norm=\) must be"):
         InformationImportance(model, batches, norm="l2", progress=False)
     other = copy.deepcopy(model)
     with pytest.raises(ValueError, match="not a module of the model this importance"):
