@@ -11,7 +11,7 @@ import os
 import warnings
 
 try:
-    from icprune import _C as ext
+    import icprune._C as ext
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:

@@ -1,9 +1,10 @@
 """No module of icprune, its kernels or bench/ uses another module's private (_underscore) names.
 
-Every module is parsed (not imported) and two forms are refused: ``from x import _name`` and
-``x._name`` where ``x`` names a module (bound by ``import x`` / ``import a.b as x``, or by
-``from package import x`` for a module of this repository). Attributes of objects (``self._x``,
-a torch module's ``_forward_pre_hooks``) are out of scope: the rule is about modules.
+Every module is parsed (not imported) and three forms are refused: ``from x import _name``,
+``import x._name`` and ``x._name`` where ``x`` names a module (bound by ``import x`` /
+``import a.b as x``, or by ``from package import x`` for a module of this repository).
+Attributes of objects (``self._x``, a torch module's ``_forward_pre_hooks``) are out of scope:
+the rule is about modules.
 """
 
 import ast
@@ -17,7 +18,7 @@ PACKAGES = {"icprune": "icprune", "kernels": "icprune.kernels", "bench": "bench"
 #: (file, use) pairs that are allowed, with the reason.
 ALLOWED = {
     # The compiled extension is a private submodule, loaded in this one place.
-    ("icprune/extension.py", "from icprune import _C"),
+    ("icprune/extension.py", "import icprune._C"),
 }
 
 
@@ -58,6 +59,8 @@ def violations(source: str, here: str = "<module>", is_package: bool = False) ->
         if isinstance(node, ast.Import):
             for alias in node.names:
                 module_names.add(alias.asname or alias.name.split(".")[0])
+                if any(_private(part) for part in alias.name.split(".")):
+                    found.append(f"line {node.lineno}: import {alias.name}")
         elif isinstance(node, ast.ImportFrom):
             source_module = _absolute(node.module, node.level, here, is_package)
             for alias in node.names:
@@ -86,6 +89,7 @@ def violations(source: str, here: str = "<module>", is_package: bool = False) ->
         ("from .counting import _as_args", ["import _as_args"]),
         ("from icprune.stats import ChannelStats\nChannelStats(1)._relayout", []),  # an object
         ("self._x = 1\nfrom icprune import __version__", []),
+        ("import icprune._C as ext", ["import icprune._C"]),
     ],
 )
 def test_the_checker_finds_private_cross_module_uses(code, expected):

@@ -6,7 +6,7 @@ A *data spec* is one of:
   ``.tif``, ``.tiff``, ``.webp``, searched recursively). Images directly in the folder are
   unlabelled; if every image lies in a subfolder, the first-level subfolder names (sorted) are
   the class labels 0, 1, ... (torchvision's ``ImageFolder`` convention). Every image is
-  decoded completely when the source is made (so a truncated or corrupt file is found before
+  decoded completely when the spec is read (so a truncated or corrupt file is found before
   any work, named); images are converted to the model's RGB or greyscale (16-bit greyscale
   scaled to 8 bits; 32-bit integer and float images, whose range is unknown, are refused).
   Each image is resized
@@ -53,8 +53,8 @@ class DataLoadError(ValueError):
 
 
 @dataclass(frozen=True)
-class Source:
-    """Calibration data, batched.
+class DataSpec:
+    """A data spec (``--data``, ``--val-data``) read: its samples, batched.
 
     Attributes:
         batches: re-iterable of batches: Tensor ``[B, C, H, W]`` float32, or
@@ -74,7 +74,7 @@ class Source:
     description: str
     targets: torch.Tensor | None = None
 
-    def shard(self, rank: int, world_size: int) -> Source:
+    def shard(self, rank: int, world_size: int) -> DataSpec:
         """Every ``world_size``-th batch from batch ``rank`` on (read lazily), e.g. one process's
         share of the calibration data; ``num_samples`` stays that of the whole data."""
         batches = self.batches
@@ -197,7 +197,7 @@ def image_folder(
     batch_size: int = 32,
     max_samples: int | None = None,
     seed: int = 0,
-) -> Source:
+) -> DataSpec:
     """Images of a folder as calibration batches, decoded lazily batch by batch.
 
     Args:
@@ -209,7 +209,7 @@ def image_folder(
         seed: seed of that subset.
 
     Returns:
-        :class:`Source`; every file is checked to be a readable image up front.
+        :class:`DataSpec`; every file is checked to be a readable image up front.
 
     Raises:
         DataLoadError: no such folder, no images in it, a file PIL cannot read (named), or an
@@ -257,7 +257,7 @@ def image_folder(
         return (inputs, targets[span]) if targets is not None else inputs
 
     what = f"in {len(classes)} classes " if labelled else ""
-    return Source(
+    return DataSpec(
         _Batches(math.ceil(len(files) / batch_size), make),
         labelled,
         len(files),
@@ -322,7 +322,7 @@ def tensor_file(
     *,
     batch_size: int = 32,
     max_samples: int | None = None,
-) -> Source:
+) -> DataSpec:
     """Inputs (and optional targets) stored in a ``.pt``, ``.npy`` or ``.npz`` file.
 
     Args:
@@ -332,7 +332,7 @@ def tensor_file(
         max_samples: use only the first this many samples (None: all).
 
     Returns:
-        :class:`Source` with float32 inputs ``[B, C, H, W]`` (targets int64 ``[B]``).
+        :class:`DataSpec` with float32 inputs ``[B, C, H, W]`` (targets int64 ``[B]``).
 
     Raises:
         DataLoadError: missing or unreadable file, inputs that are not a non-empty 4-D floating
@@ -382,7 +382,7 @@ def tensor_file(
         else list(zip(x_batches, targets.split(batch_size), strict=True))
     )
     shape = tuple(inputs.shape[1:])
-    return Source(
+    return DataSpec(
         batches,
         targets is not None,
         len(inputs),
@@ -394,7 +394,7 @@ def tensor_file(
 
 def synthetic(
     input_shape: tuple[int, int, int], *, num_samples: int = 64, batch_size: int = 32, seed: int = 0
-) -> Source:
+) -> DataSpec:
     """Standard-normal noise shaped like the model's input, with a ``UserWarning`` that
     data-free scoring is the better choice without data.
 
@@ -405,7 +405,7 @@ def synthetic(
         seed: seed of the noise.
 
     Returns:
-        unlabelled :class:`Source` of float32 batches ``[B, C, H, W]``.
+        unlabelled :class:`DataSpec` of float32 batches ``[B, C, H, W]``.
     """
     warnings.warn(
         "synthetic data: channels are scored on random noise, which says little about which "
@@ -416,7 +416,7 @@ def synthetic(
     )
     gen = torch.Generator().manual_seed(seed)
     inputs = torch.randn(num_samples, *input_shape, generator=gen)
-    return Source(
+    return DataSpec(
         list(inputs.split(batch_size)),
         False,
         num_samples,
@@ -425,15 +425,15 @@ def synthetic(
     )
 
 
-def load_source(
+def load_data_spec(
     spec: str | os.PathLike,
     input_shape: tuple[int, int, int] | None,
     *,
     batch_size: int = 32,
     max_samples: int | None = None,
     seed: int = 0,
-) -> Source:
-    """Calibration data from a data spec (see the module docstring).
+) -> DataSpec:
+    """Read a data spec (see the module docstring) into batches.
 
     Args:
         spec: an image folder, a ``.pt``/``.npy``/``.npz`` file, or ``"synthetic"``.
@@ -444,7 +444,7 @@ def load_source(
         seed: seed of image subsets and of synthetic noise.
 
     Returns:
-        :class:`Source`.
+        :class:`DataSpec`.
 
     Raises:
         DataLoadError: anything that keeps the spec from being read (the message names it).

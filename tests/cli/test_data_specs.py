@@ -7,31 +7,31 @@ from icprune.cli.data_specs import (
     _pil_transform,
     image_folder,
     image_transform,
-    load_source,
+    load_data_spec,
     synthetic,
     tensor_file,
 )
 
 
 def test_image_folder_with_class_subfolders_is_labelled_and_normalised(photo_folder):
-    source = image_folder(photo_folder, (3, 32, 32), batch_size=5)
-    assert source.labelled and source.num_samples == 12 and len(source.batches) == 3
-    assert "12 images in 2 classes" in source.description
-    batches = list(source.batches)
+    data = image_folder(photo_folder, (3, 32, 32), batch_size=5)
+    assert data.labelled and data.num_samples == 12 and len(data.batches) == 3
+    assert "12 images in 2 classes" in data.description
+    batches = list(data.batches)
     assert [len(x) for x, _ in batches] == [5, 5, 2]
     inputs = torch.cat([x for x, _ in batches])
     targets = torch.cat([y for _, y in batches])
     assert inputs.shape == (12, 3, 32, 32) and inputs.dtype == torch.float32
     assert targets.tolist() == [0] * 6 + [1] * 6
     assert -2.2 < inputs.min() < inputs.max() < 2.7 and inputs.std() > 0.2  # ImageNet-normalised
-    again = torch.cat([x for x, _ in source.batches])
+    again = torch.cat([x for x, _ in data.batches])
     assert torch.equal(inputs, again)  # re-iterable, deterministic
 
 
 def test_image_folder_without_subfolders_is_unlabelled_and_greyscale_works(photo_folder):
-    source = image_folder(photo_folder / "a", (1, 24, 24), batch_size=4)
-    assert not source.labelled and source.num_samples == 6
-    assert source.batches[0].shape == (4, 1, 24, 24)
+    data = image_folder(photo_folder / "a", (1, 24, 24), batch_size=4)
+    assert not data.labelled and data.num_samples == 6
+    assert data.batches[0].shape == (4, 1, 24, 24)
 
 
 def test_image_folder_subset_is_seeded(photo_folder):
@@ -97,11 +97,11 @@ def test_tensor_files_in_every_format(tmp_path):
     np.savez(tmp_path / "named.npz", inputs=x.double().numpy(), targets=y.numpy())
     np.savez(tmp_path / "single.npz", x.numpy())
     for name in [*files, "named.npz", "single.npz"]:
-        source = tensor_file(tmp_path / name, (3, 8, 8), batch_size=4)
+        data = tensor_file(tmp_path / name, (3, 8, 8), batch_size=4)
         labelled = name.startswith(("pair", "named"))
-        assert source.labelled == labelled and source.num_samples == 10
-        assert source.input_shape == (3, 8, 8) and len(source.batches) == 3
-        first = source.batches[0]
+        assert data.labelled == labelled and data.num_samples == 10
+        assert data.input_shape == (3, 8, 8) and len(data.batches) == 3
+        first = data.batches[0]
         inputs = first[0] if labelled else first
         assert inputs.dtype == torch.float32 and torch.equal(inputs, x[:4])
         if labelled:
@@ -154,23 +154,23 @@ def test_synthetic_data_warns_and_repeats():
     assert all(torch.equal(a, b) for a, b in zip(first.batches, second.batches, strict=True))
 
 
-def test_load_source_dispatches_and_validates(tmp_path, photo_folder):
-    assert load_source(photo_folder, (3, 16, 16)).labelled
+def test_load_data_spec_dispatches_and_validates(tmp_path, photo_folder):
+    assert load_data_spec(photo_folder, (3, 16, 16)).labelled
     torch.save(torch.zeros(2, 3, 4, 4), tmp_path / "x.pt")
-    assert load_source(tmp_path / "x.pt", None).input_shape == (3, 4, 4)
+    assert load_data_spec(tmp_path / "x.pt", None).input_shape == (3, 4, 4)
     with pytest.warns(UserWarning):
-        assert load_source("synthetic", (3, 4, 4), max_samples=3).num_samples == 3
+        assert load_data_spec("synthetic", (3, 4, 4), max_samples=3).num_samples == 3
     with pytest.raises(DataLoadError, match="input shape is unknown; pass input_shape"):
-        load_source("synthetic", None)
+        load_data_spec("synthetic", None)
     with pytest.raises(DataLoadError, match="no such file or folder"):
-        load_source(tmp_path / "nothing", (3, 4, 4))
+        load_data_spec(tmp_path / "nothing", (3, 4, 4))
     (tmp_path / "table.csv").write_text("a,b\n")
     with pytest.raises(DataLoadError, match="neither a folder of images nor a tensor file"):
-        load_source(tmp_path / "table.csv", (3, 4, 4))
+        load_data_spec(tmp_path / "table.csv", (3, 4, 4))
     with pytest.raises(DataLoadError, match="batch_size must be a positive int"):
-        load_source(tmp_path / "x.pt", None, batch_size=0)
+        load_data_spec(tmp_path / "x.pt", None, batch_size=0)
     with pytest.raises(DataLoadError, match="max_samples must be a positive int"):
-        load_source(tmp_path / "x.pt", None, max_samples=0)
+        load_data_spec(tmp_path / "x.pt", None, max_samples=0)
 
 
 def test_image_transform_prefers_torchvision_when_importable(monkeypatch):
@@ -232,8 +232,8 @@ def test_odd_image_modes_are_converted_or_refused(tmp_path):
     for name, image in images.items():
         image.save(tmp_path / name)
     assert Image.open(tmp_path / "deep.png").mode.startswith("I;16")
-    source = image_folder(tmp_path, (3, 32, 32), batch_size=8)
-    batch = source.batches[0]
+    data = image_folder(tmp_path, (3, 32, 32), batch_size=8)
+    batch = data.batches[0]
     assert batch.shape == (5, 3, 32, 32) and torch.isfinite(batch).all()
     deep = sorted(images).index("deep.png")
     grey = image_folder(tmp_path, (1, 32, 32), batch_size=8).batches[0][deep]
@@ -282,4 +282,4 @@ def test_sources_carry_every_label_and_an_empty_spec_is_refused(tmp_path, photo_
     assert image_folder(photo_folder / "a", (3, 32, 32)).targets is None
     for spec in ("", "  "):
         with pytest.raises(DataLoadError, match="the data spec is empty"):
-            load_source(spec, (3, 32, 32))
+            load_data_spec(spec, (3, 32, 32))
