@@ -162,30 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
-    _prune_command(commands)
-    _score_command(commands)
-    _demo_command(commands)
+    for name, (summary, description, add_options) in COMMANDS.items():
+        command = commands.add_parser(name, help=summary, description=description, epilog=EPILOG)
+        add_options(command)
+        command.set_defaults(handler=name)
     return parser
 
 
-def _prune_command(commands) -> None:
+def _prune_command(parser: argparse.ArgumentParser) -> None:
     """``icprune prune``: the model and data options, the target, the limits, recovery, output."""
-    prune_p = commands.add_parser(
-        "prune",
-        help="prune a model to a FLOPs/params/channel target and report",
-        description="Score every channel, plan the pruning (coupled channels together), build "
-        "the smaller model, re-estimate BatchNorm statistics on --data, optionally "
-        "fine-tune, then write the model, its plan, scores and a report to --out.",
-        epilog=EPILOG,
-    )
-    _model_options(prune_p)
-    prune_p.add_argument("--data", metavar="SRC", help=DATA_HELP)
-    _target_options(prune_p)
-    _limit_options(prune_p)
-    _recovery_options(prune_p)
-    _calibration_options(prune_p)
-    prune_p.add_argument("--out", required=True, metavar="DIR", help="folder to create")
-    prune_p.set_defaults(handler="prune")
+    _model_options(parser)
+    parser.add_argument("--data", metavar="SRC", help=DATA_HELP)
+    _target_options(parser)
+    _limit_options(parser)
+    _recovery_options(parser)
+    _calibration_options(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder to create")
 
 
 def _target_options(parser: argparse.ArgumentParser) -> None:
@@ -292,39 +284,46 @@ def _calibration_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _score_command(commands) -> None:
+def _score_command(parser: argparse.ArgumentParser) -> None:
     """``icprune score``: the model and data options, and the file to write."""
-    score_p = commands.add_parser(
-        "score",
-        help="write every channel's capacity, independence and score",
-        description="Score every output channel of every prunable layer and write the scores "
-        "as JSON or CSV (one row per channel).",
-        epilog=EPILOG,
-    )
-    _model_options(score_p)
-    score_p.add_argument("--data", metavar="SRC", help=DATA_HELP)
-    score_p.add_argument(
+    _model_options(parser)
+    parser.add_argument("--data", metavar="SRC", help=DATA_HELP)
+    parser.add_argument(
         "--out", required=True, metavar="FILE", help="scores.json or scores.csv to create"
     )
-    score_p.set_defaults(handler="score")
 
 
-def _demo_command(commands) -> None:
+def _demo_command(parser: argparse.ArgumentParser) -> None:
     """``icprune demo``: the output folder only."""
-    demo_p = commands.add_parser(
-        "demo",
-        help="the whole job on bundled digits, no downloads (what `make demo` runs)",
-        description="Train a small residual CNN on scikit-learn's bundled digits, score it, "
-        "prune about half its FLOPs, re-estimate BatchNorm, fine-tune briefly, and "
-        "print accuracy, MACs, parameters and latency before and after; write the "
-        "report to --out.",
-        epilog=EPILOG,
-    )
-    demo_p.add_argument(
+    parser.add_argument(
         "--out",
         default="icprune-demo",
         metavar="DIR",
         help="folder to create (default ./icprune-demo)",
     )
-    _output_options(demo_p)
-    demo_p.set_defaults(handler="demo")
+    _output_options(parser)
+
+
+#: The subcommands: name -> (one-line help, description, the function adding its options).
+COMMANDS = {
+    "prune": (
+        "prune a model to a FLOPs/params/channel target and report",
+        "Score every channel, plan the pruning (coupled channels together), build the smaller "
+        "model, re-estimate BatchNorm statistics on --data, optionally fine-tune, then write "
+        "the model, its plan, scores and a report to --out.",
+        _prune_command,
+    ),
+    "score": (
+        "write every channel's capacity, independence and score",
+        "Score every output channel of every prunable layer and write the scores as JSON or "
+        "CSV (one row per channel).",
+        _score_command,
+    ),
+    "demo": (
+        "the whole job on bundled digits, no downloads (what `make demo` runs)",
+        "Train a small residual CNN on scikit-learn's bundled digits, score it, prune about "
+        "half its FLOPs, re-estimate BatchNorm, fine-tune briefly, and print accuracy, MACs, "
+        "parameters and latency before and after; write the report to --out.",
+        _demo_command,
+    ),
+}

@@ -1,10 +1,17 @@
-"""No module of icprune, its kernels or bench/ uses another module's private (_underscore) names.
+"""The import rules of docs/architecture.md, read from the code (parsed, not imported).
 
-Every module is parsed (not imported) and three forms are refused: ``from x import _name``,
-``import x._name`` and ``x._name`` where ``x`` names a module (bound by ``import x`` /
-``import a.b as x``, or by ``from package import x`` for a module of this repository).
-Attributes of objects (``self._x``, a torch module's ``_forward_pre_hooks``) are out of scope:
-the rule is about modules.
+1. No module of icprune, its kernels or bench/ uses another module's private (_underscore)
+   names. Three forms are refused: ``from x import _name``, ``import x._name`` and ``x._name``
+   where ``x`` names a module (bound by ``import x`` / ``import a.b as x``, or by
+   ``from package import x`` for a module of this repository). Attributes of objects
+   (``self._x``, a torch module's ``_forward_pre_hooks``) are out of scope: the rule is about
+   modules.
+2. Every import inside icprune goes down the layers (:data:`LAYERS`): a module imports modules
+   of its own layer or of a lower one, never of a higher one, so the data flows one way:
+   calibrate -> score -> plan -> apply -> recover/report -> save, with the CLI and the
+   integrations on top. Imports inside functions count too. The statistics engine and its
+   Triton kernels share a layer: the kernels return the engine's BatchStats, and the engine
+   loads them on first use.
 """
 
 import ast
@@ -35,6 +42,34 @@ def _modules() -> dict[str, Path]:
 
 
 MODULES = _modules()
+#: The installed package's modules (bench/ stands outside the layers).
+PACKAGE = {name: path for name, path in MODULES.items() if name.split(".")[0] == "icprune"}
+
+
+#: The layers, lowest first: units are top-level modules or whole subpackages (``stats/``).
+LAYERS = [
+    {"config", "files", "modes", "batches", "extension", "data", "models/", "baselines"},
+    {"structure/"},
+    {"stats/", "kernels/", "slicing"},
+    {"calibrate", "serialization", "evaluation"},
+    {"scoring"},
+    {"planning"},
+    {"applying", "report/", "recovery/"},
+    {"pruning"},
+    {"integrations/", "cli/", "__init__", "__main__"},
+]
+SUBPACKAGES = {"stats", "structure", "recovery", "report", "cli", "integrations", "models"}
+
+
+def _unit(module: str) -> str:
+    """``icprune.stats.binning`` -> ``stats/``, ``icprune.kernels.gram`` -> ``kernels/``,
+    ``icprune.scoring`` -> ``scoring``, ``icprune`` -> ``__init__``."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__"
+    if parts[1] in SUBPACKAGES or parts[1] == "kernels":
+        return parts[1] + "/"
+    return parts[1]
 
 
 def _private(name: str) -> bool:
@@ -108,3 +143,34 @@ def test_no_module_uses_another_modules_private_names():
         allowed = {use for file, use in ALLOWED if file == rel}
         problems += [f"{rel} {v}" for v in found if v.split(": ", 1)[1] not in allowed]
     assert not problems, "private names used across modules:\n" + "\n".join(problems)
+
+
+def _imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The icprune modules that the file at ``path`` imports (anywhere in it)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                full = f"{node.module}.{alias.name}"
+                found.add(full if full in modules else node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return {name for name in found if name in modules}
+
+
+def test_every_unit_has_a_layer():
+    units = {_unit(m) for m in PACKAGE}
+    placed = set().union(*LAYERS)
+    assert units == placed, (sorted(units - placed), sorted(placed - units))
+
+
+def test_imports_go_down_the_layers():
+    layer = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+    upward = []
+    for name, path in PACKAGE.items():
+        mine = _unit(name)
+        for imported in _imports(path, PACKAGE):
+            theirs = _unit(imported)
+            if layer[theirs] > layer[mine]:
+                upward.append(f"{path.relative_to(ROOT)} imports {imported} ({mine} -> {theirs})")
+    assert not upward, "imports that run up the layers:\n" + "\n".join(upward)
