@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from icprune import backends
 from icprune.baselines import chip, hrank
 from icprune.calibrate import calibrate
-from icprune.graph import prunable_layers, read_points
 from icprune.models import resnet50, resnet56
 from icprune.scoring import layer_scores
-from icprune.stats import ChannelStats
+from icprune.stats import backends
+from icprune.stats.channel_stats import ChannelStats
+from icprune.structure.graph import prunable_layers, read_points
 
 #: (C, H, W) of ResNet-50 feature maps at 224x224: early wide maps to late narrow ones.
 SHAPES = [(64, 112, 112), (256, 56, 56), (512, 28, 28), (1024, 14, 14), (2048, 7, 7)]

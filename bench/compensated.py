@@ -2,8 +2,8 @@
 
 For each ResNet-50 layer shape (:data:`bench.channel_stats.SHAPES`, one batch of ``--batch``
 images) it times a whole ``ChannelStats.update`` with the compensated accumulation of sums and
-Gram (:func:`icprune.compensated.add_`) and with a plain float64 ``+=`` in its place, alternating
-the two in every round on the same tensor, and reports the medians and the median of the
+Gram (:func:`icprune.stats.compensated.add_`) and with a plain float64 ``+=`` in its place,
+alternating the two in every round on the same tensor, and reports the medians and the median of the
 per-round ratios. It also times the accumulation step alone (``add_`` on a C x C Gram against
 ``+=``). Backend: ``auto`` (the C++ extension on the CPU, Triton on CUDA).
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from bench.channel_stats import SHAPES, device_name
-from icprune import stats as stats_module
-from icprune.compensated import add_
+from icprune.stats import channel_stats as stats_module
+from icprune.stats.compensated import add_
 
 
 def _plain_add(hi: torch.Tensor, lo: torch.Tensor, x: torch.Tensor, x_lo=None) -> None:

@@ -188,8 +188,8 @@ def calibration_rows(args, device) -> list[dict]:
     from icprune.kernels.channel_stats import channel_stats
 
     from icprune.calibrate import calibrate
-    from icprune.graph import prunable_layers, read_points
     from icprune.models import resnet50
+    from icprune.structure.graph import prunable_layers, read_points
 
     side = 32 if args.dry_run else 224
     batch = 1 if args.dry_run else args.batch

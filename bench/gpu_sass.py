@@ -105,7 +105,8 @@ def report() -> list[dict]:
             consts.update(FLAT=cfg.flat_histogram, WIDE=False)
             consts["ROW_MODE"] = row_mode(x, cfg.block_m)
             types = dict(parts, x_ptr=pointer)
-            r = build(stats_kernels._stats_pass, types, consts, cfg.stats_warps, ints=ints)
+            kernel = stats_kernels.JIT_KERNELS["stats_pass"]
+            r = build(kernel, types, consts, cfg.stats_warps, ints=ints)
             config = f"block_m={cfg.block_m} block_c={cfg.block_c} flat={cfg.flat_histogram}"
             where = {"dtype": str(dtype), "layout": layout}
             rows.append(dict(kernel="_stats_pass", config=config, **where, **r))
@@ -116,18 +117,19 @@ def report() -> list[dict]:
                 consts.update(BLOCK_K=cfg.block_k, WIDE=False, WIDEN=False)
                 consts["ROW_MODE"] = row_mode(x, cfg.block_k)
                 warps = 4 if block_g == 64 else 8
-                r = build(gram_kernels._gram, types, consts, warps, cfg.gram_stages, ints=ints)
+                kernel = gram_kernels.JIT_KERNELS["gram"]
+                r = build(kernel, types, consts, warps, cfg.gram_stages, ints=ints)
                 config = f"block_g={block_g} block_k={cfg.block_k} 3xtf32"
                 rows.append(dict(kernel="_gram", config=config, **where, **r))
     outs = {"counts_ptr": "*i64", "exp_ptr": "*i64", "boff_ptr": "*i64", "min_ptr": "*fp64"}
     outs.update(max_ptr="*fp64", sums_ptr="*fp64", flags_ptr="*i64")
     consts = dict(layout_consts, P_P2=256, BLOCK_F=16, FLAG_BIAS=FLAG_BIAS)
-    r = build(stats_kernels._stats_finish, dict(parts, **outs), consts, 4)
+    r = build(stats_kernels.JIT_KERNELS["stats_finish"], dict(parts, **outs), consts, 4)
     rows.append(dict(kernel="_stats_finish", dtype="-", layout="-", config="P=256 block_f=16", **r))
     types = {"part_ptr": "*fp32", "flags_ptr": "*i64", "out_ptr": "*fp64"}
     consts = dict(SCALED=True, FLAG_BIAS=FLAG_BIAS, SCALE_BITS=gram_kernels.GRAM_SCALE_BITS)
     consts.update(BLOCK_G=128, ROWS=1, BLOCK_S=64)
-    r = build(gram_kernels._gram_finish, types, consts, 4)
+    r = build(gram_kernels.JIT_KERNELS["gram_finish"], types, consts, 4)
     rows.append(dict(kernel="_gram_finish", dtype="-", layout="-", config="block_g=128", **r))
     return rows
 

@@ -37,7 +37,7 @@ from scipy.stats import kendalltau
 from bench.channel_stats import feature_maps
 from icprune.models import resnet50
 from icprune.scoring import layer_scores
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
 
 #: Layers reported: one per stage, early wide maps to late narrow ones.
 LAYERS = ("conv1", "layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3", "layer4.0.conv3")

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from icprune._ext import HAVE_EXT
+from icprune.extension import HAVE_EXT
 from icprune.models import resnet50
 from icprune.slicing import slice_channels, slice_channels_ref
 

@@ -32,6 +32,11 @@ PYBIND11_MODULE(_C, m) {
         "dst[:] = src[rows][:, cols] in one pass for src (O, I, K) of 2/4/8-byte elements (dims "
         "0-1 any stride, K contiguous), int64 rows/cols, C-contiguous dst (len(rows), len(cols), "
         "K); bit-identical copy, OpenMP threads, GIL released.");
+  py::dict binning;
+  binning["K_MIN"] = icprune::kMinExponent;
+  binning["INDEX_BITS"] = icprune::kIndexBits;
+  binning["MAX_SHIFT"] = icprune::kMaxShift;
+  m.attr("BINNING_CONSTANTS") = binning;
   m.def(
       "channel_stats",
       [](py::array x, int dtype, int bins) {
@@ -40,7 +45,8 @@ PYBIND11_MODULE(_C, m) {
         const icprune::Dtype dt = static_cast<icprune::Dtype>(dtype);
         const py::ssize_t size = x.itemsize();
         const int64_t c = x.shape(1);
-        py::array_t<int64_t> counts({c, static_cast<int64_t>(bins)}), exponent(c), offset(c);
+        py::array_t<int64_t> counts({c, static_cast<int64_t>(bins)});
+        py::array_t<int64_t> bin_exponent(c), bin_offset(c);
         py::array_t<double> minimum(c), maximum(c), sums(c);
         const icprune::BatchView view{x.data(), dt, x.shape(0), c, x.shape(2),
                                       x.strides(0) / size, x.strides(1) / size, x.strides(2) / size};
@@ -48,18 +54,27 @@ PYBIND11_MODULE(_C, m) {
         {
           py::gil_scoped_release release;
           nonfinite = icprune::channel_stats(view, bins, counts.mutable_data(),
-                                             exponent.mutable_data(), offset.mutable_data(),
+                                             bin_exponent.mutable_data(), bin_offset.mutable_data(),
                                              minimum.mutable_data(), maximum.mutable_data(),
                                              sums.mutable_data());
         }
-        return py::make_tuple(counts, exponent, offset, minimum, maximum, sums, nonfinite);
+        py::dict out;
+        out["counts"] = counts;
+        out["bin_exponent"] = bin_exponent;
+        out["bin_offset"] = bin_offset;
+        out["minimum"] = minimum;
+        out["maximum"] = maximum;
+        out["sums"] = sums;
+        out["nonfinite"] = nonfinite;
+        return out;
       },
       py::arg("x"), py::arg("dtype"), py::arg("bins"),
       "Histogram, extremes and sums of one batch, one pass (csrc/channel_stats.h). x: array "
       "(N, C, S) of float16 (dtype 0), bfloat16 bits as int16/uint16 (1), float32 (2) or float64 "
-      "(3), any strides. Returns (counts int64[C, bins] in each channel's own batch layout, "
-      "exponent int64[C], offset int64[C], minimum float64[C], maximum float64[C], sums "
-      "float64[C], nonfinite int); non-finite values are read as 0.");
+      "(3), any strides. Returns a dict: 'counts' int64[C, bins] in each channel's own batch "
+      "layout, 'bin_exponent' int64[C], 'bin_offset' int64[C], 'minimum' float64[C], 'maximum' "
+      "float64[C], 'sums' float64[C], 'nonfinite' int; non-finite values are read as 0. "
+      "BINNING_CONSTANTS: the binning constants compiled in (K_MIN, INDEX_BITS, MAX_SHIFT).");
   m.def(
       "compensated_add",
       [](py::array_t<double, 0> hi, py::array_t<double, 0> lo, py::array_t<double, 0> x,
@@ -79,6 +94,6 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("hi"), py::arg("lo"), py::arg("x"), py::arg("x_lo") = py::none(),
       "(hi, lo) += x (+ x_lo) in place, compensated (TwoSum, renormalised), one pass "
-      "(csrc/compensated.h): the same results as icprune.compensated.add_'s torch code. All "
+      "(csrc/compensated.h): the same results as icprune.stats.compensated.add_'s torch code. All "
       "C-contiguous float64 arrays of one size, not overlapping; x_lo may be None.");
 }

@@ -31,10 +31,6 @@
 namespace icprune {
 namespace {
 
-// Constants of icprune/binning.py.
-constexpr int64_t kMinExponent = -120;  // K_MIN
-constexpr int64_t kIndexBits = 40;      // INDEX_BITS
-constexpr int64_t kMaxShift = 62;       // _MAX_SHIFT
 // Values per item: small enough that an item stays in L2 between its two sweeps.
 constexpr int64_t kItemValues = 1 << 15;
 // Bytes per NHWC tile of rows (all channels): read twice, the second time from L2.
@@ -105,7 +101,7 @@ int bit_length(int64_t v) {
   return bits;
 }
 
-// icprune.binning.bin_layout for one range [lo, hi] (lo <= hi, finite).
+// icprune.stats.binning.bin_layout for one range [lo, hi] (lo <= hi, finite).
 void layout(double lo, double hi, int bins, int64_t& k, int64_t& off) {
   const double half_span = hi / 2 - lo / 2;
   k = kMinExponent;
@@ -116,7 +112,7 @@ void layout(double lo, double hi, int bins, int64_t& k, int64_t& off) {
   off = bin_index(lo, k);
 }
 
-// icprune.binning.rebin of one channel: add src (layout k0, off0) into dst (layout k1, off1).
+// icprune.stats.binning.rebin of one channel: add src (layout k0, off0) into dst (layout k1, off1).
 template <typename C>
 void rebin_add(const C* src, int64_t k0, int64_t off0, int64_t* dst, int64_t k1, int64_t off1,
                int bins) {
@@ -364,8 +360,8 @@ void finish_channel(const std::vector<const Partial*>& parts, int bins, int64_t*
   for (const Partial* p : parts) rebin_add(p->hist, p->k, p->off, counts, k, off, bins);
 }
 
-int64_t planes(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, int64_t* offset,
-               double* minimum, double* maximum, double* sums) {
+int64_t planes(const BatchView& v, int bins, int64_t* counts, int64_t* bin_exponent,
+               int64_t* bin_offset, double* minimum, double* maximum, double* sums) {
   static const PlaneFn fns[] = {plane_f16, plane_bf16, plane_f32, plane_f64};
   const PlaneFn fn = fns[static_cast<int>(v.dtype)];
   const int64_t per_item = std::max<int64_t>(1, kItemValues / std::max<int64_t>(v.s, 1));
@@ -391,14 +387,14 @@ int64_t planes(const BatchView& v, int bins, int64_t* counts, int64_t* exponent,
   for (int64_t ch = 0; ch < v.c; ++ch) {
     std::vector<const Partial*> mine;
     for (int64_t i = 0; i < items_per_channel; ++i) mine.push_back(&parts[ch * items_per_channel + i]);
-    finish_channel(mine, bins, counts + ch * bins, exponent[ch], offset[ch], minimum[ch],
+    finish_channel(mine, bins, counts + ch * bins, bin_exponent[ch], bin_offset[ch], minimum[ch],
                    maximum[ch], sums[ch]);
   }
   return nonfinite;
 }
 
-int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, int64_t* offset,
-             double* minimum, double* maximum, double* sums) {
+int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* bin_exponent,
+             int64_t* bin_offset, double* minimum, double* maximum, double* sums) {
   static const RowsFn fns[] = {rows_f16, rows_bf16, rows_f32, rows_f64};
   const RowsFn fn = fns[static_cast<int>(v.dtype)];
   const int64_t c = v.c, total = v.n * v.s;
@@ -435,7 +431,7 @@ int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, i
     std::vector<const Partial*> mine;
     for (int t = 0; t < threads; ++t)
       if (state[t][ch].lo <= state[t][ch].hi) mine.push_back(&state[t][ch]);
-    finish_channel(mine, bins, counts + ch * bins, exponent[ch], offset[ch], minimum[ch],
+    finish_channel(mine, bins, counts + ch * bins, bin_exponent[ch], bin_offset[ch], minimum[ch],
                    maximum[ch], sums[ch]);
   }
   return nonfinite;
@@ -443,13 +439,13 @@ int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* exponent, i
 
 }  // namespace
 
-int64_t channel_stats(const BatchView& view, int bins, int64_t* counts, int64_t* exponent,
-                      int64_t* offset, double* minimum, double* maximum, double* sums) {
+int64_t channel_stats(const BatchView& view, int bins, int64_t* counts, int64_t* bin_exponent,
+                      int64_t* bin_offset, double* minimum, double* maximum, double* sums) {
   const bool contiguous_planes = view.s > 1 && view.stride_s == 1;
   if (!contiguous_planes && view.stride_c == 1) {
-    return rows(view, bins, counts, exponent, offset, minimum, maximum, sums);
+    return rows(view, bins, counts, bin_exponent, bin_offset, minimum, maximum, sums);
   }
-  return planes(view, bins, counts, exponent, offset, minimum, maximum, sums);
+  return planes(view, bins, counts, bin_exponent, bin_offset, minimum, maximum, sums);
 }
 
 }  // namespace icprune

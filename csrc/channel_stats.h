@@ -10,6 +10,13 @@
 
 namespace icprune {
 
+// Constants of icprune/stats/binning.py, compiled in. The extension exports them
+// (icprune._C.BINNING_CONSTANTS) and icprune.stats.backends refuses to load it when they differ
+// from the Python values.
+constexpr int64_t kMinExponent = -120;  // K_MIN
+constexpr int64_t kIndexBits = 40;      // INDEX_BITS
+constexpr int64_t kMaxShift = 62;       // MAX_SHIFT
+
 enum class Dtype { kFloat16, kBFloat16, kFloat32, kFloat64 };
 
 // A batch viewed as (N, C, S) elements (S = prod(spatial)), with strides in elements. Fast when
@@ -24,12 +31,12 @@ struct BatchView {
 
 // Outputs, all caller-allocated, C = view.c, B = bins:
 //   counts   int64[C * B]  histogram of channel c in its own batch layout (row c)
-//   exponent int64[C]      bin exponent k of channel c (icprune.binning.bin_layout of lo, hi)
-//   offset   int64[C]      bin offset of channel c
+//   bin_exponent int64[C]  bin exponent of channel c (icprune.stats.binning.bin_layout of lo, hi)
+//   bin_offset   int64[C]  bin offset of channel c
 //   minimum, maximum double[C]  extremes of channel c
 //   sums     double[C]     sum of channel c
 // Non-finite values are counted (the return value) and read as 0 everywhere.
-int64_t channel_stats(const BatchView& view, int bins, int64_t* counts, int64_t* exponent,
-                      int64_t* offset, double* minimum, double* maximum, double* sums);
+int64_t channel_stats(const BatchView& view, int bins, int64_t* counts, int64_t* bin_exponent,
+                      int64_t* bin_offset, double* minimum, double* maximum, double* sums);
 
 }  // namespace icprune

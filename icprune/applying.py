@@ -21,28 +21,18 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from icprune.graph import NORM_TYPES, channel_structure
 from icprune.planning import PruningPlan
 from icprune.slicing import slice_channels
-
-
-def set_channels(module: nn.Module, out_channels: int, in_channels: int) -> None:
-    """Set the channel attributes of a conv, linear or BatchNorm module (not its tensors).
-
-    A depthwise conv (``groups == in_channels == out_channels``) keeps that property: its
-    ``groups`` becomes ``out_channels``.
-    """
-    if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
-        module.out_channels, module.in_channels = out_channels, in_channels
-        if depthwise:
-            module.groups = out_channels
-    elif isinstance(module, nn.Linear):
-        module.out_features, module.in_features = out_channels, in_channels
-    elif isinstance(module, NORM_TYPES):
-        module.num_features = out_channels
-    else:
-        raise TypeError(f"set_channels: {type(module).__name__} has no channels to set")
+from icprune.structure.layers import (
+    BATCHNORM_TENSORS,
+    PRUNABLE_TYPES,
+    channel_structure,
+    groups,
+    is_batchnorm,
+    is_depthwise,
+    set_channels,
+    sizes,
+)
 
 
 def _replace(module: nn.Module, name: str, value: Tensor) -> None:
@@ -63,7 +53,7 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
     channel counts and groups, no module missing and none added. A plan without it (read from
     a version 1 file) is checked against the modules it touches. Every module the plan prunes
     must also be of a kind its dependencies can prune (conv/linear for ``output``/``input``, a
-    depthwise conv for ``depthwise``, a BatchNorm for ``norm``).
+    depthwise conv for ``depthwise``, a BatchNorm for ``batchnorm``).
 
     Raises:
         TypeError: ``plan`` is not a :class:`PruningPlan`.
@@ -80,7 +70,7 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
         _compare_structure(channel_structure(model), plan.structure, caller)
     for name, size in plan.sizes.items():
         module = modules.get(name)
-        expected = _sizes(module) if module is not None else None
+        expected = sizes(module) if module is not None else None
         if expected != tuple(size):
             found = "no such module" if module is None else f"{type(module).__name__}{expected}"
             raise ValueError(
@@ -93,17 +83,18 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
             if not _prunable_as(module, dep.kind):
                 raise ValueError(
                     f"{caller}: the plan prunes {dep.module!r} as {dep.kind!r}, but it is a "
-                    f"{type(module).__name__}{_sizes(module)}; make the plan on this same model"
+                    f"{type(module).__name__}{sizes(module)}; make the plan on this same model"
                 )
 
 
 def _prunable_as(module: nn.Module, kind: str) -> bool:
-    conv = isinstance(module, nn.modules.conv._ConvNd)
-    if kind == "norm":
-        return isinstance(module, NORM_TYPES)
+    """Whether a dependency of ``kind`` can prune ``module`` (see :data:`icprune.structure.
+    dependency.KINDS`)."""
+    if kind == "batchnorm":
+        return is_batchnorm(module)
     if kind == "depthwise":
-        return conv and module.groups == module.in_channels == module.out_channels
-    return (conv and module.groups == 1) or isinstance(module, nn.Linear)
+        return is_depthwise(module)
+    return isinstance(module, PRUNABLE_TYPES) and groups(module) == 1
 
 
 def _compare_structure(mine: dict, theirs: dict, caller: str) -> None:
@@ -142,26 +133,16 @@ def _describe(entry) -> str:
     return f"{kind}(out={out}, in={inp}{f', groups={groups}' if groups != 1 else ''})"
 
 
-def _sizes(module: nn.Module) -> tuple[int, int] | None:
-    if isinstance(module, nn.modules.conv._ConvNd):
-        return module.out_channels, module.in_channels
-    if isinstance(module, nn.Linear):
-        return module.out_features, module.in_features
-    if isinstance(module, NORM_TYPES):
-        return module.num_features, module.num_features
-    return None
-
-
 def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
-    out_full, in_full = _sizes(module)
-    if isinstance(module, NORM_TYPES):
-        for attr in ("weight", "bias", "running_mean", "running_var"):
+    out_full, in_full = sizes(module)
+    if is_batchnorm(module):
+        for attr in BATCHNORM_TENSORS:
             value = getattr(module, attr)
             if value is not None and out_idx is not None:
                 _replace(module, attr, slice_channels(value, out_idx.to(value.device)))
         set_channels(module, len(out_idx) if out_idx is not None else out_full, in_full)
         return
-    depthwise = isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1
+    depthwise = is_depthwise(module)
     if depthwise:
         in_idx = None  # one input channel per group: follows out_idx through groups
     device = module.weight.device

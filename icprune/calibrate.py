@@ -1,121 +1,40 @@
 """Calibration: stream a model's feature maps into per-layer :class:`ChannelStats`.
 
 Forward hooks read each prunable layer's feature map at its read point (see
-:mod:`icprune.graph`) and add it to that layer's statistics; no feature map is kept. The model
-runs in eval mode without gradients, and its mode, parameters and buffers are left exactly as
+:mod:`icprune.structure.graph`) and add it to that layer's statistics; no feature map is kept. The
+model runs in eval mode without gradients, and its mode, parameters and buffers are left exactly as
 they were.
 
 Calibration can checkpoint its statistics to a file every few batches and resume from it after
 an interruption, and can combine the statistics of several processes (``distributed=True``, see
-:mod:`icprune.distributed`).
+:mod:`icprune.stats.distributed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
-from itertools import islice
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from icprune.distributed import all_reduce_stats, check_initialized
+from icprune.batches import batch_input, iter_batches, model_device, progress_bar
+from icprune.config import CalibrationConfig, StatsConfig, with_options
 from icprune.files import exclusive, load_torch_file, save_atomically
-from icprune.graph import ReadPoint, out_channels, prunable_layers, read_points
 from icprune.modes import frozen
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.distributed import all_reduce_stats, check_initialized
+from icprune.structure.graph import ReadPoint, prunable_layers, read_points
+from icprune.structure.layers import out_channels
 
 #: Format tag and version of calibration checkpoint files.
 CHECKPOINT_FORMAT = "icprune.calibration"
 CHECKPOINT_VERSION = 1
 #: Values of each batch input (and model tensor) that enter a fingerprint, evenly spaced.
 FINGERPRINT_VALUES = 4096
-
-
-def model_device(model: nn.Module, device: torch.device | str | None) -> torch.device:
-    """The device to run ``model`` on: ``device`` if given (checked against the model's
-    parameters), else the device of the model's parameters, else CPU."""
-    params = list(model.parameters())
-    held = params[0].device if params else None
-    if device is None:
-        return held if held is not None else torch.device("cpu")
-    device = torch.device(device)
-    differs = held is not None and held.type != device.type
-    if held is not None and held.index is not None and device.index is not None:
-        differs = differs or held.index != device.index
-    if differs:
-        raise ValueError(
-            f"device={str(device)!r} but the model's parameters are on {held}; move the model "
-            f"first (model.to({str(device)!r})) - icprune does not move your model"
-        )
-    return device
-
-
-def batch_input(batch: object) -> torch.Tensor:
-    """The model input of one batch: the batch itself if it is a Tensor, else the first element
-    of an ``(input, target, ...)`` tuple or list."""
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise TypeError(
-            f"data must yield Tensors or (input, target) tuples of Tensors; got a batch of type "
-            f"{type(batch).__name__}"
-        )
-    return batch
-
-
-def _batches(data: Iterable, max_batches: int | None) -> Iterator:
-    if max_batches is not None and (
-        isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1
-    ):
-        raise ValueError(f"max_batches must be a positive int or None, got {max_batches!r}")
-    if isinstance(data, torch.Tensor):
-        raise TypeError(
-            f"data is one Tensor of shape {tuple(data.shape)}; pass an iterable of batches, e.g. "
-            f"[x] for one batch or list(x.split(64)) (iterating a Tensor would yield single "
-            f"samples)"
-        )
-    try:
-        iterator = iter(data)
-    except TypeError:
-        raise TypeError(
-            f"data must be an iterable of batches (e.g. a DataLoader or a list of Tensors), got "
-            f"{type(data).__name__}"
-        ) from None
-    return islice(iterator, max_batches)
-
-
-def _total(data: Iterable, max_batches: int | None) -> int | None:
-    try:
-        total = len(data)
-    except TypeError:
-        return max_batches
-    return total if max_batches is None else min(total, max_batches)
-
-
-def _progress(
-    batches: Iterator,
-    data: Iterable,
-    max_batches: int | None,
-    desc: str,
-    show: bool,
-    initial: int = 0,
-):
-    """``batches`` wrapped in a tqdm bar named ``desc`` (only on a terminal, and only if
-    ``show``), with the number of batches when ``data`` has a length, starting at ``initial``
-    (batches already done before ``batches``)."""
-    total = _total(data, max_batches)
-    return tqdm(
-        batches,
-        total=total,
-        initial=initial,
-        desc=desc,
-        unit="batch",
-        disable=None if show else True,
-    )
 
 
 def _fingerprint(digest, x: torch.Tensor) -> None:
@@ -268,17 +187,7 @@ def calibrate(
     data: Iterable,
     *,
     layers: Iterable[str] | None = None,
-    bins: int = 64,
-    range_mode: str = "layer",
-    read_at: str = "bn",
-    nan_policy: str = "raise",
-    max_batches: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    backend: str = "auto",
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
-    distributed: bool = False,
+    **options,
 ) -> dict[str, ChannelStats]:
     """Collect the channel statistics of every prunable layer over calibration data.
 
@@ -287,70 +196,41 @@ def calibrate(
         data: iterable of batches, each a Tensor ``[N, ...]`` model input or a tuple/list whose
             first element is the input (e.g. a DataLoader yielding ``(images, labels)``).
         layers: qualified module names to calibrate; None = every Conv/Linear layer except the
-            output layers (see :func:`icprune.graph.prunable_layers`).
-        bins: histogram bins per channel (see :class:`ChannelStats`).
-        range_mode: ``"layer"`` or ``"channel"`` histogram range (see :class:`ChannelStats`).
-        read_at: where a layer's feature map is read: ``"output"`` (the conv/linear output),
-            ``"bn"`` (the BatchNorm that directly follows it) or ``"activation"`` (after the
-            activation that follows that); the point actually used per layer, which can be an
-            earlier one where the requested one does not exist, is stored in ``stats.read_at``.
-            ``"output"`` needs no fx trace.
-        nan_policy: ``"raise"`` or ``"zero"`` for NaN/Inf in a feature map (see
-            :class:`ChannelStats`).
-        max_batches: stop after this many batches (None: the whole of ``data``).
-        device: device to run on; batches are moved there. Default: the model's device. The model
-            itself is never moved.
-        progress: show a tqdm progress bar (only on a terminal).
-        backend: who computes each batch's statistics (see :class:`ChannelStats`): ``"auto"``
-            (Triton on CUDA, the C++ extension on the CPU, else torch), ``"triton"``, ``"cpp"``
-            or ``"torch"``. On CUDA no layer synchronises with the host per batch; non-finite
-            values found on the device are reported once, at the end.
-        checkpoint: file to make calibration resumable (None: no checkpoint). Every
-            ``checkpoint_every`` batches, and at the end, the statistics, the number of batches
-            done, the settings and fingerprints of the model and of the data seen are written to
-            it atomically (a temporary file in the same folder renamed over it, so an
-            interrupted write leaves the previous checkpoint; read back with
-            ``torch.load(weights_only=True)``, and every value is validated). While calibration
-            runs it holds an advisory lock, ``PATH.lock`` (removed at the end; released by the
-            system if the process dies; none on Windows), so a second calibration into the same
-            file fails at once instead of overwriting it. If the file exists when calibration
-            starts, it
-            resumes: the statistics are loaded and the batches already done are drawn from
-            ``data`` but not run through the model, so ``data`` must yield the same batches in
-            the same order (no shuffling, or a seeded one) - checked by the fingerprint (shape,
-            dtype and 4096 evenly spaced values of every batch input). The result is bit-identical
-            to an uninterrupted run. The file is kept after success, holding the final
-            statistics: a rerun returns them without running the model (delete the file to
-            start over). With ``distributed=True`` each process needs its own file (it holds
-            that process's statistics).
-        checkpoint_every: batches between checkpoint writes (an int >= 1; used with
-            ``checkpoint``).
-        distributed: combine the statistics of all processes of the default
-            ``torch.distributed`` process group (:func:`icprune.distributed.all_reduce_stats`):
-            every process calls ``calibrate`` with its own shard of the batches (a shard may be
-            empty) and gets the statistics of all of them, identical on every process and equal
-            to one process calibrating every batch. An error on one process (e.g. a non-finite
-            feature map raised during its forward) leaves the others waiting until the process
-            group's timeout.
+            output layers (see :func:`icprune.structure.graph.prunable_layers`).
+        **options: the settings, as configs or field by field (a field overrides the config's
+            value): ``stats_config=`` - how the statistics are kept
+            (:class:`icprune.StatsConfig`: ``bins``, ``range_mode``, ``nan_policy``,
+            ``backend``); ``calibration_config=`` - how the data is run
+            (:class:`icprune.CalibrationConfig`: ``read_at``, ``max_batches``, ``device``,
+            ``progress``, ``checkpoint``, ``checkpoint_every``, ``distributed``). E.g.
+            ``calibrate(model, data, bins=32, read_at="output")``.
 
     Returns:
         dict qualified layer name -> :class:`ChannelStats` over all samples of all batches
         (``count = sum(N * H * W)``), in ``named_modules()`` order.
 
     Raises:
-        ValueError: unknown layer names, untraceable model (see :func:`icprune.graph.trace`),
-            ``data`` yielding no batch or only empty ones, non-finite feature maps
-            (``nan_policy="raise"``), a checkpoint that cannot be read (damaged, truncated,
-            holding Python objects other than tensors and plain values, or failing the checks
-            of :meth:`ChannelStats.load_state_dict`) or written with other settings, another
-            model or other data, or holding more batches than ``max_batches``;
+        ValueError: unknown layer names, untraceable model (see
+            :func:`icprune.structure.graph.trace`), ``data`` yielding no batch or only empty ones,
+            non-finite feature maps (``nan_policy="raise"``), a checkpoint that cannot be read
+            (damaged, truncated, holding Python objects other than tensors and plain values, or
+            failing the checks of :meth:`ChannelStats.load_state_dict`) or written with other
+            settings, another model or other data, or holding more batches than ``max_batches``;
             ``checkpoint_every`` not an int >= 1.
         TypeError: ``data`` not iterable, a single Tensor (pass a list of batches), or
-            yielding something other than Tensors/tuples.
+            yielding something other than Tensors/tuples; an unknown keyword option or a config
+            of the wrong class.
         FileNotFoundError: the folder of ``checkpoint`` does not exist.
         RuntimeError: ``distributed=True`` without an initialised process group, or another
             process calibrating into the same ``checkpoint``.
     """
+    stats_config, calibration_config = with_options(
+        "calibrate", options, StatsConfig, CalibrationConfig
+    )
+    checkpoint_every, distributed = (
+        calibration_config.checkpoint_every,
+        calibration_config.distributed,
+    )
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int):
         raise ValueError(f"checkpoint_every must be an int >= 1, got {checkpoint_every!r}")
     if checkpoint_every < 1:
@@ -360,33 +240,36 @@ def calibrate(
     selected = prunable_layers(model, layers)
     if not selected:
         raise ValueError(f"{type(model).__name__} has no prunable (Conv/Linear) layer to calibrate")
-    points = read_points(model, selected, read_at)
-    dev = model_device(model, device)
+    points = read_points(model, selected, calibration_config.read_at)
+    dev = model_device(model, calibration_config.device)
     stats = {
         name: ChannelStats(
             out_channels(module),
-            bins=bins,
-            range_mode=range_mode,
-            nan_policy=nan_policy,
+            **dataclasses.asdict(stats_config),
             name=name,
             read_at=points[name].read_at,
             device=dev,
-            backend=backend,
         )
         for name, module in selected.items()
     }
     modules = dict(model.named_modules())
-    batches = _batches(data, max_batches)
-    path = None if checkpoint is None else os.fspath(checkpoint)
+    batches = iter_batches(data, calibration_config.max_batches)
+    path = (
+        None if calibration_config.checkpoint is None else os.fspath(calibration_config.checkpoint)
+    )
     settings = None
     if path is not None:
-        options = {"bins": bins, "range_mode": range_mode, "read_at": read_at}
-        options |= {"nan_policy": nan_policy, "backend": backend}
-        settings = _settings(model, stats, **options)
+        written = {
+            "bins": stats_config.bins,
+            "range_mode": stats_config.range_mode,
+            "read_at": calibration_config.read_at,
+        }
+        written |= {"nan_policy": stats_config.nan_policy, "backend": stats_config.backend}
+        settings = _settings(model, stats, **written)
     with ExitStack() as stack:
         if path is not None:  # one writer per checkpoint file
             stack.enter_context(exclusive(path, "calibration checkpoint"))
-        seen, digest = _resume(path, settings, stats, batches, max_batches)
+        seen, digest = _resume(path, settings, stats, batches, calibration_config.max_batches)
         saved = seen
         handles = []
         try:
@@ -394,7 +277,14 @@ def calibrate(
                 for point in points.values():
                     hook = _hook(point, stats[point.layer])
                     handles.append(modules[point.module].register_forward_hook(hook))
-                bar = _progress(batches, data, max_batches, "calibrate", progress, initial=seen)
+                bar = progress_bar(
+                    batches,
+                    data,
+                    calibration_config.max_batches,
+                    "calibrate",
+                    calibration_config.progress,
+                    initial=seen,
+                )
                 for batch in bar:
                     x = batch_input(batch)
                     if path is not None:

@@ -13,7 +13,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor, nn
 
-from icprune.calibrate import _batches, model_device
+from icprune.batches import iter_batches, model_device
 from icprune.modes import frozen
 
 
@@ -114,7 +114,7 @@ def accuracy(
     dev = model_device(model, device)
     correct = total = 0
     with frozen(model):
-        for step, batch in enumerate(_batches(data, None)):
+        for step, batch in enumerate(iter_batches(data, None)):
             inputs, targets = labelled_batch(batch, f"data batch {step}")
             logits = model(inputs.to(dev))
             if (

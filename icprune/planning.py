@@ -1,7 +1,7 @@
 """Pruning plans: which output channels of every prunable layer to keep.
 
 :func:`plan` turns per-layer channel scores into a :class:`PruningPlan` over the model's
-dependency groups (:mod:`icprune.dependency`):
+dependency groups (:mod:`icprune.structure.dependency`):
 
 1. **Group scores.** Each scored layer of a group (its conv/linear and depthwise layers) has its
    score vector min-max normalised to [0, 1] within the layer (:func:`icprune.scoring.normalize`;
@@ -18,7 +18,7 @@ dependency groups (:mod:`icprune.dependency`):
    above C).
 4. **Target.** ``ratio`` prunes that fraction of the scored channels (globally, or of every
    group). ``flops_reduction`` / ``params_reduction`` search the global threshold (or the
-   uniform fraction) by bisection on the analytic cost (:mod:`icprune.cost`) until the
+   uniform fraction) by bisection on the analytic cost (:mod:`icprune.structure.cost`) until the
    reduction is within 1 percentage point of the target; an unreachable target raises.
 """
 
@@ -26,22 +26,27 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from icprune.cost import AXIS, CostModel
-from icprune.dependency import KINDS, Dependency, Group, trace_dependencies
-from icprune.graph import channel_structure
+from icprune.config import PlanConfig, with_options
 from icprune.scoring import LayerScores, normalize
+from icprune.structure.cost import AXIS, CostModel
+from icprune.structure.counting import as_inputs
+from icprune.structure.dependency import KINDS, Dependency, Group, trace_dependencies
+from icprune.structure.layers import channel_structure, has_channels, out_channels
 
 FORMAT = "icprune.plan"
-#: Version 2 added ``structure``; version 1 plans are still read (without it).
-VERSION = 2
-READ_VERSIONS = (1, 2)
+#: Version 2 added ``structure``; version 3 calls the BatchNorm dependency kind ``"batchnorm"``
+#: (it was ``"norm"``). Plans of versions 1 (without ``structure``) and 2 are still read.
+VERSION = 3
+READ_VERSIONS = (1, 2, 3)
+#: Dependency kinds as versions 1 and 2 wrote them, where they differ from today's.
+_OLD_KINDS = {"norm": "batchnorm"}
 #: Largest allowed gap between a FLOPs/params target and the plan's reduction.
 TOLERANCE = 0.01
 _UNIFORM_STEPS = 10_000
@@ -52,7 +57,7 @@ class PruningPlan:
     """Which channels of every dependency group to keep.
 
     Attributes:
-        groups: the model's dependency groups (see :class:`icprune.dependency.Group`).
+        groups: the model's dependency groups (see :class:`icprune.structure.dependency.Group`).
         kept: one sorted LongTensor per group, the indices of its kept channels.
         sizes: ``module -> (out, in)`` full channel counts of every module the groups touch
             (to check that a model matches the plan).
@@ -62,8 +67,8 @@ class PruningPlan:
         settings: the options the plan was made with (JSON values).
         structure: ``module -> (type name, out, in, groups)`` of every conv, linear and
             BatchNorm module of the model the plan was made for
-            (:func:`icprune.graph.channel_structure`); :func:`icprune.apply` refuses a model
-            whose structure differs. None for plans read from version 1 files (then only the
+            (:func:`icprune.structure.graph.channel_structure`); :func:`icprune.apply` refuses a
+            model whose structure differs. None for plans read from version 1 files (then only the
             modules in ``sizes`` are checked).
 
     Raises:
@@ -217,7 +222,8 @@ class PruningPlan:
 
     @classmethod
     def from_json(cls, text: str) -> PruningPlan:
-        """Rebuild a plan written by :meth:`to_json` (version 2, or 1 without ``structure``).
+        """Rebuild a plan written by :meth:`to_json` (version 3; 2 and 1, without ``structure``,
+        are read too).
 
         Every value is checked (types, ranges, consistency; see the class docstring) before the
         plan is built.
@@ -269,6 +275,8 @@ class PruningPlan:
                 _is_int(i) and abs(i) < 2**62 for i in g["kept"]
             ):
                 raise ValueError(f"{where}: 'kept' must be a list of channel indices (ints)")
+            if version < 3:
+                deps = [[d[0], _OLD_KINDS.get(d[1], d[1]), *d[2:]] for d in deps]
             groups.append(Group(g["channels"], tuple(Dependency(*d) for d in deps)))
             kept.append(torch.tensor(g["kept"], dtype=torch.int64))
         sizes = _int_table(data["sizes"], "sizes", 2)
@@ -359,11 +367,11 @@ def normalized_scores(
                 f"scores[{name!r}] must be a 1-D floating-point Tensor[C] (or LayerScores), got "
                 f"{type(vec).__name__}{tuple(vec.shape) if isinstance(vec, Tensor) else ''}"
             )
-        weight = getattr(modules[name], "weight", None)
-        if weight is not None and weight.shape[0] != vec.numel():
+        module = modules[name]
+        if has_channels(module) and out_channels(module) != vec.numel():
             raise ValueError(
-                f"scores[{name!r}] has {vec.numel()} values but the layer has {weight.shape[0]} "
-                f"output channels"
+                f"scores[{name!r}] has {vec.numel()} values but the layer has "
+                f"{out_channels(module)} output channels"
             )
         vec = vec.detach().to("cpu", torch.float64)
         if not torch.isfinite(vec).all():
@@ -478,14 +486,7 @@ def plan(
     scores: Mapping[str, LayerScores | Tensor],
     *,
     example_inputs: Tensor | Sequence[Tensor],
-    ratio: float | None = None,
-    flops_reduction: float | None = None,
-    params_reduction: float | None = None,
-    global_ranking: bool = True,
-    max_layer_ratio: float = 0.9,
-    min_channels: int = 1,
-    round_to: int = 1,
-    ignored_layers: Iterable[str] = (),
+    **options,
 ) -> PruningPlan:
     """Choose the output channels to keep in every dependency group of ``model``.
 
@@ -496,19 +497,11 @@ def plan(
             or opaque ones) are skipped; groups with no scored layer are kept whole.
         example_inputs: Tensor or tuple of Tensors for ``model(*example_inputs)`` at the
             resolution the MACs should be counted for, e.g. ``torch.randn(1, 3, 224, 224)``.
-        ratio: fraction of channels to prune, in [0, 1): of all scored channels
-            (``global_ranking=True``) or of each group.
-        flops_reduction: fraction of MACs (= FLOPs) to remove, in [0, 1).
-        params_reduction: fraction of parameters to remove, in [0, 1). Exactly one of
-            ``ratio``, ``flops_reduction``, ``params_reduction`` must be given.
-        global_ranking: rank channels of all groups together (True) or prune every group by the
-            same fraction (False).
-        max_layer_ratio: at most this fraction of a group's channels is pruned, in (0, 1].
-        min_channels: every group keeps at least this many channels (int >= 1).
-        round_to: kept channel counts are rounded up to a multiple of this (int >= 1; 8 or 16
-            keeps CPU/GPU kernels efficient).
-        ignored_layers: module names never pruned (see
-            :func:`icprune.dependency.trace_dependencies`).
+        **options: ``plan_config=`` (:class:`icprune.PlanConfig`: the target - exactly one of
+            ``ratio``, ``flops_reduction``, ``params_reduction`` - and ``global_ranking``,
+            ``max_layer_ratio``, ``min_channels``, ``round_to``, ``ignored_layers``) and/or its
+            fields by name (``flops_reduction=0.5, round_to=8``), overriding the config's
+            value.
 
     Returns:
         :class:`PruningPlan`; ``plan.keep`` maps each prunable layer to its sorted kept
@@ -520,23 +513,26 @@ def plan(
             channel at all can be pruned (the message says why: no prunable group, no scored
             group, every group at its limits, or ``round_to``), or a target that cannot be
             reached (or not within 1 percentage point) under the limits.
-        TypeError: scores or ``example_inputs`` of the wrong type.
+        TypeError: scores or ``example_inputs`` of the wrong type; an unknown keyword option or
+            a config of the wrong class.
     """
-    targets = {"ratio": ratio, "flops_reduction": flops_reduction}
-    targets["params_reduction"] = params_reduction
+    (config,) = with_options("plan", options, PlanConfig)
+    targets = {"ratio": config.ratio, "flops_reduction": config.flops_reduction}
+    targets["params_reduction"] = config.params_reduction
     given = {k: v for k, v in targets.items() if v is not None}
     if len(given) != 1:
         raise ValueError(
             "plan: give exactly one of ratio=, flops_reduction= or params_reduction= "
             f"(got {', '.join(given) or 'none'})"
         )
+    global_ranking, ignored_layers = config.global_ranking, config.ignored_layers
     ((target_name, target),) = given.items()
     target = _check_fraction(target_name, target)
-    max_layer_ratio = _check_fraction("max_layer_ratio", max_layer_ratio, upper_open=False)
+    max_layer_ratio = _check_fraction("max_layer_ratio", config.max_layer_ratio, upper_open=False)
     if max_layer_ratio == 0:
         raise ValueError("max_layer_ratio must be > 0 (it is the most a group may lose)")
-    min_channels = _check_count("min_channels", min_channels)
-    round_to = _check_count("round_to", round_to)
+    min_channels = _check_count("min_channels", config.min_channels)
+    round_to = _check_count("round_to", config.round_to)
     ignored = list(ignored_layers) if not isinstance(ignored_layers, str) else ignored_layers
     vectors = normalized_scores(scores, model)
     deps = trace_dependencies(model, example_inputs, ignored_layers=ignored)
@@ -594,7 +590,7 @@ def plan(
         "min_channels": min_channels,
         "round_to": round_to,
         "ignored_layers": sorted(ignored),
-        "example_inputs": [list(t.shape) for t in _inputs(example_inputs)],
+        "example_inputs": [list(t.shape) for t in as_inputs(example_inputs, "plan")],
     }
     return PruningPlan(
         deps.groups,
@@ -648,10 +644,6 @@ def _nothing_prunable(
             "a smaller round_to"
         )
     return None
-
-
-def _inputs(example_inputs: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    return (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
 
 
 def _search(reduction, steps: int, target: float, name: str) -> int:

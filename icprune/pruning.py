@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import chain
@@ -9,7 +10,8 @@ from itertools import chain
 from torch import Tensor, nn
 
 from icprune.applying import apply
-from icprune.calibrate import batch_input
+from icprune.batches import batch_input
+from icprune.config import CalibrationConfig, PlanConfig, ScoringConfig, StatsConfig, with_options
 from icprune.planning import PruningPlan, plan
 from icprune.scoring import LayerScores, score
 
@@ -34,16 +36,9 @@ def prune(
     data: Iterable | None = None,
     *,
     example_inputs: Tensor | Sequence[Tensor] | None = None,
-    ratio: float | None = None,
-    flops_reduction: float | None = None,
-    params_reduction: float | None = None,
-    global_ranking: bool = True,
-    max_layer_ratio: float = 0.9,
-    min_channels: int = 1,
-    round_to: int = 1,
-    ignored_layers: Iterable[str] = (),
+    layers: Iterable[str] | None = None,
     inplace: bool = False,
-    **score_options,
+    **options,
 ) -> PruneResult:
     """Score, plan and apply in one call.
 
@@ -53,12 +48,14 @@ def prune(
             scores; None scores data-free from the weights (``source="weights"``).
         example_inputs: input for MAC counting, e.g. ``torch.randn(1, 3, 224, 224)``; by default
             the first sample of the first batch of ``data`` (required when ``data`` is None).
-        ratio, flops_reduction, params_reduction, global_ranking, max_layer_ratio,
-            min_channels, round_to, ignored_layers: see :func:`icprune.plan`.
+        layers: the layers to score (see :func:`icprune.score`).
         inplace: prune ``model`` itself instead of a copy.
-        **score_options: passed to :func:`icprune.score` (``lam``, ``independence``, ``norm``,
-            ``bins``, ``read_at``, ``max_batches``, ...; ``source`` defaults to ``"features"``
-            with data and ``"weights"`` without).
+        **options: the settings, as configs or field by field (a field overrides the config's
+            value): ``plan_config=`` (:class:`icprune.PlanConfig`: target, ranking, limits; see
+            :func:`icprune.plan`), and ``scoring_config=``, ``stats_config=``,
+            ``calibration_config=`` (see :func:`icprune.score`; ``source`` defaults to
+            ``"features"`` with data and ``"weights"`` without). E.g.
+            ``prune(model, data, flops_reduction=0.5, lam=0.5, bins=32, max_batches=8)``.
 
     Returns:
         :class:`PruneResult` ``(model, plan, scores)``.
@@ -66,7 +63,11 @@ def prune(
     Raises:
         ValueError: no ``example_inputs`` and no data to take them from, or any error of
             scoring, planning or applying.
+        TypeError: an unknown keyword option or a config of the wrong class.
     """
+    plan_config, scoring_config, stats_config, calibration_config = with_options(
+        "prune", options, PlanConfig, ScoringConfig, StatsConfig, CalibrationConfig
+    )
     if example_inputs is None:
         if data is None:
             raise ValueError(
@@ -80,19 +81,16 @@ def prune(
         example_inputs = batch_input(first)[:1]
         if batches is data:  # a one-shot iterator: put the first batch back
             data = chain([first], batches)
-    score_options.setdefault("source", "features" if data is not None else "weights")
-    scores = score(model, data, **score_options)
-    chosen = plan(
+    if scoring_config.source is None:
+        source = "features" if data is not None else "weights"
+        scoring_config = dataclasses.replace(scoring_config, source=source)
+    scores = score(
         model,
-        scores,
-        example_inputs=example_inputs,
-        ratio=ratio,
-        flops_reduction=flops_reduction,
-        params_reduction=params_reduction,
-        global_ranking=global_ranking,
-        max_layer_ratio=max_layer_ratio,
-        min_channels=min_channels,
-        round_to=round_to,
-        ignored_layers=ignored_layers,
+        data,
+        layers=layers,
+        scoring_config=scoring_config,
+        stats_config=stats_config,
+        calibration_config=calibration_config,
     )
+    chosen = plan(model, scores, example_inputs=example_inputs, plan_config=plan_config)
     return PruneResult(apply(model, chosen, inplace=inplace), chosen, scores)

@@ -5,7 +5,8 @@ For a layer with statistics ``stats`` (see ``docs/method.md`` for the exact esti
 - capacity ``IC_c`` = entropy of channel c's histogram, in nats;
 - independence ``II_c`` = ``1 - mean_{j != c} |Corr_cj|`` (``"correlation"``; a constant channel
   gets 0) or ``mean_{j != c} ||a_c - a_j||`` (``"distance"``); 0 for a single-channel layer;
-- score ``S_c = norm(IC)_c + lam * norm(II)_c``, normalised within the layer.
+- score ``S_c = normalize(IC)_c + lam * normalize(II)_c``, normalised within the layer (the
+  ``normalization`` of :class:`icprune.ScoringConfig`).
 
 Higher scores mean keep; lower scores are pruned first.
 """
@@ -13,7 +14,6 @@ Higher scores mean keep; lower scores are pruned first.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -21,12 +21,13 @@ import torch
 from torch import nn
 
 from icprune.calibrate import calibrate
-from icprune.stats import ChannelStats
-from icprune.weight_stats import weight_stats
+from icprune.config import CalibrationConfig, ScoringConfig, StatsConfig, with_options
+from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.weights import weight_stats
 
 SOURCES = ("features", "weights")
 INDEPENDENCE_FORMS = ("correlation", "distance")
-NORMS = ("minmax", "zscore", "none")
+NORMALIZATIONS = ("minmax", "zscore", "none")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class LayerScores:
         capacity: information capacity, histogram entropy in nats.
         independence: information independence (``1 - mean |corr|`` in [0, 1], or the mean
             distance to the other channels in feature-map units).
-        score: ``norm(capacity) + lam * norm(independence)``.
+        score: ``normalize(capacity) + lam * normalize(independence)``.
     """
 
     capacity: torch.Tensor
@@ -69,22 +70,28 @@ def independence_of(stats: ChannelStats, form: str = "correlation") -> torch.Ten
     return stats.distance().sum(1) / (c - 1)
 
 
-def normalize(values: torch.Tensor, norm: str = "minmax") -> torch.Tensor:
+def normalize(values: torch.Tensor, normalization: str = "minmax") -> torch.Tensor:
     """Normalise scores within a layer.
 
     Args:
         values: Tensor[C] float.
-        norm: ``"minmax"`` to [0, 1] (all zeros if the values are all equal), ``"zscore"`` to
-            mean 0 and standard deviation 1 (all zeros if they are all equal), ``"none"``.
+        normalization: ``"minmax"`` to [0, 1] (all zeros if the values are all equal),
+            ``"zscore"`` to mean 0 and standard deviation 1 (all zeros if they are all equal),
+            ``"none"``.
 
     Returns:
         Tensor[C], same dtype.
+
+    Raises:
+        ValueError: an unknown ``normalization``.
     """
-    if norm not in NORMS:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    if norm == "none":
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization (norm=) must be one of {NORMALIZATIONS}, got {normalization!r}"
+        )
+    if normalization == "none":
         return values
-    if norm == "minmax":
+    if normalization == "minmax":
         low, spread = values.min(), values.max() - values.min()
     else:
         low, spread = values.mean(), (values.std(unbiased=False) if values.numel() > 1 else 0.0)
@@ -93,13 +100,7 @@ def normalize(values: torch.Tensor, norm: str = "minmax") -> torch.Tensor:
     return torch.where(spread > 0, (values - low) / safe, torch.zeros_like(values))
 
 
-def layer_scores(
-    stats: ChannelStats,
-    *,
-    lam: float = 1.0,
-    independence: str = "distance",
-    norm: str = "zscore",
-) -> LayerScores:
+def layer_scores(stats: ChannelStats, **options) -> LayerScores:
     """Capacity, independence and fused score of one layer.
 
     The defaults are those of :func:`score`, chosen by the measured comparison in
@@ -107,24 +108,27 @@ def layer_scores(
 
     Args:
         stats: the layer's statistics.
-        lam: weight of independence in the score (finite, >= 0).
-        independence: ``"distance"`` or ``"correlation"`` (see :func:`independence_of`).
-        norm: normalisation of both terms (see :func:`normalize`).
+        **options: ``scoring_config=`` (:class:`icprune.ScoringConfig`: ``lam``,
+            ``independence``, ``normalization``; its ``source`` plays no part here) and/or its
+            fields by name (``lam=0.5``, ``norm="minmax"``), overriding the config's value.
 
     Returns:
         :class:`LayerScores` with three Tensor[C] float64.
 
     Raises:
         ValueError: ``lam`` not a finite number >= 0 (a bool is refused too), an unknown
-            ``independence`` or ``norm``, or statistics with too few samples (1 for entropy and
-            distance, 2 for correlation).
+            ``independence`` or ``normalization``, or statistics with too few samples (1 for
+            entropy and distance, 2 for correlation).
+        TypeError: an unknown keyword option.
     """
+    (config,) = with_options("layer_scores", options, ScoringConfig)
+    lam = config.lam
     ok = isinstance(lam, (int, float)) and not isinstance(lam, bool)
     if not ok or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     capacity = stats.entropy()
-    indep = independence_of(stats, independence)
-    fused = normalize(capacity, norm) + lam * normalize(indep, norm)
+    indep = independence_of(stats, config.independence)
+    fused = normalize(capacity, config.normalization) + lam * normalize(indep, config.normalization)
     return LayerScores(capacity=capacity, independence=indep, score=fused)
 
 
@@ -132,23 +136,9 @@ def score(
     model: nn.Module,
     data: Iterable | None = None,
     *,
-    source: str | None = None,
-    lam: float = 1.0,
-    independence: str = "distance",
-    norm: str = "zscore",
     stats: Mapping[str, ChannelStats] | None = None,
     layers: Iterable[str] | None = None,
-    bins: int = 64,
-    range_mode: str = "layer",
-    read_at: str = "bn",
-    nan_policy: str = "raise",
-    max_batches: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    backend: str = "auto",
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 100,
-    distributed: bool = False,
+    **options,
 ) -> dict[str, LayerScores]:
     """Score every output channel of every prunable layer of ``model``.
 
@@ -161,19 +151,20 @@ def score(
     Args:
         model: the network; not modified.
         data: calibration batches for ``source="features"`` (see :func:`icprune.calibrate`).
-        source: ``"features"`` - statistics of the feature maps over ``data`` (or ``stats``);
-            ``"weights"`` - data-free, statistics of each layer's weights; None (default) -
-            ``"features"`` when ``data`` or ``stats`` is given, else ``"weights"``.
-        lam: weight of independence against capacity (>= 0).
-        independence: ``"distance"`` (default) or ``"correlation"``.
-        norm: per-layer normalisation of both terms: ``"zscore"`` (default), ``"minmax"`` or
-            ``"none"``.
         stats: statistics from an earlier :func:`icprune.calibrate` call, reused instead of
             ``data`` (``source="features"`` only).
-        layers, bins, range_mode, read_at, nan_policy, max_batches, device, progress, backend,
-            checkpoint, checkpoint_every, distributed: passed to
-            :func:`icprune.calibrate` (``layers``, ``bins``, ``range_mode``, ``nan_policy`` also
-            to the weight statistics).
+        layers: qualified names of the layers to score (None: every Conv/Linear layer except
+            the output layers).
+        **options: the settings, as configs or field by field (a field overrides the config's
+            value): ``scoring_config=`` (:class:`icprune.ScoringConfig`: ``source`` -
+            ``"features"``, statistics of the feature maps over ``data`` or ``stats``;
+            ``"weights"``, data-free, statistics of each layer's weights; None, ``"features"``
+            when ``data`` or ``stats`` is given, else ``"weights"`` - and ``lam``,
+            ``independence``, ``normalization``); ``stats_config=`` (:class:`icprune.StatsConfig`
+            of the statistics computed here, from data or weights; ``backend`` applies to data
+            only); ``calibration_config=`` (:class:`icprune.CalibrationConfig`, passed to
+            :func:`icprune.calibrate`; ``source="features"`` with ``data`` only). E.g.
+            ``score(model, data, lam=0.5, norm="minmax", bins=32, max_batches=8)``.
 
     Returns:
         dict qualified layer name -> :class:`LayerScores` (Tensors[C] float64, higher = keep).
@@ -182,8 +173,13 @@ def score(
         ValueError: inconsistent arguments (no data and no stats for ``source="features"``, both
             data and stats, data with ``source="weights"``), bad options, too few samples in a
             layer's statistics, or any error of calibration or of the weight statistics.
-        TypeError: ``stats`` is not a mapping of :class:`ChannelStats`.
+        TypeError: ``stats`` is not a mapping of :class:`ChannelStats`; an unknown keyword
+            option or a config of the wrong class.
     """
+    scoring_config, stats_config, calibration_config = with_options(
+        "score", options, ScoringConfig, StatsConfig, CalibrationConfig
+    )
+    source = scoring_config.source
     if source is None:
         source = "weights" if data is None and stats is None else "features"
     if source not in SOURCES:
@@ -191,9 +187,7 @@ def score(
     if source == "weights":
         if data is not None or stats is not None:
             raise ValueError("source='weights' is data-free: pass neither data nor stats")
-        stats = weight_stats(
-            model, layers=layers, bins=bins, range_mode=range_mode, nan_policy=nan_policy
-        )
+        stats = weight_stats(model, layers=layers, stats_config=stats_config)
     elif stats is not None:
         if data is not None:
             raise ValueError("pass either data or precomputed stats, not both")
@@ -219,19 +213,9 @@ def score(
             model,
             data,
             layers=layers,
-            bins=bins,
-            range_mode=range_mode,
-            read_at=read_at,
-            nan_policy=nan_policy,
-            max_batches=max_batches,
-            device=device,
-            progress=progress,
-            backend=backend,
-            checkpoint=checkpoint,
-            checkpoint_every=checkpoint_every,
-            distributed=distributed,
+            stats_config=stats_config,
+            calibration_config=calibration_config,
         )
     return {
-        name: layer_scores(layer, lam=lam, independence=independence, norm=norm)
-        for name, layer in stats.items()
+        name: layer_scores(layer, scoring_config=scoring_config) for name, layer in stats.items()
     }

@@ -16,9 +16,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from icprune.applying import set_channels
 from icprune.files import load_torch_file, save_atomically
-from icprune.graph import NORM_TYPES, PRUNABLE_TYPES, channel_structure
+from icprune.structure.layers import (
+    SLICEABLE_TYPES,
+    channel_structure,
+    set_channels,
+    tensor_shapes,
+)
 
 FORMAT = "icprune.pruned"
 VERSION = 1
@@ -41,7 +45,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
     channels = {
         name: list(entry[1:])
         for name, entry in channel_structure(model).items()
-        if isinstance(modules[name], (*PRUNABLE_TYPES, *NORM_TYPES))
+        if isinstance(modules[name], SLICEABLE_TYPES)
     }
     save_atomically(
         {
@@ -120,9 +124,9 @@ def load(
     modules = dict(model.named_modules())
     for module_name, (out_ch, in_ch, groups) in channels.items():
         module = modules.get(module_name)
-        if not isinstance(module, (*PRUNABLE_TYPES, *NORM_TYPES)):
+        if not isinstance(module, SLICEABLE_TYPES):
             raise ValueError(
-                f"load: the saved model has a conv/linear/norm module {module_name!r} that "
+                f"load: the saved model has a conv/linear/BatchNorm module {module_name!r} that "
                 f"model_fn() lacks (found {type(module).__name__}); pass the same architecture"
             )
         prefix = f"{module_name}." if module_name else ""
@@ -139,9 +143,7 @@ def load(
                 setattr(module, attr, nn.Parameter(empty, requires_grad=tensor.requires_grad))
             else:
                 setattr(module, attr, empty)
-        set_channels(module, out_ch, in_ch)
-        if isinstance(module, nn.modules.conv._ConvNd):
-            module.groups = groups
+        set_channels(module, out_ch, in_ch, groups)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -159,18 +161,12 @@ def _check_shapes(
     """Raise unless the stored tensors of one module have the shapes its stored channel counts
     (out, in, groups) imply."""
     out_ch, in_ch, groups = sizes
-    if isinstance(module, NORM_TYPES):
-        expected = {attr: (out_ch,) for attr in ("weight", "bias", "running_mean", "running_var")}
-    elif isinstance(module, nn.Linear):
-        expected = {"weight": (out_ch, in_ch), "bias": (out_ch,)}
-    else:
-        if in_ch % groups or out_ch % groups:
-            raise ValueError(
-                f"load: {path!r}: channels of {name!r} are (out={out_ch}, in={in_ch}, "
-                f"groups={groups}), but groups must divide both; the file is damaged"
-            )
-        kernel = tuple(module.weight.shape[2:])
-        expected = {"weight": (out_ch, in_ch // groups, *kernel), "bias": (out_ch,)}
+    try:
+        expected = tensor_shapes(module, out_ch, in_ch, groups)
+    except ValueError as exc:
+        raise ValueError(
+            f"load: {path!r}: channels of {name!r}: {exc}; the file is damaged"
+        ) from None
     for attr, shape in expected.items():
         stored = state.get(prefix + attr)
         if stored is not None and tuple(stored.shape) != shape:

@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from icprune._ext import ext
+from icprune.extension import ext
 
 #: dtypes the C++ gather takes, with the same-width integer dtype their bits are viewed as.
 _BITS = {

@@ -2,17 +2,17 @@
 
 :func:`channel_stats` reads a Tensor[N, C, S] (any strides: contiguous and channels_last are
 both read in place, no transposed copy) of float16/bfloat16/float32 and returns the
-:class:`icprune.backends.BatchStats` of the batch - each channel's histogram in the bin layout
-of its own batch range (icprune/binning.py), extremes, sums, the Gram matrix and the number of
+:class:`icprune.stats.backends.BatchStats` of the batch - each channel's histogram in the bin layout
+of its own batch range (icprune/stats/binning.py), extremes, sums, the Gram matrix and the number of
 non-finite values - as device tensors, with no host synchronisation, in five launches:
 
 1. ``_stats_pass`` - ONE read of the input for histograms, extremes, sums and non-finite counts.
    Persistent programs: program (cb, pm) owns BLOCK_C channels and a contiguous run of sample
    tiles, and keeps one int32 histogram per channel in registers across all its tiles, in the
-   layout of the range it has seen so far (:func:`icprune.binning.bin_layout`, mirrored op by op
-   in float64 by ``_layout``). When a tile widens the range, the running histogram is moved to
+   layout of the range it has seen so far (:func:`icprune.stats.binning.bin_layout`, mirrored op by
+   op in float64 by ``_layout``). When a tile widens the range, the running histogram is moved to
    the new, coarser layout exactly (``_relayout``: bins merge 2**d : 1 and shift, computed from a
-   prefix sum, as :func:`icprune.binning.rebin` does). Partials are bounded by the number of
+   prefix sum, as :func:`icprune.stats.binning.rebin` does). Partials are bounded by the number of
    programs (a few per SM), not by the number of tiles: P x C x B int32.
 2. ``_stats_finish`` - per (channel block, partial): the batch extremes and layout from all
    partials, the partial moved into the batch layout and added to the int64 counts with integer
@@ -36,8 +36,8 @@ single program owns, in that program's order.
 Sums: float32 per tile of values scaled by a power of two (no overflow), float64 across tiles
 and partials (fixed order). Gram: see :mod:`icprune.kernels.gram` and docs/method.md.
 
-:func:`channel_stats_ref` is the reference: one batch through ``ChannelStats``' float64 torch
-path (icprune/stats.py), read back as a ``BatchStats``.
+:func:`channel_stats_ref` is the reference: :func:`icprune.stats.backends.torch_batch`, the one
+float64 torch reference that ``ChannelStats(backend="torch")`` runs too.
 """
 
 from __future__ import annotations
@@ -58,16 +58,13 @@ from icprune.kernels.common import (
 )
 from icprune.kernels.gram import GRAM_PRECISIONS, gram_matrix
 
-from icprune.backends import BatchStats
-from icprune.binning import INDEX_BITS, K_MIN
+from icprune.stats.backends import BatchStats, torch_batch
+from icprune.stats.binning import INDEX_BITS, K_MIN, LAYOUT_STEPS, MAX_SHIFT
 
 #: Inputs the kernels read (float64 has no fast path on GPUs: use the torch backend).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Largest number of bins: one program's histogram lives in registers and shared memory.
 MAX_BINS = 8192
-#: Fitting steps of the in-kernel layout after its lower bound, as in icprune/binning.py (2
-#: suffice; a spare step is a no-op once the layout fits).
-LAYOUT_STEPS = 3
 #: Programs per SM for the persistent statistics pass and the Gram splits.
 PROGRAMS_PER_SM = 2
 #: Programs on the CPU interpreter (several, so that tests merge partials).
@@ -112,7 +109,7 @@ def _layout(
     INDEX_BITS: tl.constexpr,
     STEPS: tl.constexpr,
 ):
-    """:func:`icprune.binning.bin_layout` of float64 lo/hi (same shape), op by op in float64
+    """:func:`icprune.stats.binning.bin_layout` of float64 lo/hi (same shape), op by op in float64
     (so bit-identical): returns (k int32, off int64). lo > hi means nothing seen.
 
     Bit arithmetic inline (one helper call costs milliseconds on the interpreter):
@@ -559,10 +556,10 @@ def channel_stats(
         config: block sizes (default :func:`default_config`).
 
     Returns:
-        :class:`icprune.backends.BatchStats` on ``x.device``: counts Tensor[C, B] int64 in each
-        channel's own batch layout, exponent and offset Tensor[C] int64, minimum, maximum and
-        sums Tensor[C] float64, gram Tensor[C, C] float64 (or None), nonfinite a 0-d int64
-        tensor. Nothing is read back to the host; non-finite values are read as 0 everywhere.
+        :class:`icprune.stats.backends.BatchStats` on ``x.device``: counts Tensor[C, B] int64 in
+        each channel's own batch layout, bin_exponent and bin_offset Tensor[C] int64, minimum,
+        maximum and sums Tensor[C] float64, gram Tensor[C, C] float64 (or None), nonfinite a 0-d
+        int64 tensor. Nothing is read back to the host; non-finite values are read as 0 everywhere.
 
     Raises:
         ValueError: wrong rank, dtype, device, bins, precision, programs or config, an empty
@@ -649,43 +646,36 @@ def channel_stats(
             x, flags, gram_precision, programs=target, block_g=cfg.block_g,
             block_k=cfg.block_k, warps=cfg.gram_warps, stages=cfg.gram_stages,
         )  # fmt: skip
-    return BatchStats(counts, exponent, offset, lo, hi, sums, g, flags[0])
+    return BatchStats(
+        counts=counts, bin_exponent=exponent, bin_offset=offset, minimum=lo, maximum=hi,
+        sums=sums, gram=g, nonfinite=flags[0],
+    )  # fmt: skip
 
 
 def channel_stats_ref(x: torch.Tensor, bins: int) -> BatchStats:
-    """THE reference for :func:`channel_stats`: the batch through ``ChannelStats``' float64
-    torch path (icprune/stats.py) - a fresh per-channel-range instance with
-    ``nan_policy="zero"`` updated once - read back as a :class:`BatchStats` (same arguments;
-    ``nonfinite`` a 0-d int64 tensor). Its counts and layouts equal :func:`bin_layout` binning
-    of the float64 samples; the fast path must match it exactly there, and within the
-    documented tolerance in sums and Gram."""
-    from icprune.stats import ChannelStats  # the statistics engine; kernels are beneath it
-
+    """THE reference for :func:`channel_stats`: :func:`icprune.stats.backends.torch_batch` (the
+    float64 torch statistics ``ChannelStats(backend="torch")`` adds too) of Tensor[N, C, S]
+    ``x``, with ``nonfinite`` as a 0-d int64 tensor on ``x.device`` like the kernels'. Its counts
+    and layouts equal :func:`bin_layout` binning of the float64 samples; the fast path must
+    match it exactly there, and within the documented tolerance in sums and Gram."""
     if x.dim() != 3:
         raise ValueError(f"channel_stats_ref: expected a Tensor[N, C, S], got {tuple(x.shape)}")
-    stats = ChannelStats(
-        x.shape[1], bins, range_mode="channel", nan_policy="zero", device=x.device, backend="torch"
-    )
-    stats.update(x)
-    nonfinite = torch.tensor(stats.nonfinite, dtype=torch.int64, device=x.device)
-    return BatchStats(
-        stats.counts,
-        stats.bin_exponent,
-        stats.bin_offset,
-        stats.minimum,
-        stats.maximum,
-        stats.sums,
-        stats.gram,
-        nonfinite,
-    )
+    ref = torch_batch(x, bins)
+    return ref._replace(nonfinite=torch.tensor(ref.nonfinite, dtype=torch.int64, device=x.device))
+
+
+#: The launchable kernels of this module by name, for tools that compile them on their own
+#: (bench/gpu_sass.py reads their SASS for register spills).
+JIT_KERNELS = {"stats_pass": _stats_pass, "stats_finish": _stats_finish}
 
 
 def _check_constants() -> None:
     """The kernels' float32/float64 arithmetic assumes these binning constants."""
-    if not (-126 <= K_MIN and INDEX_BITS + 2 <= 52):
+    if not (-126 <= K_MIN and INDEX_BITS + 2 <= 52 and MAX_SHIFT == 62):
         raise ImportError(
-            f"icprune.kernels.channel_stats assumes K_MIN >= -126 and INDEX_BITS <= 50 "
-            f"(got {K_MIN}, {INDEX_BITS}); update the kernels with icprune/binning.py"
+            f"icprune.kernels.channel_stats assumes K_MIN >= -126, INDEX_BITS <= 50 and "
+            f"MAX_SHIFT == 62 (got {K_MIN}, {INDEX_BITS}, {MAX_SHIFT}); update the kernels with "
+            f"icprune/stats/binning.py"
         )
 
 

@@ -260,3 +260,8 @@ def gram_matrix(
         num_warps=4, **common,
     )  # fmt: skip
     return out
+
+
+#: The launchable kernels of this module by name, for tools that compile them on their own
+#: (bench/gpu_sass.py reads their SASS for register spills).
+JIT_KERNELS = {"gram": _gram, "gram_finish": _gram_finish}

@@ -13,10 +13,10 @@ from torch import nn
 
 from icprune import files
 from icprune.calibrate import calibrate
-from icprune.graph import prunable_layers
 from icprune.models import resnet20
 from icprune.scoring import score
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
+from icprune.structure.graph import prunable_layers
 
 N = 8  # batch size; inputs are N x 3 x 32 x 32
 

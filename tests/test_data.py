@@ -27,8 +27,8 @@ def test_sample_images_folder_holds_the_two_photographs():
     import subprocess
     import sys
 
+    from icprune.cli.data_specs import image_folder
     from icprune.data import sample_images_folder
-    from icprune.sources import image_folder
 
     folder = sample_images_folder()
     assert sorted(p.name for p in folder.glob("*.jpg")) == ["china.jpg", "flower.jpg"]

@@ -6,7 +6,7 @@ import torch
 import icprune
 from icprune.models import resnet20
 from icprune.scoring import independence_of, layer_scores, normalize
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
 
 
 def _stats_of(rows: torch.Tensor, **kw) -> ChannelStats:
@@ -58,7 +58,7 @@ def test_normalize():
     for norm in ("minmax", "zscore"):
         assert torch.equal(normalize(torch.full((4,), 7.0), norm), torch.zeros(4))
         assert torch.equal(normalize(torch.tensor([7.0]), norm), torch.zeros(1))
-    with pytest.raises(ValueError, match="norm must be one of"):
+    with pytest.raises(ValueError, match=r"normalization \(norm=\) must be one of"):
         normalize(v, "rank")
 
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import icprune.slicing as slicing
-from icprune._ext import HAVE_EXT
+from icprune.extension import HAVE_EXT
 from icprune.slicing import slice_channels, slice_channels_ref
 
 needs_ext = pytest.mark.skipif(not HAVE_EXT, reason="icprune._C was not built in this environment")

@@ -70,7 +70,7 @@ def group_vector(group: icprune.Group, scores: dict[str, torch.Tensor]) -> torch
 def oracle(model, group: icprune.Group, batches: Sequence[torch.Tensor]) -> torch.Tensor:
     """Tensor[C]: mean KL(full || channel c zeroed at every BatchNorm of the group)."""
     modules = dict(model.named_modules())
-    norms = [modules[d.module] for d in group.dependencies if d.kind == "norm"]
+    norms = [modules[d.module] for d in group.dependencies if d.kind == "batchnorm"]
     x = torch.cat(list(batches))
     with torch.no_grad():
         full = F.log_softmax(model(x), 1)

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import icprune
+from icprune.structure import layers
 
 CONSUMER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 DATA_CRITERIA = ("E2", "var", "condvar", "wE2", "wvar", "wcondvar", "greedy")
@@ -116,7 +117,7 @@ def input_stats(
         module = modules[name]
         if not isinstance(module, CONSUMER_TYPES):
             raise TypeError(f"input_stats: '{name}' is a {type(module).__name__}, not conv/linear")
-        c_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        c_in = layers.in_channels(module)
         stats[name] = icprune.ChannelStats(
             c_in, bins=bins, name=name, read_at="input", backend=backend
         )
@@ -206,7 +207,7 @@ def weight_energy(model: nn.Module, name: str, follower: Mapping[str, str]) -> t
     """Consumer weight energy ``M_i = sum_{o,t} d_o W[o, i, t]^2`` per input channel
     (Tensor[C_in] float64)."""
     module = dict(model.named_modules())[name]
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups != 1:
+    if layers.groups(module) != 1:
         raise ValueError(f"'{name}': grouped/depthwise convs are not consumers of a group")
     d = output_scale(model, name, follower)
     return (taps(module.weight) ** 2 * d[None, :, None]).sum((0, 1))
@@ -347,7 +348,7 @@ def _bn_energy(model: nn.Module, group: icprune.Group, follower: Mapping[str, st
         sl = slice(dep.offset, dep.offset + group.channels)
         if dep.kind == "depthwise":
             acc = torch.zeros(group.channels, dtype=torch.float64)
-        elif dep.kind == "norm":
+        elif dep.kind == "batchnorm":
             acc = acc + m.weight.detach().double()[sl] ** 2 + m.bias.detach().double()[sl] ** 2
         elif dep.kind == "input":
             score += acc * weight_energy(model, dep.module, follower)[sl]
@@ -399,7 +400,7 @@ def repair(
     for name in consumers_of(plan.groups):
         kept = plan.indices(name, "in")
         module = orig[name]
-        c_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        c_in = layers.in_channels(module)
         if kept is None or len(kept) == c_in:
             continue
         dropped = torch.ones(c_in, dtype=torch.bool)

@@ -3,7 +3,7 @@
 Everything that can be checked before the work is checked first, in this order: the options,
 ``--out`` (exists only with ``--force``/``--resume``, writable, not in use by another run), the
 model, the data (readable, every image decoded), one forward pass of the model on a sample of
-each data source (``--input-shape`` or the data fit the model), and the labels that will be
+each data spec (``--input-shape`` or the data fit the model), and the labels that will be
 used (within the model's classes). Library errors are reported in the words of the command
 line (``--max-layer-ratio``, not ``max_layer_ratio``).
 """
@@ -22,7 +22,15 @@ import torch
 from torch import nn
 
 from icprune.applying import apply
-from icprune.calibrate import batch_input
+from icprune.batches import batch_input
+from icprune.cli.data_specs import (
+    IMAGE_EXTENSIONS,
+    SYNTHETIC,
+    TENSOR_EXTENSIONS,
+    DataLoadError,
+    DataSpec,
+    load_data_spec,
+)
 from icprune.cli.exit_codes import CommandError, ExitCode
 from icprune.cli.launch import Launch, start
 from icprune.cli.output import (
@@ -35,24 +43,16 @@ from icprune.cli.output import (
     timed,
     write_scores,
 )
-from icprune.counting import count
+from icprune.cli.zoo import build_model
 from icprune.evaluation import accuracy, latency
 from icprune.files import FileReadError, load_torch_file
-from icprune.finetune import finetune
-from icprune.graph import PRUNABLE_TYPES
 from icprune.planning import PruningPlan, plan
-from icprune.recalibrate import recalibrate_bn
+from icprune.recovery.batchnorm import recalibrate_bn
+from icprune.recovery.finetune import finetune
 from icprune.report import ModelSummary, comparison_table
 from icprune.scoring import LayerScores, score
-from icprune.sources import (
-    IMAGE_EXTENSIONS,
-    SYNTHETIC,
-    TENSOR_EXTENSIONS,
-    DataLoadError,
-    Source,
-    load_source,
-)
-from icprune.zoo import build_model
+from icprune.structure.counting import count
+from icprune.structure.layers import PRUNABLE_TYPES, in_channels
 
 #: Calibration checkpoint while the run is under way (``--resume`` continues from it).
 CALIBRATION_FILE = "calibration.pt"
@@ -126,25 +126,25 @@ def _is_tensor_file(spec: str) -> bool:
     return Path(spec).suffix.lower() in TENSOR_EXTENSIONS and not Path(spec).is_dir()
 
 
-def _data(spec: str | None, shape, args: argparse.Namespace, what: str) -> Source | None:
+def _data(spec: str | None, shape, args: argparse.Namespace, what: str) -> DataSpec | None:
     if spec is None:
         return None
     try:
-        source = load_source(
+        data = load_data_spec(
             spec, shape, batch_size=args.batch_size, max_samples=args.max_samples, seed=args.seed
         )
     except DataLoadError as exc:
         raise DataLoadError(f"{what}: {exc}") from exc
     given = args.input_shape
-    if given is not None and _is_tensor_file(spec) and source.input_shape != tuple(given):
+    if given is not None and _is_tensor_file(spec) and data.input_shape != tuple(given):
         raise DataLoadError(
-            f"{what} {spec!r} holds samples of shape {source.input_shape}, but --input-shape "
+            f"{what} {spec!r} holds samples of shape {data.input_shape}, but --input-shape "
             f"says {tuple(given)}: drop --input-shape (a tensor file gives the shape) or pass "
             f"the matching data"
         )
-    if what != "--data" and not source.labelled:
+    if what != "--data" and not data.labelled:
         raise DataLoadError(f"{what} {spec!r} has no labels: {_labels_hint(spec)}")
-    return source
+    return data
 
 
 def _labels_hint(spec: str) -> str:
@@ -162,7 +162,7 @@ def _labels_hint(spec: str) -> str:
     return "use a folder with one subfolder per class, or a tensor file with 'targets'"
 
 
-def _example(data: Source | None, shape) -> torch.Tensor:
+def _example(data: DataSpec | None, shape) -> torch.Tensor:
     if data is not None:
         return batch_input(data.batches[0])[:1]
     if shape is None:
@@ -177,7 +177,7 @@ def _first_layer(model: nn.Module) -> tuple[str, int] | None:
     """``(name, input channels)`` of the model's first conv or linear layer, if any."""
     for name, module in model.named_modules():
         if isinstance(module, PRUNABLE_TYPES):
-            return name, getattr(module, "in_channels", getattr(module, "in_features", 0))
+            return name, in_channels(module)
     return None
 
 
@@ -209,11 +209,11 @@ def _fits(model: nn.Module, x: torch.Tensor, blame: str, code: ExitCode) -> int 
     return None
 
 
-def _check_labels(source: Source | None, spec: str, what: str, classes: int | None) -> None:
-    """The labels of ``source`` lie in [0, classes) (unchecked when ``classes`` is None)."""
-    if source is None or source.targets is None or classes is None:
+def _check_labels(data: DataSpec | None, spec: str, what: str, classes: int | None) -> None:
+    """The labels of ``data`` lie in [0, classes) (unchecked when ``classes`` is None)."""
+    if data is None or data.targets is None or classes is None:
         return
-    low, high = int(source.targets.min()), int(source.targets.max())
+    low, high = int(data.targets.min()), int(data.targets.max())
     if low >= 0 and high < classes:
         return
     if Path(spec).is_dir():
@@ -230,7 +230,7 @@ def _check_labels(source: Source | None, spec: str, what: str, classes: int | No
 
 
 def _check_inputs(model, args, data, val, shape, launch: Launch) -> torch.Tensor:
-    """The example input of the run, after one forward pass of every data source and a check
+    """The example input of the run, after one forward pass of every data spec and a check
     of the labels the run will use (see the module docstring)."""
     example = _example(data, shape).to(launch.device)
     from_file = data is not None and _is_tensor_file(args.data)
@@ -252,7 +252,7 @@ def _settings(args: argparse.Namespace, **extra) -> dict[str, object]:
     return {**{k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}, **extra}
 
 
-def _score(model, batches, source_kind, args, launch, checkpoint=None) -> dict[str, LayerScores]:
+def _score(model, batches, source, args, launch, checkpoint=None) -> dict[str, LayerScores]:
     """:func:`icprune.score` with the command's options; its errors in the command's words."""
     options = {}
     if checkpoint is not None:
@@ -261,7 +261,7 @@ def _score(model, batches, source_kind, args, launch, checkpoint=None) -> dict[s
         return score(
             model,
             batches,
-            source=source_kind,
+            source=source,
             lam=args.lam,
             nan_policy=args.nan_policy,
             distributed=launch.distributed and batches is not None,
@@ -282,10 +282,10 @@ def _score(model, batches, source_kind, args, launch, checkpoint=None) -> dict[s
         raise ValueError(message) from None
 
 
-def _scores(model, data, source_kind, args, folder: RunFolder, launch) -> dict[str, LayerScores]:
+def _scores(model, data, source, args, folder: RunFolder, launch) -> dict[str, LayerScores]:
     """Scores of every prunable layer: calibrated on ``data`` (this process's shard under
     torchrun) with a resumable checkpoint in the folder (features), or data-free (weights)."""
-    if source_kind == "weights":
+    if source == "weights":
         return _score(model, None, "weights", args, launch)
     checkpoint = folder.path / _checkpoint_name(launch.rank, launch.world_size)
     if args.force:  # --force starts over (taken after the folder's lock: see RunFolder)
@@ -294,19 +294,19 @@ def _scores(model, data, source_kind, args, folder: RunFolder, launch) -> dict[s
     return _score(model, batches, "features", args, launch, checkpoint)
 
 
-def _source_kind(args: argparse.Namespace) -> str:
+def _source(args: argparse.Namespace) -> str:
     """``--source``, defaulting to features with ``--data`` and weights without."""
-    source_kind = args.source or ("features" if args.data is not None else "weights")
-    if source_kind == "features" and args.data is None:
+    source = args.source or ("features" if args.data is not None else "weights")
+    if source == "features" and args.data is None:
         raise CommandError(
             "--source features needs --data (or use --source weights)", ExitCode.USAGE
         )
-    return source_kind
+    return source
 
 
 def _check_prune_args(args: argparse.Namespace) -> str:
     """The scoring source, after checking the options that must combine."""
-    source_kind = _source_kind(args)
+    source = _source(args)
     if args.finetune_epochs and args.data is None:
         raise CommandError("--finetune-epochs needs labelled --data", ExitCode.USAGE)
     if args.resume and args.force:
@@ -315,13 +315,13 @@ def _check_prune_args(args: argparse.Namespace) -> str:
             "pass one of them",
             ExitCode.USAGE,
         )
-    if args.resume and source_kind == "weights":
+    if args.resume and source == "weights":
         raise CommandError(
             "--resume continues an interrupted calibration on --data; data-free scoring "
             "(--source weights) has none to continue",
             ExitCode.USAGE,
         )
-    return source_kind
+    return source
 
 
 def _check_resume(checkpoint: Path) -> None:
@@ -354,9 +354,9 @@ def run_prune(args: argparse.Namespace) -> int:
     ``--resume`` continues from); it is removed once the run has succeeded. ``--out`` is
     locked while the run writes it (see :class:`icprune.cli.output.RunFolder`).
     """
-    source_kind = _check_prune_args(args)
+    source = _check_prune_args(args)
     launch = start(args.device)
-    features = source_kind == "features"
+    features = source == "features"
     own = _checkpoint_name(launch.rank, launch.world_size)
     resumable = [own] if features else []
     out = claim(args.out, force=args.force or args.resume, is_dir=True, resumable=resumable)
@@ -367,7 +367,7 @@ def run_prune(args: argparse.Namespace) -> int:
     folder = RunFolder(out, checkpoints=names if features else (), primary=launch.rank == 0)
     with folder:
         launch.barrier()  # process 0 has created and locked --out
-        return _prune(args, source_kind, launch, folder, names if features else [])
+        return _prune(args, source, launch, folder, names if features else [])
 
 
 def _target(args: argparse.Namespace) -> tuple[str, float]:
@@ -405,7 +405,7 @@ def _plan(model, scores, example, args) -> PruningPlan:
     return chosen
 
 
-def _prune(args, source_kind: str, launch: Launch, folder: RunFolder, checkpoints) -> int:
+def _prune(args, source: str, launch: Launch, folder: RunFolder, checkpoints) -> int:
     model, shape = _model(args)
     model.to(launch.device)
     data = _data(args.data, shape, args, "--data")
@@ -419,7 +419,7 @@ def _prune(args, source_kind: str, launch: Launch, folder: RunFolder, checkpoint
     progress = not args.quiet
     timings = {}
     with timed(timings, "score_s"):
-        scores = _scores(model, data, source_kind, args, folder, launch)
+        scores = _scores(model, data, source, args, folder, launch)
     if launch.rank != 0:
         return ExitCode.OK  # process 0 plans, prunes, measures and writes
     with timed(timings, "plan_apply_s"):
@@ -440,7 +440,7 @@ def _prune(args, source_kind: str, launch: Launch, folder: RunFolder, checkpoint
                 inplace=True,
             )
     _check_finite(model, pruned, example, args)
-    settings = _settings(args, source=source_kind, data_description=data and data.description)
+    settings = _settings(args, source=source, data_description=data and data.description)
     folder.write_results(pruned=pruned, plan=chosen, scores=scores, settings=settings)
     before, after, failure = _measure(model, pruned, example, val, args.latency_batch)
     if failure is not None:
@@ -514,8 +514,8 @@ def run_score(args: argparse.Namespace) -> int:
     (``.json`` or ``.csv``, see :func:`icprune.cli.output.write_scores`), atomically; without
     ``--force`` a file another run wrote meanwhile is left alone (OUTPUT)."""
     check_scores_path(args.out)
-    source_kind = _source_kind(args)
-    if source_kind == "weights" and args.data is not None:
+    source = _source(args)
+    if source == "weights" and args.data is not None:
         raise CommandError("--source weights is data-free: drop --data", ExitCode.USAGE)
     launch = start(args.device)
     out = claim(args.out, force=args.force, is_dir=False)
@@ -526,11 +526,11 @@ def run_score(args: argparse.Namespace) -> int:
     if data is not None:
         _check_inputs(model, args, data, None, shape, launch)
     batches = data.shard(launch.rank, launch.world_size).batches if data is not None else None
-    scores = _score(model, batches, source_kind, args, launch)
+    scores = _score(model, batches, source, args, launch)
     if launch.rank != 0:
         return ExitCode.OK  # process 0 writes
-    settings = _settings(args, source=source_kind, data_description=data and data.description)
+    settings = _settings(args, source=source, data_description=data and data.description)
     write_scores(scores, out, settings, replace=args.force)
     channels = sum(s.score.numel() for s in scores.values())
-    print(f"scored {len(scores)} layers, {channels} channels ({source_kind}); wrote {out}")
+    print(f"scored {len(scores)} layers, {channels} channels ({source}); wrote {out}")
     return ExitCode.OK

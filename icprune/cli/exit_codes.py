@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
-from icprune.sources import DataLoadError
-from icprune.zoo import ModelLoadError
+from icprune.cli.data_specs import DataLoadError
+from icprune.cli.zoo import ModelLoadError
 
 
 class ExitCode(IntEnum):
@@ -56,8 +56,8 @@ def _out_of_memory(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> tuple[str, ExitCode] | None:
     """The one-line report of ``exc`` and the exit code of the command that raised it.
 
-    ``CommandError`` keeps its code; :class:`~icprune.zoo.ModelLoadError` is MODEL,
-    :class:`~icprune.sources.DataLoadError` DATA, ``KeyboardInterrupt`` INTERRUPTED, and the
+    ``CommandError`` keeps its code; :class:`~icprune.cli.zoo.ModelLoadError` is MODEL,
+    :class:`~icprune.cli.data_specs.DataLoadError` DATA, ``KeyboardInterrupt`` INTERRUPTED, and the
     errors of a failed run (``ValueError``, ``TypeError``, ``RuntimeError``, ``MemoryError``,
     and an ``OSError`` no check turned into a clearer error) FAILURE, an exhausted memory said
     so. Anything else is a bug of icprune: None (the caller

@@ -4,7 +4,7 @@
   importance criterion that scores its groups with icprune's information capacity and
   independence, from calibration data or data-free from the weights. Needs ``torch-pruning``
   (``pip install 'icprune[torch-pruning]'``); it is imported only when that module is.
-- :mod:`icprune.integrations.torch_prune`: a :class:`icprune.PruningPlan` applied as
+- :mod:`icprune.integrations.masks`: a :class:`icprune.PruningPlan` applied as
   ``torch.nn.utils.prune`` masks (soft pruning: the model keeps its shapes, the pruned channels
   are zeros), and the masks made permanent again.
 

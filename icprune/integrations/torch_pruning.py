@@ -44,6 +44,7 @@ by Torch-Pruning (``torch.topk``), not by channel index as in :func:`icprune.pla
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 
@@ -59,10 +60,11 @@ except ImportError as exc:
     ) from exc
 
 from icprune.calibrate import calibrate
-from icprune.graph import PRUNABLE_TYPES, out_channels
+from icprune.config import CalibrationConfig, ScoringConfig, StatsConfig, with_options
 from icprune.planning import normalized_scores
 from icprune.scoring import SOURCES, score
-from icprune.stats import ChannelStats
+from icprune.stats.channel_stats import ChannelStats
+from icprune.structure.layers import PRUNABLE_TYPES, out_channels
 
 if not tp.__version__.startswith("1.6."):
     warnings.warn(
@@ -90,17 +92,19 @@ class InformationImportance(tp.importance.Importance):
             calibrated now, and again after each pruning step that changed it.
         stats: statistics from an earlier ``icprune.calibrate(model, data)`` call, used instead
             of ``data`` (valid only until the model is pruned; see the module docstring).
-        source: ``"features"`` (feature-map statistics of ``data`` or ``stats``), ``"weights"``
-            (data-free) or None: ``"features"`` when ``data`` or ``stats`` is given, else
-            ``"weights"``, as for :func:`icprune.score`.
-        lam, independence, norm: how capacity and independence are fused (see
-            :func:`icprune.score`; defaults ``1.0``, ``"distance"``, ``"zscore"``).
         layers: qualified names of the layers to score (None: every Conv/Linear except the output
             layers). Groups with no scored layer are skipped by the pruner.
-        bins, range_mode, nan_policy: histogram settings of the statistics (see
-            :class:`icprune.ChannelStats`).
-        read_at, max_batches, device, progress: calibration settings (see
-            :func:`icprune.calibrate`); unused for ``source="weights"`` or given ``stats``.
+        **options: the settings, as configs or field by field (a field overrides the config's
+            value): ``scoring_config=`` (:class:`icprune.ScoringConfig`: ``source`` -
+            ``"features"``, feature-map statistics of ``data`` or ``stats``; ``"weights"``,
+            data-free; None, ``"features"`` when ``data`` or ``stats`` is given, else
+            ``"weights"``, as for :func:`icprune.score` - and how capacity and independence are
+            fused: ``lam``, ``independence``, ``normalization``); ``stats_config=``
+            (:class:`icprune.StatsConfig`, the histogram settings of the statistics);
+            ``calibration_config=`` (:class:`icprune.CalibrationConfig` of every calibration,
+            unused for ``source="weights"`` or given ``stats``; its ``checkpoint`` must stay
+            None: the model changes between calibrations). E.g. ``lam=0.5, norm="minmax",
+            bins=32, max_batches=8, progress=False``.
 
     Attributes:
         source: ``"features"`` or ``"weights"``.
@@ -114,8 +118,9 @@ class InformationImportance(tp.importance.Importance):
         TypeError: ``model`` is no ``nn.Module``, ``stats`` is no mapping of ChannelStats,
             ``data`` is a one-shot iterator.
         ValueError: inconsistent arguments (data and stats, data with ``source="weights"``, no
-            data for ``source="features"``), bad options, statistics that do not match the model,
-            or any error of :func:`icprune.calibrate` / :func:`icprune.score`.
+            data for ``source="features"``), bad options (a calibration checkpoint among them),
+            statistics that do not match the model, or any error of :func:`icprune.calibrate` /
+            :func:`icprune.score`.
     """
 
     def __init__(
@@ -124,24 +129,24 @@ class InformationImportance(tp.importance.Importance):
         data: Iterable | None = None,
         *,
         stats: Mapping[str, ChannelStats] | None = None,
-        source: str | None = None,
-        lam: float = 1.0,
-        independence: str = "distance",
-        norm: str = "zscore",
         layers: Iterable[str] | None = None,
-        bins: int = 64,
-        range_mode: str = "layer",
-        read_at: str = "bn",
-        nan_policy: str = "raise",
-        max_batches: int | None = None,
-        device: torch.device | str | None = None,
-        progress: bool = True,
+        **options,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(
                 f"InformationImportance: model must be the torch.nn.Module to prune, got "
                 f"{type(model).__name__}"
             )
+        scoring_config, stats_config, calibration_config = with_options(
+            "InformationImportance", options, ScoringConfig, StatsConfig, CalibrationConfig
+        )
+        if calibration_config.checkpoint is not None:
+            raise ValueError(
+                "InformationImportance: checkpoint= cannot be used: the model is re-calibrated "
+                "after every pruning step, and a checkpoint holds one model's statistics; "
+                "calibrate once with icprune.calibrate(..., checkpoint=...) and pass stats= instead"
+            )
+        source = scoring_config.source
         if source is None:
             source = "weights" if data is None and stats is None else "features"
         if source not in SOURCES:
@@ -157,16 +162,10 @@ class InformationImportance(tp.importance.Importance):
         self.calibrations = 0
         # Torch-Pruning prunes modules in place, so these module -> name keys stay valid.
         self._names = {module: name for name, module in model.named_modules()}
-        self._score_options = {"lam": lam, "independence": independence, "norm": norm}
-        self._stats_options = {"bins": bins, "range_mode": range_mode, "nan_policy": nan_policy}
-        self._calibrate_options = {
-            "layers": layers,
-            "read_at": read_at,
-            "max_batches": max_batches,
-            "device": device,
-            "progress": progress,
-            **self._stats_options,
-        }
+        self._layers_option = layers
+        self._scoring_config = dataclasses.replace(scoring_config, source=source)
+        self._stats_config = stats_config
+        self._calibration_config = calibration_config
         self._vectors: dict[str, Tensor] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         if source == "weights":
@@ -262,12 +261,23 @@ class InformationImportance(tp.importance.Importance):
 
     def _weight_vectors(self, layers: Iterable[str] | None) -> dict[str, Tensor]:
         """Normalised data-free score vectors of ``layers`` from the current weights."""
-        options = {**self._stats_options, **self._score_options}
-        scores = score(self.model, source="weights", layers=layers, **options)
+        scores = score(
+            self.model,
+            layers=layers,
+            scoring_config=self._scoring_config,
+            stats_config=self._stats_config,
+        )
         return normalized_scores(scores, self.model)
 
     def _calibrate(self) -> None:
-        self._use(calibrate(self.model, self.data, **self._calibrate_options))
+        stats = calibrate(
+            self.model,
+            self.data,
+            layers=self._layers_option,
+            stats_config=self._stats_config,
+            calibration_config=self._calibration_config,
+        )
+        self._use(stats)
         self.calibrations += 1
 
     def _use(self, stats: Mapping[str, ChannelStats]) -> None:
@@ -300,7 +310,7 @@ class InformationImportance(tp.importance.Importance):
                 )
         self.stats = dict(stats)
         self._vectors = normalized_scores(
-            score(self.model, stats=self.stats, **self._score_options), self.model
+            score(self.model, stats=self.stats, scoring_config=self._scoring_config), self.model
         )
         self._shapes = {name: tuple(modules[name].weight.shape) for name in self.stats}
 

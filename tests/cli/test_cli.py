@@ -309,7 +309,7 @@ def test_synthetic_data_warns(capsys, tmp_path):
 
 def test_interrupted_prune_resumes_from_its_calibration_checkpoint(capsys, tmp_path, monkeypatch):
     import icprune.cli.commands as commands
-    from icprune.sources import load_source
+    from icprune.cli.data_specs import load_data_spec
 
     data = tmp_path / "x.pt"
     torch.save(torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(1)), data)
@@ -338,10 +338,10 @@ def test_interrupted_prune_resumes_from_its_calibration_checkpoint(capsys, tmp_p
                 yield self[i]
 
     def interrupted(*args, **kwargs):
-        source = load_source(*args, **kwargs)
-        return dataclasses.replace(source, batches=Interrupting(source.batches))
+        data = load_data_spec(*args, **kwargs)
+        return dataclasses.replace(data, batches=Interrupting(data.batches))
 
-    monkeypatch.setattr(commands, "load_source", interrupted)
+    monkeypatch.setattr(commands, "load_data_spec", interrupted)
     code, _, err = run(capsys, *argv, "--out", tmp_path / "part")
     assert code == ExitCode.INTERRUPTED and "interrupted" in err
     assert sorted(p.name for p in (tmp_path / "part").iterdir()) == ["calibration.pt"]
@@ -386,10 +386,12 @@ def test_readme_run_prunes_resnet50_on_the_bundled_photographs(capsys, tmp_path)
 
 
 def test_demo_command_runs_the_demo_with_its_options(capsys, tmp_path, monkeypatch):
-    import icprune.demo
+    import icprune.cli.demo
 
     calls = []
-    monkeypatch.setattr(icprune.demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or 0)
+    monkeypatch.setattr(
+        icprune.cli.demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or 0
+    )
     assert run(capsys, "demo")[0] == ExitCode.OK
     assert run(capsys, "demo", "--out", tmp_path / "d", "--force", "--quiet")[0] == ExitCode.OK
     assert calls == [
@@ -554,7 +556,7 @@ class Interrupting(list):
 @pytest.mark.parametrize("at", [1, 5])
 def test_ctrl_c_leaves_no_empty_folder_and_suggests_resume(capsys, tmp_path, monkeypatch, at):
     import icprune.cli.commands as commands
-    from icprune.sources import load_source
+    from icprune.cli.data_specs import load_data_spec
 
     data = tmp_path / "x.pt"
     torch.save(torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(1)), data)
@@ -562,12 +564,12 @@ def test_ctrl_c_leaves_no_empty_folder_and_suggests_resume(capsys, tmp_path, mon
     argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
 
     def interrupted(*args, **kwargs):
-        source = load_source(*args, **kwargs)
-        batches = Interrupting(source.batches)
+        data = load_data_spec(*args, **kwargs)
+        batches = Interrupting(data.batches)
         batches.at = at
-        return dataclasses.replace(source, batches=batches)
+        return dataclasses.replace(data, batches=batches)
 
-    monkeypatch.setattr(commands, "load_source", interrupted)
+    monkeypatch.setattr(commands, "load_data_spec", interrupted)
     code, _, err = run(capsys, *argv)
     assert code == ExitCode.INTERRUPTED and "interrupted" in err
     if at == 1:  # before the first checkpoint: nothing to keep, and no folder in the way
@@ -754,7 +756,7 @@ def test_resume_needs_a_sound_checkpoint_of_the_same_run(capsys, tmp_path):
 
 def test_resume_with_another_model_is_refused_in_cli_words(capsys, tmp_path, monkeypatch):
     import icprune.cli.commands as commands
-    from icprune.sources import load_source
+    from icprune.cli.data_specs import load_data_spec
 
     data = tmp_path / "x.pt"
     torch.save(torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)), data)
@@ -762,12 +764,12 @@ def test_resume_with_another_model_is_refused_in_cli_words(capsys, tmp_path, mon
     argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
 
     def interrupted(*args, **kwargs):
-        source = load_source(*args, **kwargs)
-        batches = Interrupting(source.batches)
+        data = load_data_spec(*args, **kwargs)
+        batches = Interrupting(data.batches)
         batches.at = 3
-        return dataclasses.replace(source, batches=batches)
+        return dataclasses.replace(data, batches=batches)
 
-    monkeypatch.setattr(commands, "load_source", interrupted)
+    monkeypatch.setattr(commands, "load_data_spec", interrupted)
     assert run(capsys, *argv)[0] == ExitCode.INTERRUPTED
     monkeypatch.undo()
     for extra, message in ((["--seed", 7], "model"), (["--nan-policy", "zero"], "--nan-policy")):

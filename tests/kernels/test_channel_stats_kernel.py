@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from icprune.backends import BatchStats
-from icprune.binning import bin_layout
+from icprune.stats.backends import BatchStats
+from icprune.stats.binning import bin_layout
 
 pytest.importorskip("triton")
 from icprune.kernels import channel_stats as kernels
@@ -31,7 +31,7 @@ GRAM_RTOL = {
     "tf32": 2e-3,
 }
 SUM_RTOL = 1e-6
-EXACT = ("counts", "exponent", "offset", "minimum", "maximum", "nonfinite")
+EXACT = ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "nonfinite")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -180,7 +180,7 @@ def test_layouts_equal_bin_layout_at_float32_edges(lo, hi, mid, bins):
     x = torch.tensor([[[lo, mid, hi, mid]]], dtype=torch.float32).to(DEVICE)
     got = channel_stats(x, bins, gram=False)
     k, off = bin_layout(x.double().amin(-1).view(1), x.double().amax(-1).view(1), bins)
-    assert torch.equal(got.exponent, k) and torch.equal(got.offset, off)
+    assert torch.equal(got.bin_exponent, k) and torch.equal(got.bin_offset, off)
     want = channel_stats_ref(x, bins)
     assert torch.equal(got.counts, want.counts)
     scale = float(x.double().abs().sum())
@@ -217,7 +217,7 @@ def test_reference_is_channel_stats_torch_path():
     counts = torch.zeros(4, 8, dtype=torch.int64, device=x.device).scatter_add_(
         1, index, torch.ones_like(index)
     )
-    assert torch.equal(ref.counts, counts) and torch.equal(ref.exponent, k)
+    assert torch.equal(ref.counts, counts) and torch.equal(ref.bin_exponent, k)
     torch.testing.assert_close(ref.gram, samples @ samples.T, rtol=1e-14, atol=0)
 
 

@@ -4,7 +4,7 @@ A torchvision model is built with a seeded random initialisation, its BatchNorm 
 parameters and running statistics are randomised too (at their defaults, 1/0/0/1, an eval-mode
 BatchNorm is the identity and would hide a misplaced or mis-configured norm), and its state_dict
 is saved the way torchvision ships checkpoints (a plain dict of tensors). The zoo model is built
-from that file through :func:`icprune.zoo.build_model`, the route ``--weights`` takes, and both
+from that file through :func:`icprune.cli.zoo.build_model`, the route ``--weights`` takes, and both
 run the same random input in eval mode. Their leaf modules must also match one for one in type
 and settings (``extra_repr``: eps, padding, ceil_mode, ReLU6 vs ReLU, ...), which catches
 differences a random network's output is too insensitive to show (a BatchNorm eps changes it by
@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from icprune.zoo import ZOO, build_model
+from icprune.cli.zoo import ZOO, build_model
 
 # tests/conftest.py leaves this folder out where torchvision is missing; this covers an explicit
 # `pytest tests/torchvision` there (where the name finds only this folder)

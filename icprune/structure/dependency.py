@@ -1,0 +1,595 @@
+"""Dependency groups: which layers' channels must be pruned together.
+
+A ``torch.fx`` trace of the model (see :func:`icprune.structure.graph.trace`) is walked in graph
+order with the shape of every value (one forward pass on ``example_inputs``). Every tensor value
+with a channel dimension (dim 1) carries a *layout*: the list of channel *spaces* its channels come
+from. A prunable layer (``Conv1d/2d/3d`` with ``groups=1``, ``Linear`` on 2-D inputs) starts a new
+space with its output channels. Operations propagate or couple spaces:
+
+- BatchNorm, elementwise activations, pooling, dropout, ``Identity`` and ``mean``/``sum``/
+  ``amax``/``amin`` over spatial dimensions keep the layout;
+- a depthwise conv (:func:`icprune.structure.layers.is_depthwise`) keeps the layout: its output
+  channel c is its input channel c, so it is pruned with the group of its input;
+- elementwise ``add``/``sub``/``mul``/``div`` of same-shaped tensors (residual connections) unify
+  the spaces of their operands into one;
+- ``cat`` along the channel dimension concatenates layouts (a consumer takes each part at its
+  channel offset);
+- ``flatten``/``view``/``reshape`` to ``[N, F]`` maps channel c of a ``[N, C, *S]`` tensor to
+  the ``prod(S)`` features ``c*prod(S) ... (c+1)*prod(S) - 1`` (flatten -> linear).
+
+Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
+grouped (non-depthwise) convs, per-channel PReLU, convs/linears/BatchNorms called more than once
+(shared weights), unknown functions, the model's inputs and outputs (so the classifier is never
+pruned), and any module listed in ``ignored_layers`` that is not a conv, linear or BatchNorm (it
+is also traced as a leaf, which is how an untraceable submodule is dealt with).
+
+A space becomes a :class:`Group` unless it is opaque or one of its output-channel layers (conv,
+linear, depthwise conv, BatchNorm) is listed in ``ignored_layers``. Layers that only *consume* a
+group (their input channels follow it) are pruned on their input side even when ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import operator
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils.flop_counter import FlopCounterMode
+
+from icprune.modes import frozen
+from icprune.structure.counting import as_inputs, count_params
+from icprune.structure.graph import (
+    ACTIVATION_FUNCTIONS,
+    ACTIVATION_METHODS,
+    ACTIVATION_MODULES,
+    trace,
+)
+from icprune.structure.layers import (
+    PRUNABLE_TYPES,
+    SLICEABLE_TYPES,
+    groups,
+    in_channels,
+    is_batchnorm,
+    is_conv,
+    is_depthwise,
+    out_channels,
+)
+
+#: Kinds of :class:`Dependency`: how a module's channels follow a group.
+KINDS = ("output", "depthwise", "batchnorm", "input")
+
+_PASS_MODULES = (
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.pooling._LPPoolNd,
+    nn.modules.dropout._DropoutNd,
+    nn.Identity,
+)
+_PASS_FUNCTIONS = frozenset({
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d,
+    F.dropout3d, F.alpha_dropout, torch.max_pool2d, torch.avg_pool1d,
+}) | ACTIVATION_FUNCTIONS  # fmt: skip
+_PASS_METHODS = frozenset({"contiguous", "clone", "detach"}) | ACTIVATION_METHODS
+_ELEMENTWISE_FUNCTIONS = frozenset({
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+    operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div,
+})  # fmt: skip
+_ELEMENTWISE_METHODS = frozenset({"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"})
+_REDUCE_FUNCTIONS = frozenset({torch.mean, torch.sum, torch.amax, torch.amin})
+_REDUCE_METHODS = frozenset({"mean", "sum", "amax", "amin"})
+_CAT_FUNCTIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
+_FLATTEN_FUNCTIONS = frozenset({torch.flatten, torch.reshape})
+_FLATTEN_METHODS = frozenset({"flatten", "view", "reshape"})
+_METADATA_METHODS = frozenset({"size", "dim", "numel", "type"})
+
+_TRACE_HINT = (
+    "List that submodule in ignored_layers=[...]: it is then traced as a single call and the "
+    "channels entering and leaving it are not pruned."
+)
+
+
+@dataclass(frozen=True)
+class Dependency:
+    """One module's part in a :class:`Group`.
+
+    Attributes:
+        module: qualified name of the module (``model.named_modules()`` key).
+        kind: ``"output"`` (a conv or linear layer whose output channels are the group's),
+            ``"depthwise"`` (a depthwise conv: output channels, and input channels with them),
+            ``"batchnorm"`` (a BatchNorm over the group's channels) or ``"input"`` (a conv or linear
+            layer whose input channels follow the group).
+        offset: index of the group's first channel (or feature) along that axis of the module.
+        repeat: consecutive input features per channel (``prod(S)`` after flattening a
+            ``[N, C, *S]`` map into a linear layer, else 1).
+
+    Channel c of the group is channels ``offset + c*repeat ... offset + (c+1)*repeat - 1`` of
+    the module's output axis (kinds output, depthwise, batchnorm) or input axis (kind input).
+    """
+
+    module: str
+    kind: str
+    offset: int = 0
+    repeat: int = 1
+
+
+@dataclass(frozen=True)
+class Group:
+    """Channels that must be pruned together, and every module they touch.
+
+    Attributes:
+        channels: number C of coupled channels.
+        dependencies: the modules whose output or input channels follow the group, in graph
+            order (see :class:`Dependency`).
+    """
+
+    channels: int
+    dependencies: tuple[Dependency, ...]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The prunable layers (conv, linear, depthwise conv) whose output channels are the
+        group's channels: the keys a plan keeps channels for."""
+        kinds = ("output", "depthwise")
+        return tuple(dict.fromkeys(d.module for d in self.dependencies if d.kind in kinds))
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What the cost of a conv, linear or BatchNorm module depends on, recorded by the trace.
+
+    Attributes:
+        module: qualified name.
+        kind: ``"conv"``, ``"depthwise"``, ``"linear"`` or ``"batchnorm"``.
+        in_channels, out_channels: full channel (feature) counts.
+        groups: conv groups (1 for linear and BatchNorm).
+        positions: output positions over all calls for ``example_inputs``: ``N * prod(output
+            spatial)`` for a conv, ``N`` for a linear layer (0 for a BatchNorm, or when not called).
+        kernel: ``prod(kernel_size)`` (1 for linear and BatchNorm).
+        bias: the module has a bias (for a BatchNorm: affine weight and bias).
+    """
+
+    module: str
+    kind: str
+    in_channels: int
+    out_channels: int
+    groups: int
+    positions: int
+    kernel: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class Dependencies:
+    """The dependency groups of a model and the shapes its cost depends on.
+
+    Attributes:
+        groups: prunable groups, in graph order.
+        shapes: :class:`LayerShape` of every conv, linear and BatchNorm module of the model.
+        macs: multiply-accumulates of one forward on ``example_inputs`` (FlopCounterMode).
+        params: number of parameters.
+    """
+
+    groups: tuple[Group, ...]
+    shapes: dict[str, LayerShape]
+    macs: int
+    params: int
+
+
+# A layout: one (space, channels, repeat) segment per run of channels, in channel order.
+Segment = tuple[int, int, int]
+
+
+class _Spaces:
+    """Union-find over channel spaces, with each space's size, opaque flag and dependencies."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[int] = []
+        self.opaque: list[bool] = []
+        self.deps: list[list[tuple[int, Dependency]]] = []
+
+    def new(self, size: int, opaque: bool = False) -> tuple[Segment, ...]:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.opaque.append(opaque)
+        self.deps.append([])
+        return ((len(self.parent) - 1, size, 1),)
+
+    def find(self, space: int) -> int:
+        while self.parent[space] != space:
+            self.parent[space] = self.parent[self.parent[space]]
+            space = self.parent[space]
+        return space
+
+    def block(self, *layouts: tuple[Segment, ...] | None) -> None:
+        for layout in layouts:
+            for space, _, _ in layout or ():
+                self.opaque[self.find(space)] = True
+
+    def unify(self, a: tuple[Segment, ...], b: tuple[Segment, ...]) -> None:
+        if [s[1:] for s in a] != [s[1:] for s in b]:
+            self.block(a, b)  # channel runs that do not line up cannot be pruned together
+            return
+        for (x, _, _), (y, _, _) in zip(a, b, strict=True):
+            x, y = self.find(x), self.find(y)
+            if x != y:
+                self.parent[y] = x
+                self.opaque[x] = self.opaque[x] or self.opaque[y]
+
+    def add(self, layout: tuple[Segment, ...], module: str, kind: str, order: int) -> None:
+        offset = 0
+        for space, size, repeat in layout:
+            dep = Dependency(module, kind, offset, repeat)
+            self.deps[space].append((order, dep))
+            offset += size * repeat
+
+
+def _meta(node: object) -> TensorMetadata | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return meta if isinstance(meta, TensorMetadata) else None
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """True for ``x.size()``, ``x.dim()``, ``x.numel()``, ``x.shape`` and the like."""
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and node.args[1:2] in (("shape",), ("dtype",), ("device",), ("ndim",))
+    )
+
+
+def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+class _Walker:
+    """Walks a shape-propagated graph once, building the channel layout of every value."""
+
+    def __init__(self, modules: dict[str, nn.Module], ignored: frozenset[str]) -> None:
+        self.modules = modules
+        self.ignored = ignored
+        self.spaces = _Spaces()
+        self.layouts: dict[fx.Node, tuple[Segment, ...] | None] = {}
+        self.calls: dict[str, int] = {}
+        self.shapes: dict[str, LayerShape] = {}
+
+    def run(self, graph: fx.Graph) -> None:
+        for node in graph.nodes:
+            if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        for order, node in enumerate(graph.nodes):
+            self.layouts[node] = self.visit(node, order)
+
+    def layout(self, node: object) -> tuple[Segment, ...] | None:
+        return self.layouts.get(node) if isinstance(node, fx.Node) else None
+
+    def inputs(self, node: fx.Node) -> list[tuple[Segment, ...]]:
+        return [lay for n in node.all_input_nodes if (lay := self.layout(n)) is not None]
+
+    def opaque(self, node: fx.Node) -> tuple[Segment, ...] | None:
+        """Block every input and give the output (if it has channels) a fresh opaque space."""
+        self.spaces.block(*self.inputs(node))
+        meta = _meta(node)
+        if meta is None or len(meta.shape) < 2:
+            return None
+        return self.spaces.new(meta.shape[1], opaque=True)
+
+    def visit(self, node: fx.Node, order: int) -> tuple[Segment, ...] | None:
+        if node.op == "output":
+            self.spaces.block(*self.inputs(node))
+            return None
+        if node.op in ("placeholder", "get_attr"):
+            return self.opaque(node)
+        meta = _meta(node)
+        if _reads_metadata(node):
+            return None  # x.size(0), x.shape: the channels are not touched
+        if meta is None or len(meta.shape) < 2:
+            return self.opaque(node)
+        if node.op == "call_module":
+            return self.visit_module(node, meta, order)
+        target = node.target
+        function = node.op == "call_function"
+        if (function and target in _PASS_FUNCTIONS) or (not function and target in _PASS_METHODS):
+            return self.passthrough(node, meta)
+        if (function and target in _ELEMENTWISE_FUNCTIONS) or (
+            not function and target in _ELEMENTWISE_METHODS
+        ):
+            return self.elementwise(node, meta)
+        if (function and target in _REDUCE_FUNCTIONS) or (
+            not function and target in _REDUCE_METHODS
+        ):
+            return self.reduce(node, meta)
+        if function and target in _CAT_FUNCTIONS:
+            return self.cat(node, meta)
+        if (function and target in _FLATTEN_FUNCTIONS) or (
+            not function and target in _FLATTEN_METHODS
+        ):
+            return self.flatten(node, meta)
+        return self.opaque(node)
+
+    def passthrough(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
+        """Same layout as the first argument, if that has the output's shape."""
+        first = node.args[0] if node.args else None
+        lay, first_meta = self.layout(first), _meta(first)
+        others = [n for n in node.all_input_nodes if n is not first]
+        if (
+            lay is None
+            or first_meta is None
+            or first_meta.shape[1] != meta.shape[1]
+            or any(self.layout(n) is not None for n in others)
+        ):
+            return self.opaque(node)
+        return lay
+
+    def elementwise(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
+        """Unify the layouts of same-shaped operands; operands broadcast over channels (size 1
+        in dim 1) stay apart; anything else is opaque."""
+        result = None
+        for arg in node.all_input_nodes:
+            lay, arg_meta = self.layout(arg), _meta(arg)
+            if lay is None or arg_meta is None:
+                return self.opaque(node)
+            if tuple(arg_meta.shape[1:]) == tuple(meta.shape[1:]):
+                if result is None:
+                    result = lay
+                else:
+                    self.spaces.unify(result, lay)
+            elif not (len(arg_meta.shape) == len(meta.shape) and arg_meta.shape[1] == 1):
+                return self.opaque(node)
+        return result if result is not None else self.opaque(node)
+
+    def reduce(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
+        """``mean``/``sum``/``amax``/``amin`` over dimensions after the channels keep the
+        layout; any other reduction is opaque."""
+        src = _meta(node.args[0]) if node.args else None
+        dim = _arg(node, 1, "dim")
+        dims = (dim,) if isinstance(dim, int) else dim
+        if (
+            src is None
+            or not isinstance(dims, (tuple, list))
+            or not dims
+            or not all(isinstance(d, int) and d % len(src.shape) >= 2 for d in dims)
+        ):
+            return self.opaque(node)
+        return self.passthrough(node, meta)
+
+    def cat(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
+        parts = _arg(node, 0, "tensors")
+        dim = _arg(node, 1, "dim", 0)
+        if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
+            return self.opaque(node)
+        layouts = [self.layout(p) for p in parts]
+        if any(lay is None for lay in layouts):
+            return self.opaque(node)
+        if dim % len(meta.shape) == 1:  # channels side by side
+            return tuple(seg for lay in layouts for seg in lay)
+        for lay in layouts[1:]:  # batch or spatial cat: the same channels in every part
+            self.spaces.unify(layouts[0], lay)
+        return layouts[0]
+
+    def flatten(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
+        """``[N, C, *S] -> [N, C*prod(S)]``: each channel becomes prod(S) consecutive features."""
+        source = node.args[0] if node.args else None
+        lay, src = self.layout(source), _meta(source)
+        if lay is None or src is None:
+            return self.opaque(node)
+        return self.flattened(node, lay, tuple(src.shape), tuple(meta.shape))
+
+    def flattened(
+        self, node: fx.Node, lay: tuple[Segment, ...], src: tuple[int, ...], out: tuple[int, ...]
+    ) -> tuple[Segment, ...] | None:
+        if src == out:
+            return lay
+        if len(out) != 2 or out[0] != src[0] or len(src) < 2:
+            return self.opaque(node)
+        spatial = out[1] // src[1]
+        return tuple((space, size, repeat * spatial) for space, size, repeat in lay)
+
+    def visit_module(
+        self, node: fx.Node, meta: TensorMetadata, order: int
+    ) -> tuple[Segment, ...] | None:
+        name = node.target
+        module = self.modules[name]
+        source = node.args[0] if node.args else None
+        lay, src = self.layout(source), _meta(source)
+        if isinstance(module, SLICEABLE_TYPES):
+            self.record(name, module, meta)
+        # A module with per-channel state called more than once would need the same channels
+        # kept at every call; such modules are opaque. Stateless ones (a shared ReLU) are fine.
+        stateful = isinstance(module, (*SLICEABLE_TYPES, nn.PReLU))
+        single = len(node.all_input_nodes) == 1 and not (stateful and self.calls[name] > 1)
+        if lay is None or src is None or not single:
+            return self.opaque(node)
+        if isinstance(module, nn.Flatten):
+            if module.start_dim != 1 or module.end_dim != -1:
+                return self.opaque(node)
+            return self.flattened(node, lay, tuple(src.shape), tuple(meta.shape))
+        if isinstance(module, PRUNABLE_TYPES):
+            return self.prunable(node, module, lay, src, order)
+        if is_batchnorm(module) and all(r == 1 for _, _, r in lay):
+            self.spaces.add(lay, name, "batchnorm", order)
+            return lay
+        per_channel_prelu = isinstance(module, nn.PReLU) and module.num_parameters > 1
+        if (
+            name not in self.ignored
+            and isinstance(module, (*ACTIVATION_MODULES, *_PASS_MODULES))
+            and not per_channel_prelu
+        ):
+            return self.passthrough(node, meta)
+        return self.opaque(node)
+
+    def prunable(
+        self,
+        node: fx.Node,
+        module: nn.Module,
+        lay: tuple[Segment, ...],
+        src: TensorMetadata,
+        order: int,
+    ) -> tuple[Segment, ...] | None:
+        name = node.target
+        if isinstance(module, nn.Linear):
+            if len(src.shape) != 2:
+                return self.opaque(node)
+            fresh = self.spaces.new(out_channels(module))
+            self.spaces.add(lay, name, "input", order)
+            self.spaces.add(fresh, name, "output", order)
+            return fresh
+        if len(src.shape) != module.weight.dim():  # unbatched conv input
+            return self.opaque(node)
+        if groups(module) == 1:
+            fresh = self.spaces.new(out_channels(module))
+            self.spaces.add(lay, name, "input", order)
+            self.spaces.add(fresh, name, "output", order)
+            return fresh
+        if is_depthwise(module):
+            self.spaces.add(lay, name, "depthwise", order)
+            return lay
+        return self.opaque(node)  # grouped conv: channel groups cannot shrink independently
+
+    def record(self, name: str, module: nn.Module, meta: TensorMetadata) -> None:
+        """Add one call of a conv, linear or BatchNorm module to its :class:`LayerShape`."""
+        shape = self.shapes.get(name)
+        positions = 0
+        if isinstance(module, PRUNABLE_TYPES):
+            positions = meta.shape.numel() // out_channels(module)
+        if shape is not None:
+            positions += shape.positions
+        self.shapes[name] = _shape_of(name, module, positions)
+
+
+def _shape_of(name: str, module: nn.Module, positions: int = 0) -> LayerShape:
+    """The :class:`LayerShape` of a conv, linear or BatchNorm module over ``positions``."""
+    if isinstance(module, nn.Linear):
+        kind, kernel = "linear", 1
+    elif is_conv(module):
+        kind = "depthwise" if is_depthwise(module) else "conv"
+        kernel = module.weight[0, 0].numel()
+    else:
+        kind, kernel, positions = "batchnorm", 1, 0
+    return LayerShape(
+        name, kind, in_channels(module), out_channels(module), groups(module), positions, kernel,
+        (module.bias if kind != "batchnorm" else module.weight) is not None,
+    )  # fmt: skip
+
+
+def _check_ignored(modules: dict[str, nn.Module], ignored_layers: Iterable[str]) -> frozenset[str]:
+    if isinstance(ignored_layers, str):
+        raise TypeError(f"ignored_layers must be a list of module names, got {ignored_layers!r}")
+    ignored = frozenset(ignored_layers)
+    unknown = sorted(n for n in ignored if n not in modules or n == "")
+    if unknown:
+        raise ValueError(
+            f"ignored_layers: the model has no submodule named {unknown[0]!r}; use the "
+            f"qualified names of model.named_modules(), e.g. {next(iter(list(modules)[1:]), '')!r}"
+        )
+    return ignored
+
+
+def trace_dependencies(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    ignored_layers: Iterable[str] = (),
+) -> Dependencies:
+    """Dependency groups and cost-relevant shapes of ``model``.
+
+    Args:
+        model: the network; not modified (one forward in eval mode under ``no_grad``, its
+            train/eval flags restored).
+        example_inputs: Tensor or tuple of Tensors for ``model(*example_inputs)``, e.g.
+            ``torch.randn(1, 3, 224, 224)``; MACs are counted for this input.
+        ignored_layers: qualified module names. A conv, linear or BatchNorm listed here keeps all
+            its output channels (its whole group is left out); any other module is traced as a
+            single call and the channels entering and leaving it are kept.
+
+    Returns:
+        :class:`Dependencies`.
+
+    Raises:
+        ValueError: the model cannot be traced by torch.fx (naming the submodule to list in
+            ``ignored_layers``), an ignored name does not exist, or the model fails on
+            ``example_inputs`` (wrong shape, dtype or device; the message names the module).
+        TypeError: ``example_inputs`` is not a Tensor or a tuple/list of Tensors.
+    """
+    modules = dict(model.named_modules())
+    ignored = _check_ignored(modules, ignored_layers)
+    graph = trace(model, leaves=ignored, hint=_TRACE_HINT)
+    module = fx.GraphModule(model, graph)
+    counter = FlopCounterMode(display=False)
+    args = as_inputs(example_inputs, "dependency trace")
+    # ShapeProp prints a traceback of its own before raising: keep it off the user's terminal.
+    with frozen(model), counter, contextlib.redirect_stderr(io.StringIO()):
+        try:
+            ShapeProp(module).propagate(*args)
+        except RuntimeError as exc:
+            cause = exc.__cause__ if exc.__cause__ is not None else exc
+            where = re.search(r"target=([^\]]+)\]", str(exc))
+            at = f" at {where.group(1)!r}" if where else ""
+            detail = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            shapes = [f"{tuple(a.shape)} {a.dtype} on {a.device}" for a in args]
+            raise ValueError(
+                f"the model fails on example_inputs {shapes}{at} ({type(cause).__name__}: "
+                f"{detail}); pass example_inputs the model accepts, with its input shape, dtype "
+                f"and device (e.g. torch.randn(1, 3, 224, 224))"
+            ) from exc
+    walker = _Walker(modules, ignored)
+    walker.run(graph)
+    spaces = walker.spaces
+    members: dict[int, list[tuple[int, Dependency]]] = {}
+    for space in range(len(spaces.parent)):
+        members.setdefault(spaces.find(space), []).extend(spaces.deps[space])
+    groups = []
+    for root, deps in sorted(
+        members.items(), key=lambda item: min((o for o, _ in item[1]), default=0)
+    ):
+        deps = [d for _, d in sorted(deps, key=lambda od: od[0])]
+        excluded = any(d.module in ignored for d in deps if d.kind != "input")
+        if spaces.opaque[root] or excluded or not any(d.kind == "output" for d in deps):
+            continue
+        groups.append(Group(spaces.size[root], tuple(deps)))
+    shapes = {
+        name: walker.shapes.get(name) or _shape_of(name, m)
+        for name, m in modules.items()
+        if isinstance(m, SLICEABLE_TYPES)
+    }
+    return Dependencies(tuple(groups), shapes, counter.get_total_flops() // 2, count_params(model))
+
+
+def dependency_groups(
+    model: nn.Module,
+    example_inputs: Tensor | Sequence[Tensor],
+    *,
+    ignored_layers: Iterable[str] = (),
+) -> list[Group]:
+    """The groups of channels of ``model`` that must be pruned together.
+
+    Args:
+        model: the network; not modified.
+        example_inputs: Tensor or tuple of Tensors for ``model(*example_inputs)`` (shapes only
+            matter; a small input such as ``torch.randn(1, 3, 64, 64)`` is enough).
+        ignored_layers: module names to leave unpruned (see :func:`trace_dependencies`).
+
+    Returns:
+        list of :class:`Group`, in graph order. Layers whose output is the model's output (the
+        classifier) and opaque operations are in no group.
+
+    Raises:
+        ValueError, TypeError: as :func:`trace_dependencies` (untraceable model, unknown ignored
+            name, ``example_inputs`` the model fails on or of the wrong type).
+    """
+    return list(trace_dependencies(model, example_inputs, ignored_layers=ignored_layers).groups)

@@ -1,0 +1,204 @@
+"""What every layer type icprune prunes has as channels: the one module that knows.
+
+Three kinds of modules carry channels icprune can cut:
+
+- convolutions (``Conv1d/2d/3d``; every ``torch.nn`` conv, transposed ones included, for the
+  counts recorded in a structure): ``out_channels``, ``in_channels`` and ``groups``. A conv
+  with ``groups = g`` splits both its input and its output channels into g groups: each output
+  channel reads ``in_channels / g`` input channels of its own group, so its weight is
+  ``(out_channels, in_channels / g, *kernel)``. A *depthwise* conv is the grouped conv with
+  ``groups == in_channels == out_channels > 1``: output channel c reads input channel c alone,
+  so the two are pruned together. Any other grouped conv keeps its channels (dependency groups
+  treat it as opaque), since its groups cannot shrink independently;
+- linear layers: ``out_features`` and ``in_features`` (one group);
+- BatchNorms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy ones): ``num_features``,
+  which are both their output and their input channels.
+
+*Prunable layers* - those whose output channels are scored and planned - are the
+``Conv1d/2d/3d`` and ``Linear`` modules (:data:`PRUNABLE_TYPES`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+#: Layers whose output channels icprune scores and prunes.
+PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: Every BatchNorm (1d/2d/3d, SyncBatchNorm, the lazy ones).
+BATCHNORM_TYPES = (nn.modules.batchnorm._BatchNorm,)
+#: Every convolution (its channel attributes are ``out_channels``, ``in_channels``, ``groups``).
+CONV_TYPES = (nn.modules.conv._ConvNd,)
+#: The modules with channels: convolutions, linear layers and BatchNorms.
+CHANNEL_TYPES = (*CONV_TYPES, nn.Linear, *BATCHNORM_TYPES)
+#: The modules a plan can cut, whose tensors icprune slices: prunable layers and BatchNorms
+#: (transposed convs, whose weights are laid out (in, out / groups, *kernel), are not among them).
+SLICEABLE_TYPES = (*PRUNABLE_TYPES, *BATCHNORM_TYPES)
+#: The tensors of a BatchNorm that hold one value per channel.
+BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+
+
+def is_conv(module: nn.Module) -> bool:
+    """True for any convolution module."""
+    return isinstance(module, CONV_TYPES)
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for any BatchNorm module."""
+    return isinstance(module, BATCHNORM_TYPES)
+
+
+def has_channels(module: nn.Module) -> bool:
+    """True for a conv, linear or BatchNorm module (the modules whose channels this module
+    knows)."""
+    return isinstance(module, CHANNEL_TYPES)
+
+
+def _check(module: nn.Module, what: str) -> None:
+    if not has_channels(module):
+        raise TypeError(
+            f"{what}: {type(module).__name__} is not a conv, linear or BatchNorm module, the "
+            f"layers whose channels icprune knows"
+        )
+
+
+def out_channels(module: nn.Module) -> int:
+    """Output channels C of a conv (``out_channels``), linear layer (``out_features``) or
+    BatchNorm (``num_features``).
+
+    Raises:
+        TypeError: any other module.
+    """
+    _check(module, "out_channels")
+    if is_conv(module):
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    return module.num_features
+
+
+def in_channels(module: nn.Module) -> int:
+    """Input channels of a conv (``in_channels``, all groups together), linear layer
+    (``in_features``) or BatchNorm (``num_features``).
+
+    Raises:
+        TypeError: any other module.
+    """
+    _check(module, "in_channels")
+    if is_conv(module):
+        return module.in_channels
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    return module.num_features
+
+
+def groups(module: nn.Module) -> int:
+    """Channel groups of a conv (``groups``); 1 for linear layers and BatchNorms.
+
+    Raises:
+        TypeError: any other module.
+    """
+    _check(module, "groups")
+    return module.groups if is_conv(module) else 1
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    """True for a depthwise conv, ``groups == in_channels == out_channels > 1``: output channel c
+    reads input channel c alone (any other module: False)."""
+    return (
+        is_conv(module)
+        and module.groups > 1
+        and module.groups == module.in_channels == module.out_channels
+    )
+
+
+def sizes(module: nn.Module) -> tuple[int, int] | None:
+    """``(out, in)`` channels of a conv, linear or BatchNorm module (see :func:`out_channels`,
+    :func:`in_channels`), or None for any other module."""
+    if not has_channels(module):
+        return None
+    return out_channels(module), in_channels(module)
+
+
+def structure_entry(module: nn.Module) -> tuple[str, int, int, int] | None:
+    """``(type name, out, in, groups)`` of a conv, linear or BatchNorm module, or None for any
+    other module: what a plan records to recognise the model it was made for."""
+    if not has_channels(module):
+        return None
+    return (type(module).__name__, out_channels(module), in_channels(module), groups(module))
+
+
+def channel_structure(model: nn.Module) -> dict[str, tuple[str, int, int, int]]:
+    """The channel structure of every conv, linear and BatchNorm module of ``model``.
+
+    Returns:
+        dict qualified name -> ``(type name, out, in, groups)`` (:func:`structure_entry`), in
+        ``named_modules()`` order. A plan records it to recognise the model it was made for
+        (:func:`icprune.apply` refuses any other).
+    """
+    structure = {}
+    for name, module in model.named_modules():
+        entry = structure_entry(module)
+        if entry is not None:
+            structure[name] = entry
+    return structure
+
+
+def tensor_shapes(
+    module: nn.Module, out: int, inp: int, group_count: int
+) -> dict[str, tuple[int, ...]]:
+    """The shapes of a module's channel tensors at ``out`` output and ``inp`` input channels in
+    ``group_count`` groups: a BatchNorm's four per-channel tensors ``(out,)``; a linear layer's
+    weight ``(out, inp)`` and bias ``(out,)``; a conv's weight ``(out, inp / groups, *kernel)``
+    (its kernel as the module has it) and bias ``(out,)``.
+
+    Raises:
+        TypeError: a module that is neither a prunable layer nor a BatchNorm
+            (:data:`SLICEABLE_TYPES`).
+        ValueError: a conv whose ``group_count`` does not divide ``out`` and ``inp``.
+    """
+    if not isinstance(module, SLICEABLE_TYPES):
+        raise TypeError(
+            f"tensor_shapes: {type(module).__name__} is neither a Conv1d/2d/3d, a Linear nor a "
+            f"BatchNorm module"
+        )
+    if is_batchnorm(module):
+        return {name: (out,) for name in BATCHNORM_TENSORS}
+    if isinstance(module, nn.Linear):
+        return {"weight": (out, inp), "bias": (out,)}
+    if inp % group_count or out % group_count:
+        raise ValueError(
+            f"{type(module).__name__} with (out={out}, in={inp}, groups={group_count}): groups "
+            f"must divide both channel counts"
+        )
+    return {"weight": (out, inp // group_count, *module.weight.shape[2:]), "bias": (out,)}
+
+
+def set_channels(module: nn.Module, out: int, inp: int, group_count: int | None = None) -> None:
+    """Set the channel attributes of a conv, linear or BatchNorm module (not its tensors).
+
+    Args:
+        module: the module, changed in place.
+        out: its new output channels (a BatchNorm's ``num_features``).
+        inp: its new input channels (ignored for a BatchNorm, whose input is its output).
+        group_count: a conv's new ``groups``; None keeps a depthwise conv depthwise (``groups``
+            becomes ``out``) and any other conv's groups as they are.
+
+    Raises:
+        TypeError: a module without channels.
+        ValueError: a conv whose groups would not divide both channel counts (nothing is
+            changed).
+    """
+    _check(module, "set_channels")
+    if is_conv(module):
+        if group_count is None:
+            group_count = out if is_depthwise(module) else module.groups
+        if out % group_count or inp % group_count:
+            raise ValueError(
+                f"set_channels: {type(module).__name__} with (out={out}, in={inp}, "
+                f"groups={group_count}): groups must divide both channel counts"
+            )
+        module.out_channels, module.in_channels, module.groups = out, inp, group_count
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = out, inp
+    else:
+        module.num_features = out

@@ -1,0 +1,305 @@
+"""Every ChannelStats backend against the torch reference, and the backend choice."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from icprune.stats import backends
+from icprune.stats.backends import HAVE_TRITON, resolve_backend
+from icprune.stats.channel_stats import ChannelStats
+
+HAVE_CUDA = torch.cuda.is_available()
+# Backends that can run here: the C++ path when built, Triton on CUDA or under the interpreter.
+FAST = [
+    pytest.param("cpp", marks=pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")),
+    pytest.param("triton", marks=pytest.mark.skipif(not HAVE_TRITON, reason="no Triton")),
+]
+#: Gram matrix of a fast backend (float32 per batch) vs the float64 reference, relative to its
+#: largest entry; sums likewise. Counts, layouts and extremes are exact.
+GRAM_RTOL = 1e-5
+
+
+def _device(backend: str) -> str:
+    return "cuda" if backend == "triton" and HAVE_CUDA else "cpu"
+
+
+def _pair(backend, x, **kw):
+    dev = _device(backend)
+    fast = ChannelStats(x.shape[1], name="layer.x", device=dev, backend=backend, **kw)
+    ref = ChannelStats(x.shape[1], name="layer.x", device=dev, backend="torch", **kw)
+    return fast, ref
+
+
+def _assert_close(fast: ChannelStats, ref: ChannelStats) -> None:
+    assert fast.count == ref.count and fast.nonfinite == ref.nonfinite
+    for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum"):
+        assert torch.equal(getattr(fast, key), getattr(ref, key)), key
+    for key in ("gram", "sums"):
+        want = getattr(ref, key)
+        tol = GRAM_RTOL * float(want.abs().max().clamp(min=1e-30))
+        torch.testing.assert_close(getattr(fast, key), want, rtol=GRAM_RTOL, atol=tol, msg=key)
+
+
+def _maps(seed, shape, dtype=torch.float32, channels_last=False):
+    gen = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen) * torch.logspace(-2, 2, c).view(
+        1, c, *[1] * (len(shape) - 2)
+    )
+    x = x.to(dtype)
+    return x.to(memory_format=torch.channels_last) if channels_last else x
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("range_mode", ["layer", "channel"])
+def test_backend_matches_the_reference_over_several_batches(
+    backend, dtype, channels_last, range_mode
+):
+    fast, ref = _pair(backend, _maps(0, (1, 6, 1, 1)), range_mode=range_mode)
+    for seed, scale in [(1, 1.0), (2, 30.0), (3, 0.01)]:  # the range grows, then holds
+        x = (_maps(seed, (3, 6, 5, 4), dtype, channels_last) * scale).to(_device(backend))
+        fast.update(x)
+        ref.update(x)
+    _assert_close(fast, ref)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", [(4, 1, 3, 3), (2, 7), (3, 130, 1, 1), (1, 3, 40, 50)])
+def test_odd_shapes(backend, shape):
+    fast, ref = _pair(backend, torch.zeros(shape))
+    x = _maps(4, shape).to(_device(backend))
+    fast.update(x)
+    ref.update(x)
+    _assert_close(fast, ref)
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+def test_cpp_reads_float64_and_strided_views():
+    x = _maps(5, (4, 6, 8, 8), torch.float64)
+    for view in (x, x[:, :, ::2, 1:], x.transpose(2, 3)):
+        fast, ref = _pair("cpp", view)
+        fast.update(view)
+        ref.update(view)
+        _assert_close(fast, ref)
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 9),
+    c=st.integers(1, 40),
+    spatial=st.sampled_from([(), (1, 1), (3, 5), (9, 9)]),
+    bins=st.sampled_from([2, 5, 64]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_random_shapes_match_the_reference(n, c, spatial, bins, channels_last, seed):
+    x = _maps(seed, (n, c, *spatial), channels_last=channels_last and len(spatial) == 2)
+    fast, ref = _pair("cpp", x, bins=bins)
+    fast.update(x)
+    ref.update(x)
+    _assert_close(fast, ref)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_nan_policies(backend):
+    x = _maps(6, (2, 4, 3, 3)).to(_device(backend))
+    x[1, 2, 0, 0] = float("nan")
+    x[0, 3, 1, 1] = float("-inf")
+    fast, ref = _pair(backend, x, nan_policy="zero")
+    fast.update(x)
+    ref.update(x)
+    _assert_close(fast, ref)
+    assert fast.nonfinite == 2
+    strict = ChannelStats(4, name="layer3.conv", device=x.device, backend=backend)
+    with pytest.raises(ValueError, match=r"layer 'layer3\.conv'.*non-finite.*nan_policy"):
+        strict.update(x)  # raises here on the CPU; on CUDA at the next read (no host sync)
+        strict.entropy()
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+def test_cpp_gram_survives_data_far_from_one():
+    for scale in (1e30, 1e-30):
+        x = _maps(7, (2, 3, 4, 4)) * scale
+        fast, ref = _pair("cpp", x)
+        fast.update(x)
+        ref.update(x)
+        _assert_close(fast, ref)
+        assert torch.isfinite(fast.gram).all()
+
+
+def test_auto_picks_the_fast_backend_for_the_device():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == ("cpp" if backends.HAVE_EXT else "torch")
+    assert resolve_backend("auto", torch.device("meta")) == "torch"
+    if HAVE_CUDA:
+        cuda = torch.device("cuda")
+        assert resolve_backend("auto", cuda) == ("triton" if HAVE_TRITON else "torch")
+        assert resolve_backend("auto", cuda, dtype=torch.float64) == "torch"
+
+
+def test_forced_backends_that_cannot_run_say_why(monkeypatch):
+    with pytest.raises(ValueError, match="layer 'my.conv': backend must be one of"):
+        ChannelStats(3, name="my.conv", backend="cuda")
+    with pytest.raises(ValueError, match="backend='cpp' reads CPU memory.*on meta"):
+        ChannelStats(3, name="my.conv", device="meta", backend="cpp")
+    monkeypatch.setattr(backends, "HAVE_EXT", False)
+    with pytest.raises(ValueError, match="backend='cpp' but the C\\+\\+ extension"):
+        ChannelStats(3, name="my.conv", backend="cpp")
+    monkeypatch.setattr(backends, "HAVE_TRITON", False)
+    with pytest.raises(ValueError, match="backend='triton' but Triton is not installed"):
+        ChannelStats(3, name="my.conv", backend="triton")
+    monkeypatch.setattr(backends, "HAVE_TRITON", True)
+    if not HAVE_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="runs on CUDA tensors.*TRITON_INTERPRET=1"):
+            ChannelStats(3, name="my.conv", backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    s = ChannelStats(3, name="my.conv", backend="torch")
+    s.backend = "triton"
+    with pytest.raises(ValueError, match="reads float16/bfloat16/float32.*got float64"):
+        s.update(torch.ones(2, 3, dtype=torch.float64))
+
+
+@pytest.mark.gpu
+def test_cuda_updates_never_synchronise_with_the_host():
+    pytest.importorskip("triton")
+    x = _maps(8, (4, 16, 8, 8)).cuda()
+    s = ChannelStats(16, name="layer.gpu", device="cuda")
+    s.update(x)  # compile outside the checked region
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            s.update(x)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert s.count == 4 * 4 * 64
+
+
+def _tiny_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1)
+    ).eval()
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_calibrate_with_a_fast_backend_equals_the_reference(backend):
+    from icprune.calibrate import calibrate
+
+    net = _tiny_net().to(_device(backend))
+    data = [torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    data = [x.to(_device(backend)) for x in data]
+    fast = calibrate(net, data, backend=backend, progress=False)
+    ref = calibrate(net, data, backend="torch", progress=False)
+    assert list(fast) == list(ref) == ["0"]
+    assert fast["0"].backend == backend
+    _assert_close(fast["0"], ref["0"])
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="no Triton")
+def test_calibrate_reports_device_side_non_finite_values_at_the_end():
+    from icprune.calibrate import calibrate
+
+    net = _tiny_net().to(_device("triton"))
+    bad = torch.full((1, 3, 6, 6), float("nan"), device=_device("triton"))
+    with pytest.raises(ValueError, match=r"layer '0'.*non-finite.*found on the device"):
+        calibrate(net, [bad], backend="triton", progress=False)
+
+
+def _skew_square_products(monkeypatch) -> None:
+    """Square ``@`` and ``addmm_`` products made slightly asymmetric, as MKL's ``A @ A.T`` is on
+    AVX-512 CPUs: the tests below then fail on any CPU if a backend trusts the BLAS."""
+    matmul, addmm_ = torch.Tensor.__matmul__, torch.Tensor.addmm_
+
+    def skew(out):
+        return out + torch.triu(out, 1) * 2.0**-20 if out.shape[0] == out.shape[-1] else out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: skew(matmul(a, b)))
+    monkeypatch.setattr(
+        torch.Tensor, "addmm_", lambda t, a, b, **kw: t.copy_(skew(addmm_(t, a, b, **kw)))
+    )
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["channels_last", "long_planes", "short_planes", "float64"],
+)
+def test_cpp_gram_is_exactly_symmetric_whatever_the_blas(monkeypatch, layout):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, 16, 16, generator=gen)  # 256 values per plane >= 32 * 4: long planes
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "short_planes":
+        x = x[:, :, :2, :2].contiguous()
+    elif layout == "float64":
+        x = x.double()
+    _skew_square_products(monkeypatch)
+    gram = backends.gram_f32(x.reshape(3, 4, -1), float(x.abs().max()))
+    assert torch.equal(gram, gram.T)
+    if backends.HAVE_EXT:
+        s = ChannelStats(4, name="layer.x", backend="cpp")
+        s.update(x)
+        assert torch.equal(s.gram, s.gram.T) and torch.equal(s.distance(), s.distance().T)
+        assert torch.equal(s.correlation(), s.correlation().T)
+
+
+# --------------------------------------------------------------- names across the C++ boundary
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+def test_the_compiled_binning_constants_are_the_python_ones():
+    from icprune.stats import binning
+
+    assert backends.ext.BINNING_CONSTANTS == {
+        "K_MIN": binning.K_MIN,
+        "INDEX_BITS": binning.INDEX_BITS,
+        "MAX_SHIFT": binning.MAX_SHIFT,
+    }
+    backends.check_compiled_constants(backends.ext.BINNING_CONSTANTS)  # no error
+
+
+@pytest.mark.parametrize(
+    "compiled",
+    [
+        None,  # a stale build without the constants
+        {"K_MIN": -121, "INDEX_BITS": 40, "MAX_SHIFT": 62},
+        {"K_MIN": -120, "INDEX_BITS": 40},
+    ],
+)
+def test_drifted_compiled_constants_are_refused(compiled):
+    with pytest.raises(ImportError, match="binning constants"):
+        backends.check_compiled_constants(compiled)
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+def test_the_cpp_launcher_returns_its_results_by_name():
+    x = _maps(3, (2, 5, 7, 3))
+    out = backends.ext.channel_stats(x.reshape(2, 5, -1).numpy(), 2, 16)
+    fields = set(backends.BatchStats._fields)
+    assert isinstance(out, dict) and set(out) == fields - {"gram"}
+    batch = backends.cpp_batch(x, 16)
+    ref = backends.torch_batch(x, 16)
+    for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "nonfinite"):
+        got, want = getattr(batch, key), getattr(ref, key)
+        assert torch.equal(got, want) if key != "nonfinite" else got == want, key
+
+
+def test_the_torch_backend_is_the_one_reference():
+    """ChannelStats(backend="torch") adds exactly torch_batch's statistics, and the kernels'
+    reference is torch_batch too."""
+    x = _maps(5, (3, 4, 6, 6))
+    x[0, 1, 2, 2] = float("nan")
+    stats = ChannelStats(4, bins=32, range_mode="channel", nan_policy="zero", backend="torch")
+    stats.update(x)
+    ref = backends.torch_batch(x, 32)
+    assert stats.nonfinite == ref.nonfinite == 1
+    for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "sums", "gram"):
+        assert torch.equal(getattr(stats, key), getattr(ref, key)), key
+    assert backends.BATCH_FUNCTIONS["torch"] is backends.torch_batch

@@ -1,0 +1,196 @@
+"""dependency: channel groups from an fx trace, cross-checked against Torch-Pruning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from icprune.models import mobilenet_v2, resnet18, resnet20, resnet50, resnet56, vgg16_bn
+from icprune.structure.dependency import dependency_groups, trace_dependencies
+
+AXIS = {"output": "out", "depthwise": "out", "batchnorm": "out", "input": "in"}
+
+ZOO = [
+    (resnet18, (1, 3, 64, 64), "fc"),
+    (resnet50, (1, 3, 64, 64), "fc"),
+    (resnet56, (1, 3, 32, 32), "fc"),
+    (vgg16_bn, (1, 3, 64, 64), "classifier.6"),
+    (mobilenet_v2, (1, 3, 64, 64), "classifier.1"),
+]
+
+
+def _ours(groups) -> set[frozenset]:
+    return {frozenset((d.module, AXIS[d.kind]) for d in g.dependencies) for g in groups}
+
+
+def _torch_pruning(model: nn.Module, shape: tuple[int, ...], classifier: str) -> set[frozenset]:
+    """Torch-Pruning's groups as sets of (module, "out"/"in").
+
+    Mapping: TP lists a depthwise conv once, with prune_out_channels (its input follows through
+    groups), which is our kind "depthwise"; its pseudo-modules (elementwise, reshape, concat
+    nodes) carry no parameters and are dropped; only conv, linear and BatchNorm entries count.
+    """
+    tp = pytest.importorskip("torch_pruning")
+    names = {m: n for n, m in model.named_modules()}
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(*shape))
+    modules = dict(model.named_modules())
+    groups = set()
+    for group in graph.get_all_groups(
+        ignored_layers=[modules[classifier]], root_module_types=[nn.Conv2d, nn.Linear]
+    ):
+        items = set()
+        for dep, _ in group:
+            module = dep.target.module
+            if isinstance(module, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
+                axis = "out" if dep.handler.__name__ == "prune_out_channels" else "in"
+                items.add((names[module], axis))
+        groups.add(frozenset(items))
+    return groups
+
+
+@pytest.mark.parametrize(
+    ("factory", "shape", "classifier"), ZOO, ids=lambda v: getattr(v, "__name__", None)
+)
+def test_groups_match_torch_pruning(factory, shape, classifier):
+    torch.manual_seed(0)
+    model = factory().eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = dependency_groups(model, torch.randn(*shape))
+    assert _ours(groups) == _torch_pruning(model, shape, classifier)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(
+        d.module == classifier and d.kind == "output" for g in groups for d in g.dependencies
+    )
+
+
+def test_resnet50_residual_stage_is_one_group():
+    torch.manual_seed(0)
+    model = resnet50()
+    groups = dependency_groups(model, torch.randn(1, 3, 64, 64))
+    stage2 = next(g for g in groups if "layer2.0.conv3" in g.layers)
+    assert stage2.channels == 512
+    assert set(stage2.layers) == {"layer2.0.downsample.0"} | {f"layer2.{i}.conv3" for i in range(4)}
+    consumers = {d.module for d in stage2.dependencies if d.kind == "input"}
+    assert consumers == {f"layer2.{i}.conv1" for i in (1, 2, 3)} | {
+        "layer3.0.conv1",
+        "layer3.0.downsample.0",
+    }
+
+
+class CatFlatten(nn.Module):
+    """Two branches concatenated along channels, a depthwise conv over the cat, flatten -> fc."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 1)
+        self.bn = nn.BatchNorm2d(10)
+        self.dw = nn.Conv2d(10, 10, 3, padding=1, groups=10)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(40, 7)
+        self.head = nn.Linear(7, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1)))
+        y = self.pool(self.dw(y))
+        return self.head(torch.relu(self.fc(y.flatten(1))))
+
+
+def test_cat_offsets_and_flatten_repeat():
+    groups = dependency_groups(CatFlatten(), torch.randn(1, 3, 8, 8))
+    by_layer = {g.layers[0]: g for g in groups}
+    a, b = by_layer["a"], by_layer["b"]
+    assert {(d.module, d.kind, d.offset, d.repeat) for d in a.dependencies} == {
+        ("a", "output", 0, 1), ("bn", "batchnorm", 0, 1), ("dw", "depthwise", 0, 1),
+        ("fc", "input", 0, 4),
+    }  # fmt: skip
+    assert {(d.module, d.kind, d.offset, d.repeat) for d in b.dependencies} == {
+        ("b", "output", 0, 1), ("bn", "batchnorm", 4, 1), ("dw", "depthwise", 4, 1),
+        ("fc", "input", 16, 4),
+    }  # fmt: skip
+    assert by_layer["fc"].channels == 7 and "head" not in by_layer
+
+
+class Shared(nn.Module):
+    """A conv applied twice, a grouped conv, and a per-channel PReLU: all opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.twice = nn.Conv2d(8, 8, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.prelu = nn.PReLU(8)
+        self.last = nn.Conv2d(8, 8, 1)
+        self.tail = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.twice(self.twice(self.stem(x)))
+        return self.tail(self.last(self.prelu(self.grouped(x))))
+
+
+def test_shared_grouped_and_prelu_are_opaque():
+    groups = dependency_groups(Shared(), torch.randn(1, 3, 8, 8))
+    assert [g.layers for g in groups] == [("last",)]  # only last -> tail is a plain pair
+
+
+class Untraceable(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return x * 2
+        return x
+
+
+class WithUntraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 1)
+        self.odd = Untraceable()
+        self.c2 = nn.Conv2d(8, 8, 1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.c4 = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.c4(self.c3(self.c2(self.odd(self.c1(x)))))
+
+
+def test_untraceable_submodule_error_names_it_and_ignoring_it_works():
+    model, x = WithUntraceable(), torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"inside submodule 'odd'.*ignored_layers"):
+        dependency_groups(model, x)
+    groups = dependency_groups(model, x, ignored_layers=["odd"])
+    assert [g.layers for g in groups] == [("c2",), ("c3",)]  # c1 feeds the opaque module
+
+
+def test_ignored_layers_drop_their_whole_group():
+    torch.manual_seed(0)
+    model = resnet56()
+    x = torch.randn(1, 3, 32, 32)
+    full = trace_dependencies(model, x).groups
+    fewer = trace_dependencies(model, x, ignored_layers=["layer1.3.bn2", "layer2.0.conv1"]).groups
+    assert len(fewer) == len(full) - 2
+    assert not any("layer1.3.conv2" in g.layers or "layer2.0.conv1" in g.layers for g in fewer)
+    with pytest.raises(ValueError, match="no submodule named 'nope'"):
+        trace_dependencies(model, x, ignored_layers=["nope"])
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        (
+            torch.randn(1, 1, 32, 32),
+            r"\(1, 1, 32, 32\) torch.float32 on cpu'\] at 'conv1' "
+            r"\(RuntimeError: Given groups=1",
+        ),
+        (torch.randn(1, 3, 32, 32).long(), r"\(1, 3, 32, 32\) torch.int64 on cpu'\] at 'conv1'"),
+        (
+            torch.randn(1, 3, 32, 32, device="meta"),
+            r"\(1, 3, 32, 32\) torch.float32 on meta'\] at 'bn1'",
+        ),
+    ],
+    ids=["channels", "dtype", "device"],
+)
+def test_example_inputs_the_model_rejects_are_named_without_a_traceback(example, message, capsys):
+    with pytest.raises(ValueError, match=rf"the model fails on example_inputs \['{message}"):
+        dependency_groups(resnet20(), example)
+    assert "Traceback" not in capsys.readouterr().err
