@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -213,18 +214,20 @@ def test_calibrate_reports_device_side_non_finite_values_at_the_end():
         calibrate(net, [bad], backend="triton", progress=False)
 
 
-def _skew_square_products(monkeypatch) -> None:
-    """Square ``@`` and ``addmm_`` products made slightly asymmetric, as MKL's ``A @ A.T`` is on
-    AVX-512 CPUs: the tests below then fail on any CPU if a backend trusts the BLAS."""
-    matmul, addmm_ = torch.Tensor.__matmul__, torch.Tensor.addmm_
+def _poison_syrk_lower_triangle(monkeypatch) -> None:
+    """scipy's ssyrk/dsyrk made to leave garbage below the diagonal (a BLAS may leave anything
+    there): the tests below then fail if a backend ever reads that triangle."""
+    from scipy.linalg import blas
 
-    def skew(out):
-        return out + torch.triu(out, 1) * 2.0**-20 if out.shape[0] == out.shape[-1] else out
+    for name in ("ssyrk", "dsyrk"):
+        real = getattr(blas, name)
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: skew(matmul(a, b)))
-    monkeypatch.setattr(
-        torch.Tensor, "addmm_", lambda t, a, b, **kw: t.copy_(skew(addmm_(t, a, b, **kw)))
-    )
+        def poisoned(*args, real=real, **kwargs):
+            out = real(*args, **kwargs)
+            out[np.tril_indices(out.shape[0], -1)] = 12345.0
+            return out
+
+        monkeypatch.setattr(blas, name, poisoned)
 
 
 @pytest.mark.parametrize(
@@ -240,14 +243,19 @@ def test_cpp_gram_is_exactly_symmetric_whatever_the_blas(monkeypatch, layout):
         x = x[:, :, :2, :2].contiguous()
     elif layout == "float64":
         x = x.double()
-    _skew_square_products(monkeypatch)
-    gram = backends.gram_f32(x.reshape(3, 4, -1), float(x.abs().max()))
+    _poison_syrk_lower_triangle(monkeypatch)
+    x3 = x.reshape(3, 4, -1)
+    gram = backends.gram_matrix(x3, float(x.abs().max()))
     assert torch.equal(gram, gram.T)
+    samples = x3.transpose(0, 1).reshape(4, -1).double()
+    torch.testing.assert_close(gram, samples @ samples.T, rtol=1e-5, atol=1e-5 * float(gram.max()))
     if backends.HAVE_EXT:
         s = ChannelStats(4, name="layer.x", backend="cpp")
         s.update(x)
+        s.update(x)  # the second add reads the packed total, never a lower triangle
         assert torch.equal(s.gram, s.gram.T) and torch.equal(s.distance(), s.distance().T)
         assert torch.equal(s.correlation(), s.correlation().T)
+        torch.testing.assert_close(s.gram, 2 * gram, rtol=1e-6, atol=0)
 
 
 # --------------------------------------------------------------- names across the C++ boundary

@@ -1,5 +1,6 @@
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,12 +10,13 @@ from hypothesis import strategies as st
 
 from icprune.extension import HAVE_EXT
 from icprune.scoring import layer_scores
-from icprune.stats import compensated
+from icprune.stats import compensated, packed
 from icprune.stats.binning import bin_layout
 from icprune.stats.channel_stats import ChannelStats
 
 # Gram matrices of the same data summed in another order agree to fp64 round-off.
 GRAM_RTOL = 1e-12
+DATA = Path(__file__).parent.parent / "data"
 
 
 def _features(seed: int, n=12, c=5, h=4, w=3, dtype=torch.float32) -> torch.Tensor:
@@ -416,17 +418,29 @@ def test_gram_correlation_and_distance_are_exactly_symmetric_whatever_the_blas(m
     _assert_symmetric(s)
 
 
-def test_merge_keeps_gram_symmetric_even_from_an_asymmetric_instance():
+def test_the_gram_matrix_is_kept_as_one_packed_triangle():
     a, b = _stats(_features(42)), _stats(_features(43))
-    b.gram = b.gram + torch.triu(b.gram, 1) * 2.0**-30  # e.g. set by hand
+    assert a.gram_packed.shape == a.gram_packed_lo.shape == (5 * 6 // 2,)
+    j, i = torch.tril_indices(5, 5)
+    assert torch.equal(a.gram[j, i], a.gram_packed) and torch.equal(a.gram[i, j], a.gram_packed)
     a.merge(b)
     _assert_symmetric(a)
 
 
+def _as_version_2(state: dict) -> dict:
+    """A version-2 state (full C x C Gram matrices, no 'parts') with the statistics of a
+    version-3 ``state`` of both parts."""
+    old = {k: v for k, v in state.items() if k != "parts"}
+    c = state["num_channels"]
+    old["gram"], old["gram_lo"] = (packed.unpack(state[k], c) for k in ("gram", "gram_lo"))
+    return {**old, "version": 2}
+
+
 def test_load_state_dict_mirrors_a_slightly_asymmetric_gram_and_refuses_a_tampered_one():
     state = _stats(_features(44)).state_dict()
-    gram = state["gram"]
-    old = {**state, "gram": gram + torch.triu(gram, 1) * 2.0**-30}  # an older file's round-off
+    v2 = _as_version_2(state)
+    gram = v2["gram"]
+    old = {**v2, "gram": gram + torch.triu(gram, 1) * 2.0**-30}  # an older file's round-off
     s = ChannelStats(5, bins=16, name="layer.test")
     s.load_state_dict(old)
     _assert_symmetric(s)
@@ -434,7 +448,32 @@ def test_load_state_dict_mirrors_a_slightly_asymmetric_gram_and_refuses_a_tamper
     tampered = gram.clone()
     tampered[0, 1] += 0.1 * gram.abs().max()
     with pytest.raises(ValueError, match="'gram' is not symmetric"):
-        s.load_state_dict({**state, "gram": tampered})
+        s.load_state_dict({**v2, "gram": tampered})
+
+
+def test_version_2_files_written_by_the_old_code_load_to_the_same_statistics():
+    """tests/data/stats_state_v2.pt was written by icprune with state version 2 (full Gram
+    matrices, before the packed triangle) from: for range_mode in ("layer", "channel"):
+    ChannelStats(5, bins=16, range_mode=mode, name=f"layer.{mode}", read_at="bn",
+    backend="torch") updated with 3 batches torch.randn(2, 5, 3, 3, float64) * (i + 1) of one
+    Generator seeded 2026. The same batches give the same statistics today, bit for bit (the
+    float64 torch path is unchanged), and the old file loads to them."""
+    saved = torch.load(DATA / "stats_state_v2.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(2026)
+    for mode in ("layer", "channel"):
+        assert saved[mode]["version"] == 2 and saved[mode]["gram"].shape == (5, 5)
+        fresh = ChannelStats(
+            5, bins=16, range_mode=mode, name=f"layer.{mode}", read_at="bn", backend="torch"
+        )
+        for i in range(3):
+            fresh.update(torch.randn(2, 5, 3, 3, generator=gen, dtype=torch.float64) * (i + 1))
+        loaded = ChannelStats.from_state_dict(saved[mode], backend="torch")
+        _assert_identical(loaded, fresh)
+        assert torch.equal(loaded.gram, saved[mode]["gram"])
+        assert torch.equal(loaded.gram_lo, saved[mode]["gram_lo"])
+        for key, value in fresh.state_dict().items():  # re-saved as version 3, bit-identical
+            other = loaded.state_dict()[key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
 
 
 # ------------------------------------------------------------------- validated, atomic loads
