@@ -179,6 +179,33 @@ def gram_scale(dtype: torch.dtype, maxabs: float) -> int:
     return math.frexp(maxabs)[1]
 
 
+class _OneBlasThread:
+    """Context that runs the BLAS libraries numpy/scipy use (OpenBLAS in their wheels) on the
+    calling thread only, restoring their thread counts after. Our syrk calls run inside it: a
+    product then has the same bits for any thread setting (no split of the work, whatever the
+    BLAS does with threads), and BLAS worker threads never spin against torch's OpenMP threads
+    between the forward's layers (measured on a loaded 2-core machine: 2 BLAS threads made
+    ResNet-50's syrk calls 1.5-5x slower than 1). The controllers are found once."""
+
+    _libs: list | None = None
+
+    def __enter__(self) -> None:
+        if _OneBlasThread._libs is None:
+            from scipy.linalg import blas  # noqa: F401 - load its BLAS before the scan
+            from threadpoolctl import ThreadpoolController
+
+            _OneBlasThread._libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        self._saved = [(lib, lib.num_threads) for lib in _OneBlasThread._libs]
+        for lib, threads in self._saved:
+            if threads != 1:
+                lib.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        for lib, threads in self._saved:
+            if threads != 1:
+                lib.set_num_threads(threads)
+
+
 def gram_syrk(x3: torch.Tensor, maxabs: float) -> tuple[np.ndarray, int]:
     """Upper triangle of ``A @ A.T`` for the C x (N*S) samples of a CPU Tensor[N, C, S], by BLAS
     syrk (``scipy.linalg.blas``: half the FLOPs of a GEMM) on the memory as it is where the
@@ -189,6 +216,8 @@ def gram_syrk(x3: torch.Tensor, maxabs: float) -> tuple[np.ndarray, int]:
     N*S x C rows), so are NCHW planes of at least ``_PLANE_SYRK_MIN * C`` values (one syrk per
     image, accumulated in image order); shorter NCHW planes are copied once to C x (N*S). Data
     outside ``[2**-40, 2**40]`` is scaled by ``2**-e`` first (:func:`gram_scale`, a scaled copy).
+    The BLAS runs on the calling thread (:class:`_OneBlasThread`), so the product's bits do not
+    depend on thread settings; they may differ between BLAS builds and CPUs (docs/method.md).
 
     Args:
         x3: Tensor[N, C, S] on the CPU, finite.
@@ -207,18 +236,25 @@ def gram_syrk(x3: torch.Tensor, maxabs: float) -> tuple[np.ndarray, int]:
     if e:
         x3 = torch.ldexp(x3, torch.tensor(-e, dtype=dtype))
     syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
+    with _OneBlasThread():
+        return _syrk(syrk, x3), 2 * e
+
+
+def _syrk(syrk, x3: torch.Tensor) -> np.ndarray:
+    """The product of :func:`gram_syrk` (``syrk``: scipy's ssyrk or dsyrk for ``x3``'s dtype)."""
     n, c, s = x3.shape
-    out = np.zeros((c, c), dtype=np.float64 if dtype == torch.float64 else np.float32, order="F")
+    dtype = np.float64 if x3.dtype == torch.float64 else np.float32
+    out = np.zeros((c, c), dtype=dtype, order="F")
     if x3.stride(1) == 1 and x3.stride(0) == s * c:  # channels last: samples are rows (N*S, C)
         rows = x3.numpy().transpose(0, 2, 1).reshape(n * s, c)  # a view
-        return syrk(1.0, rows.T, beta=0.0, c=out, trans=0, lower=0, overwrite_c=1), 2 * e
+        return syrk(1.0, rows.T, beta=0.0, c=out, trans=0, lower=0, overwrite_c=1)
     if s >= _PLANE_SYRK_MIN * c and x3.stride(2) == 1:  # long planes: one syrk per image
         for plane in x3.numpy():  # (C, S), rows contiguous
             out = syrk(1.0, plane.T, beta=1.0, c=out, trans=1, lower=0, overwrite_c=1)
-        return out, 2 * e
+        return out
     # Short planes (late layers) or odd strides: one (C, N*S) copy, one syrk.
     rows = x3.transpose(0, 1).reshape(c, n * s).contiguous().numpy()
-    return syrk(1.0, rows.T, beta=0.0, c=out, trans=1, lower=0, overwrite_c=1), 2 * e
+    return syrk(1.0, rows.T, beta=0.0, c=out, trans=1, lower=0, overwrite_c=1)
 
 
 def gram_matrix(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
