@@ -1,6 +1,6 @@
 // Python bindings of the running-statistics routines (merge.h, gram.h): icprune._C.update_stats,
-// merge_stats, gram_add_packed, gram_unpack, gram_distance. Every array is checked (dtype,
-// C-contiguity, size) and used in place; nothing is converted or copied.
+// merge_stats, gram_add_packed, gram_unpack, gram_squared_distance. Every array is checked
+// (dtype, C-contiguity, size) and used in place; nothing is converted or copied.
 #include "bind_stats.h"
 
 #include <pybind11/numpy.h>
@@ -162,19 +162,19 @@ void bind_stats(py::module_& m) {
       py::arg("packed"), py::arg("out"),
       "out (C, C) float64 = the symmetric matrix of the packed lower triangle (csrc/gram.h).");
   m.def(
-      "gram_distance",
+      "gram_squared_distance",
       [](py::array packed, py::array out) {
         if (out.ndim() != 2 || out.shape(0) != out.shape(1))
-          throw std::invalid_argument("gram_distance: out must be a square 2-D array");
+          throw std::invalid_argument("gram_squared_distance: out must be a square 2-D array");
         const int64_t c = out.shape(0);
-        const double* p = readable<double>(packed, packed_size(c), "gram_distance packed");
-        double* o = writable<double>(out, c * c, "gram_distance out");
+        const double* p = readable<double>(packed, packed_size(c), "gram_squared_distance packed");
+        double* o = writable<double>(out, c * c, "gram_squared_distance out");
         py::gil_scoped_release release;
-        gram_distance(p, c, o);
+        gram_squared_distance(p, c, o);
       },
       py::arg("packed"), py::arg("out"),
-      "out (C, C) float64 = the Euclidean distances between channels from the packed Gram "
-      "(ChannelStats.distance, csrc/gram.h).");
+      "out (C, C) float64 = the squared Euclidean distances between channels from the packed "
+      "Gram, clamped at 0, zero diagonal (ChannelStats.distance before its sqrt, csrc/gram.h).");
 }
 
 }  // namespace icprune

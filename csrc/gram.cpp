@@ -50,14 +50,14 @@ void gram_unpack(const double* packed, int64_t c, double* out) {
   }
 }
 
-void gram_distance(const double* packed, int64_t c, double* out) {
+void gram_squared_distance(const double* packed, int64_t c, double* out) {
 #pragma omp parallel for schedule(dynamic, 16) if (c >= kParallelRows)
   for (int64_t j = 0; j < c; ++j) {
     const double* row = packed + packed_size(j);
     const double dj = row[j];
     for (int64_t i = 0; i < j; ++i) {
       const double di = packed[packed_size(i) + i];
-      const double v = std::sqrt(std::max((dj + di) - 2.0 * row[i], 0.0));
+      const double v = std::max((dj + di) - 2.0 * row[i], 0.0);
       out[j * c + i] = v;
       out[i * c + j] = v;
     }

@@ -27,9 +27,10 @@ void gram_add_packed_f64(const double* g, int64_t c, int64_t row_stride, int64_t
 // out[j][i] = out[i][j] = packed entry (j, i): the full symmetric C x C row-major matrix.
 void gram_unpack(const double* packed, int64_t c, double* out);
 
-// out[j][i] = sqrt(max(G_jj + G_ii - 2 G_ji, 0)), 0 on the diagonal: the distance matrix of
+// out[j][i] = max((G_jj + G_ii) - 2 G_ji, 0), 0 on the diagonal: the squared distance matrix of
 // ChannelStats.distance() from the packed Gram (the same IEEE operations in the same order as
-// its torch code, so the same bits), row-major C x C.
-void gram_distance(const double* packed, int64_t c, double* out);
+// its torch code, so the same bits), row-major C x C. The square root is left to torch: its
+// vectorised sqrt is not always correctly rounded, and scores must keep their bits.
+void gram_squared_distance(const double* packed, int64_t c, double* out);
 
 }  // namespace icprune

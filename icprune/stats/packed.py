@@ -102,9 +102,9 @@ def distance(packed: torch.Tensor, c: int) -> torch.Tensor:
     ``packed``: Tensor[C, C] float64 ``sqrt(max(G_jj + G_ii - 2 G_ji, 0))``, exactly symmetric
     with a zero diagonal."""
     if _fused(packed):
-        out = torch.empty(c, c, dtype=torch.float64)
-        ext.gram_distance(packed.numpy(), out.numpy())
-        return out
+        sq = torch.empty(c, c, dtype=torch.float64)
+        ext.gram_squared_distance(packed.numpy(), sq.numpy())
+        return sq.sqrt_()  # torch's sqrt, as the torch code below
     gram = unpack(packed, c)
     diag = gram.diagonal()
     sq = (diag[:, None] + diag[None, :] - 2 * gram).clamp(min=0)

@@ -311,3 +311,89 @@ def test_the_torch_backend_is_the_one_reference():
     for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "sums", "gram"):
         assert torch.equal(getattr(stats, key), getattr(ref, key)), key
     assert backends.BATCH_FUNCTIONS["torch"] is backends.torch_batch
+
+
+# ------------------------------------------------ the fused CPU update: same bits, any threads
+
+
+def _batches(layout: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(3, 24, 9, 9), (5, 24, 9, 9), (2, 24, 9, 9)]
+    out = [(torch.randn(s, generator=gen) * 3 + 1).relu_() - 0.5 for s in shapes]
+    if layout == "channels_last":
+        out = [x.contiguous(memory_format=torch.channels_last) for x in out]
+    return [x.to(dtype) for x in out]
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("range_mode", ["layer", "channel"])
+def test_fused_cpp_update_equals_the_batch_path_bit_for_bit(monkeypatch, layout, range_mode):
+    """ChannelStats' one-call C++ update (batch pass + merge) gives the bits of computing the
+    BatchStats first and adding them with the torch code of _add."""
+    batches = _batches(layout, torch.float32)
+    fused = ChannelStats(24, range_mode=range_mode, name="l", backend="cpp")
+    for x in batches:
+        fused.update(x)
+    from icprune.stats import channel_stats as module
+
+    monkeypatch.setattr(module, "HAVE_EXT", False)  # -> BatchStats + torch merge
+    slow = ChannelStats(24, range_mode=range_mode, name="l", backend="cpp")
+    for x in batches:
+        slow.update(x)
+    for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "sums", "sums_lo"):
+        assert torch.equal(getattr(fused, key), getattr(slow, key)), key
+    assert fused.count == slow.count
+    # The Gram terms come from the same syrk: the packed totals are the same bits too.
+    assert torch.equal(fused.gram_packed, slow.gram_packed)
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_statistics_do_not_depend_on_the_thread_count(layout):
+    """torch/OpenMP threads 1 vs 2 and BLAS threads 1 vs 2: the same state, bit for bit (the C++
+    pass splits work into fixed chunks reduced in order; syrk runs on one BLAS thread)."""
+    from threadpoolctl import threadpool_limits
+
+    batches = [x.repeat(4, 1, 1, 1) for x in _batches(layout, torch.float32)]  # parallel sizes
+    states = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with threadpool_limits(threads):
+                s = ChannelStats(24, name="l", backend="cpp")
+                for x in batches:
+                    s.update(x)
+                states.append(s.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    for key, value in states[0].items():
+        other = states[1][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    c=st.integers(1, 70),
+    spatial=st.sampled_from([(), (1,), (3, 5), (16, 16)]),
+    bins=st.sampled_from([2, 7, 64]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_pass_without_histograms_matches_the_reference(
+    n, c, spatial, bins, channels_last, seed
+):
+    x = torch.randn(n, c, *spatial, generator=torch.Generator().manual_seed(seed))
+    if channels_last and len(spatial) == 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = backends.ext.channel_stats(x.reshape(n, c, -1).numpy(), 2, bins, False)
+    ref = backends.torch_batch(x, bins)
+    assert not out["counts"].any()
+    for key in ("bin_exponent", "bin_offset", "minimum", "maximum"):
+        assert torch.equal(torch.from_numpy(out[key]), getattr(ref, key)), key
+    torch.testing.assert_close(
+        torch.from_numpy(out["sums"]), ref.sums, rtol=1e-12, atol=1e-12 * float(x.abs().sum())
+    )

@@ -12,7 +12,7 @@ from icprune.extension import HAVE_EXT
 from icprune.scoring import layer_scores
 from icprune.stats import compensated, packed
 from icprune.stats.binning import bin_layout
-from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.channel_stats import PARTS, ChannelStats
 
 # Gram matrices of the same data summed in another order agree to fp64 round-off.
 GRAM_RTOL = 1e-12
@@ -309,7 +309,7 @@ def _assert_identical(a: ChannelStats, b: ChannelStats) -> None:
             assert torch.equal(value, sb[key]), (key, (value - sb[key]).abs().max())
         else:
             assert value == sb[key], key
-    if a.count >= 2:
+    if a.count >= 2 and a.parts == PARTS:
         for independence in ("distance", "correlation"):
             sa_, sb_ = (layer_scores(s, independence=independence) for s in (a, b))
             assert torch.equal(sa_.score, sb_.score)
@@ -323,10 +323,11 @@ def _assert_identical(a: ChannelStats, b: ChannelStats) -> None:
     scale=st.sampled_from([1e-6, 1.0, 1e6]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     backend=st.sampled_from(["torch", "cpp"]),
+    kept=st.sampled_from([PARTS, ("gram",), ("histogram",), ()]),
     data=st.data(),
 )
 def test_sums_and_gram_are_bit_identical_for_any_distribution_of_batches(
-    seed, sizes, c, scale, dtype, backend, data
+    seed, sizes, c, scale, dtype, backend, kept, data
 ):
     """One instance fed every batch in order == batches dealt to several instances in any order,
     merged in any order: sums, gram (plain float64 sums would differ in the last bits), counts
@@ -339,7 +340,7 @@ def test_sums_and_gram_are_bit_identical_for_any_distribution_of_batches(
         ((torch.randn(n, c, 5, generator=gen, dtype=torch.float64) + shift) * scale).to(dtype)
         for n in sizes
     ]
-    one_pass = ChannelStats(c, bins=16, name="layer.test", backend=backend)
+    one_pass = ChannelStats(c, bins=16, name="layer.test", backend=backend, parts=kept)
     for x in batches:
         one_pass.update(x)
     parts = data.draw(st.integers(1, 4))
@@ -347,11 +348,14 @@ def test_sums_and_gram_are_bit_identical_for_any_distribution_of_batches(
         st.lists(st.integers(0, parts - 1), min_size=len(batches), max_size=len(batches))
     )
     order = data.draw(st.permutations(range(len(batches))))
-    pieces = [ChannelStats(c, bins=16, name="layer.test", backend=backend) for _ in range(parts)]
+    pieces = [
+        ChannelStats(c, bins=16, name="layer.test", backend=backend, parts=kept)
+        for _ in range(parts)
+    ]
     for i in order:
         pieces[owner[i]].update(batches[i])
     merge_order = data.draw(st.permutations(range(parts)))
-    merged = ChannelStats(c, bins=16, name="layer.test", backend=backend)
+    merged = ChannelStats(c, bins=16, name="layer.test", backend=backend, parts=kept)
     for i in merge_order:
         merged.merge(pieces[i])
     _assert_identical(one_pass, merged)
@@ -641,3 +645,57 @@ def test_update_takes_tensors_that_require_grad():
         s = ChannelStats(3, name="layer.test", backend=backend)
         s.update(torch.randn(4, 3, 2, requires_grad=True))
         assert s.count == 8 and not s.gram.requires_grad
+
+
+# ------------------------------------------------------------------- parts: what is collected
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kept", [("histogram",), ("gram",), ()])
+def test_parts_keep_what_is_asked_and_the_same_values(backend, kept):
+    if backend == "cpp" and not HAVE_EXT:
+        pytest.skip("no icprune._C")
+    x, more = _features(60), _features(61)
+    full = _stats(x, backend=backend)
+    full.update(more)
+    part = _stats(x, backend=backend, parts=kept)
+    part.update(more)
+    assert part.parts == kept and part.count == full.count
+    assert torch.equal(part.sums, full.sums) and torch.equal(part.minimum, full.minimum)
+    assert torch.equal(part.bin_exponent, full.bin_exponent)
+    if "histogram" in kept:
+        assert torch.equal(part.counts, full.counts)
+        assert torch.equal(part.entropy(), full.entropy())
+    else:
+        assert not part.counts.any()
+        with pytest.raises(ValueError, match="layer 'layer.test': entropy needs the 'histogram'"):
+            part.entropy()
+    if "gram" in kept:
+        assert torch.equal(part.gram, full.gram) and torch.equal(part.distance(), full.distance())
+    else:
+        assert part.gram_packed.numel() == 0
+        for estimator in (part.correlation, part.distance, lambda: part.gram):
+            with pytest.raises(ValueError, match="needs the 'gram' statistics"):
+                estimator()
+    state = part.state_dict()
+    assert state["parts"] == list(kept)
+    restored = ChannelStats.from_state_dict(state, backend=backend)
+    _assert_identical(restored, part)
+    with pytest.raises(ValueError, match="saved statistics have parts"):
+        ChannelStats(5, bins=16, name="layer.test").load_state_dict(state)
+    with pytest.raises(ValueError, match="cannot merge"):
+        full.merge(part)
+
+
+@pytest.mark.parametrize("parts", ["gram", ("gram", "gram"), ("entropy",), None])
+def test_bad_parts_are_refused(parts):
+    with pytest.raises(ValueError, match="layer 'x': parts must be a tuple of distinct names"):
+        ChannelStats(3, name="x", parts=parts)
+
+
+def test_a_state_without_histograms_must_hold_zero_counts():
+    state = _stats(_features(62), parts=("gram",)).state_dict()
+    state["counts"] = state["counts"].clone()
+    state["counts"][0, 0] = 1
+    with pytest.raises(ValueError, match="'counts' must be all zero"):
+        ChannelStats.from_state_dict(state)
