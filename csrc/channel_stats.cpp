@@ -41,7 +41,7 @@ constexpr int64_t kTileBytes = 1 << 17;
 constexpr int64_t kChunkValues = 1 << 18;
 // Smaller batches run on one thread: waking a team costs more than it saves (and much more on a
 // loaded machine).
-constexpr int64_t kParallelValues = 1 << 16;
+constexpr int64_t kParallelValues = 1 << 20;
 
 // Loads: each returns the value in the compute type F, exactly (float for 16/32-bit inputs,
 // double for float64), branch-free so that the loops vectorise.

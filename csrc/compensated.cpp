@@ -6,7 +6,7 @@ namespace icprune {
 namespace {
 
 // Elements below which one thread does the whole array (thread start-up costs more).
-constexpr int64_t kParallelMin = 1 << 16;
+constexpr int64_t kParallelMin = 1 << 20;
 
 }  // namespace
 

@@ -10,7 +10,7 @@ namespace icprune {
 namespace {
 
 // Rows below which one thread does the whole triangle (thread start-up costs more).
-constexpr int64_t kParallelRows = 256;
+constexpr int64_t kParallelRows = 1024;
 
 template <typename T>
 void add_packed(const T* g, int64_t c, int64_t row_stride, int64_t col_stride, int two_e,

@@ -355,7 +355,11 @@ def test_cpu_statistics_do_not_depend_on_the_thread_count(layout):
     pass splits work into fixed chunks reduced in order; syrk runs on one BLAS thread)."""
     from threadpoolctl import threadpool_limits
 
-    batches = [x.repeat(4, 1, 1, 1) for x in _batches(layout, torch.float32)]  # parallel sizes
+    gen = torch.Generator().manual_seed(12)
+    # Above the C++ pass's one-thread limit (2**20 values), so that the threads split the work.
+    batches = [torch.randn(n, 24, 80, 80, generator=gen).relu_() - 0.3 for n in (7, 2)]
+    if layout == "channels_last":
+        batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
     states = []
     before = torch.get_num_threads()
     try:

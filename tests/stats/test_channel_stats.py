@@ -699,3 +699,17 @@ def test_a_state_without_histograms_must_hold_zero_counts():
     state["counts"][0, 0] = 1
     with pytest.raises(ValueError, match="'counts' must be all zero"):
         ChannelStats.from_state_dict(state)
+
+
+def test_calibrate_keeps_the_parts_asked_for():
+    import icprune
+    from icprune import models
+
+    torch.manual_seed(0)
+    model = models.resnet20().eval()
+    data = [torch.randn(2, 3, 32, 32)]
+    only_gram = icprune.calibrate(model, data, parts=("gram",), progress=False)
+    both = icprune.calibrate(model, data, progress=False)
+    for name, s in only_gram.items():
+        assert s.parts == ("gram",) and not s.counts.any()
+        assert torch.equal(s.gram_packed, both[name].gram_packed)
