@@ -35,6 +35,8 @@ BACKENDS = ("auto", "triton", "cpp", "torch")
 #: NCHW Gram on the CPU: one syrk per image, in place, when planes hold at least this many
 #: values per channel; below, one syrk over a (C, N*S) copy (thin products are slow).
 _PLANE_SYRK_MIN = 32
+#: Most values of the transposed copy that feeds one syrk for short NCHW planes (4 MiB float32).
+_COPY_VALUES = 2**20
 #: Codes of the input dtypes understood by ``icprune._C.channel_stats``.
 _CPP_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -214,7 +216,8 @@ def gram_syrk(x3: torch.Tensor, maxabs: float) -> tuple[np.ndarray, int]:
     float32 samples (and float16/bfloat16 ones, converted to float32 once) are multiplied in
     float32, float64 ones in float64. Channels-last memory is read in place (one syrk over the
     N*S x C rows), so are NCHW planes of at least ``_PLANE_SYRK_MIN * C`` values (one syrk per
-    image, accumulated in image order); shorter NCHW planes are copied once to C x (N*S). Data
+    image, accumulated in image order); shorter NCHW planes are copied to C x (k*S) for runs of
+    k images (at most ``_COPY_VALUES`` values each, accumulated in order). Data
     outside ``[2**-40, 2**40]`` is scaled by ``2**-e`` first (:func:`gram_scale`, a scaled copy).
     The BLAS runs on the calling thread (:class:`_OneBlasThread`), so the product's bits do not
     depend on thread settings; they may differ between BLAS builds and CPUs (docs/method.md).
@@ -252,9 +255,13 @@ def _syrk(syrk, x3: torch.Tensor) -> np.ndarray:
         for plane in x3.numpy():  # (C, S), rows contiguous
             out = syrk(1.0, plane.T, beta=1.0, c=out, trans=1, lower=0, overwrite_c=1)
         return out
-    # Short planes (late layers) or odd strides: one (C, N*S) copy, one syrk.
-    rows = x3.transpose(0, 1).reshape(c, n * s).contiguous().numpy()
-    return syrk(1.0, rows.T, beta=0.0, c=out, trans=1, lower=0, overwrite_c=1)
+    # Short planes (late layers) or odd strides: (C, k*S) copies of k images at a time (at most
+    # _COPY_VALUES values, so the copy stays small next to the statistics), one syrk each.
+    k = max(1, _COPY_VALUES // max(1, c * s))
+    for i in range(0, n, k):
+        rows = x3[i : i + k].transpose(0, 1).reshape(c, -1).contiguous().numpy()
+        out = syrk(1.0, rows.T, beta=1.0, c=out, trans=1, lower=0, overwrite_c=1)
+    return out
 
 
 def gram_matrix(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
