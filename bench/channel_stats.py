@@ -165,7 +165,7 @@ def breakdown_table(batch: int, repeat: int, device: torch.device) -> list[str]:
     b = fast[0]
     hist_s = median_time(lambda: [histogram_pass(b, x) for x in maps.values()], repeat, device)
     gram_s = median_time(
-        lambda: [backends.gram_f32(x.reshape(*x.shape[:2], -1), 1.0) for x in maps.values()],
+        lambda: [backends.gram_syrk(x.reshape(*x.shape[:2], -1), 1.0) for x in maps.values()],
         repeat,
         device,
     ) if b == "cpp" else float("nan")  # fmt: skip

@@ -38,6 +38,7 @@ from bench.channel_stats import feature_maps
 from icprune.models import resnet50
 from icprune.scoring import layer_scores
 from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.packed import pack_upper
 
 #: Layers reported: one per stage, early wide maps to late narrow ones.
 LAYERS = ("conv1", "layer1.0.conv3", "layer2.0.conv3", "layer3.0.conv3", "layer4.0.conv3")
@@ -108,10 +109,10 @@ def truncating_gram(rows: torch.Tensor, fmt: str, split: int, k_step: int = 8) -
 
 
 def with_gram(stats: ChannelStats, gram: torch.Tensor) -> ChannelStats:
-    """A copy of ``stats`` whose Gram matrix is ``gram``."""
+    """A copy of ``stats`` whose Gram matrix is ``gram`` (its upper triangle, packed)."""
     copy = ChannelStats.from_state_dict(stats.state_dict(), backend="torch")
-    copy.gram = gram.clone()
-    copy.gram_lo = torch.zeros_like(gram)
+    copy.gram_packed = pack_upper(gram.double()).contiguous()
+    copy.gram_packed_lo = torch.zeros_like(copy.gram_packed)
     return copy
 
 

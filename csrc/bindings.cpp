@@ -5,6 +5,7 @@
 
 #include <optional>
 
+#include "bind_stats.h"
 #include "build_info.h"
 #include "slicing.h"
 #include "channel_stats.h"
@@ -39,7 +40,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("BINNING_CONSTANTS") = binning;
   m.def(
       "channel_stats",
-      [](py::array x, int dtype, int bins) {
+      [](py::array x, int dtype, int bins, bool histogram) {
         if (x.ndim() != 3 || dtype < 0 || dtype > 3 || bins < 2)
           throw std::invalid_argument("channel_stats: expected an (N, C, S) array, dtype 0-3, bins >= 2");
         const icprune::Dtype dt = static_cast<icprune::Dtype>(dtype);
@@ -48,8 +49,11 @@ PYBIND11_MODULE(_C, m) {
         py::array_t<int64_t> counts({c, static_cast<int64_t>(bins)});
         py::array_t<int64_t> bin_exponent(c), bin_offset(c);
         py::array_t<double> minimum(c), maximum(c), sums(c);
-        const icprune::BatchView view{x.data(), dt, x.shape(0), c, x.shape(2),
-                                      x.strides(0) / size, x.strides(1) / size, x.strides(2) / size};
+        const icprune::BatchView view{x.data(),           dt,
+                                      x.shape(0),         c,
+                                      x.shape(2),         x.strides(0) / size,
+                                      x.strides(1) / size, x.strides(2) / size,
+                                      histogram};
         int64_t nonfinite;
         {
           py::gil_scoped_release release;
@@ -68,13 +72,15 @@ PYBIND11_MODULE(_C, m) {
         out["nonfinite"] = nonfinite;
         return out;
       },
-      py::arg("x"), py::arg("dtype"), py::arg("bins"),
+      py::arg("x"), py::arg("dtype"), py::arg("bins"), py::arg("histogram") = true,
       "Histogram, extremes and sums of one batch, one pass (csrc/channel_stats.h). x: array "
       "(N, C, S) of float16 (dtype 0), bfloat16 bits as int16/uint16 (1), float32 (2) or float64 "
       "(3), any strides. Returns a dict: 'counts' int64[C, bins] in each channel's own batch "
       "layout, 'bin_exponent' int64[C], 'bin_offset' int64[C], 'minimum' float64[C], 'maximum' "
-      "float64[C], 'sums' float64[C], 'nonfinite' int; non-finite values are read as 0. "
+      "float64[C], 'sums' float64[C], 'nonfinite' int; non-finite values are read as 0; "
+      "histogram=False: counts are zeros (not computed). "
       "BINNING_CONSTANTS: the binning constants compiled in (K_MIN, INDEX_BITS, MAX_SHIFT).");
+  icprune::bind_stats(m);
   m.def(
       "compensated_add",
       [](py::array_t<double, 0> hi, py::array_t<double, 0> lo, py::array_t<double, 0> x,

@@ -7,6 +7,8 @@
 // Each item is read from memory once: its second sweep (the histogram) hits the cache.
 #include "channel_stats.h"
 
+#include "binning.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -35,9 +37,11 @@ namespace {
 constexpr int64_t kItemValues = 1 << 15;
 // Bytes per NHWC tile of rows (all channels): read twice, the second time from L2.
 constexpr int64_t kTileBytes = 1 << 17;
+// Values per chunk of NHWC tiles: the unit of parallel work (and of the sums' reduction order).
+constexpr int64_t kChunkValues = 1 << 18;
 // Smaller batches run on one thread: waking a team costs more than it saves (and much more on a
 // loaded machine).
-constexpr int64_t kParallelValues = 1 << 16;
+constexpr int64_t kParallelValues = 1 << 20;
 
 // Loads: each returns the value in the compute type F, exactly (float for 16/32-bit inputs,
 // double for float64), branch-free so that the loops vectorise.
@@ -80,48 +84,6 @@ struct LoadF64 {
 template <typename F>
 ICPRUNE_INLINE F finite_or_zero(F v) {
   return (v - v) == F(0) ? v : F(0);
-}
-
-// 2^-k as torch.ldexp computes it (x * 2**other), exact for the exponents binning uses.
-ICPRUNE_INLINE double scale_of(int64_t k) { return std::ldexp(1.0, static_cast<int>(-k)); }
-
-int64_t floor_log2(double v) {
-  int e;
-  std::frexp(v, &e);
-  return static_cast<int64_t>(e) - 1;
-}
-
-int64_t bin_index(double x, int64_t k) {
-  return static_cast<int64_t>(std::floor(x * scale_of(k)));
-}
-
-int bit_length(int64_t v) {
-  int bits = 0;
-  for (; v > 0; v >>= 1) ++bits;
-  return bits;
-}
-
-// icprune.stats.binning.bin_layout for one range [lo, hi] (lo <= hi, finite).
-void layout(double lo, double hi, int bins, int64_t& k, int64_t& off) {
-  const double half_span = hi / 2 - lo / 2;
-  k = kMinExponent;
-  if (half_span > 0) k = std::max(k, floor_log2(half_span) + 1 - bit_length(bins - 1));
-  const double maxabs = std::max(std::fabs(lo), std::fabs(hi));
-  if (maxabs > 0) k = std::max(k, floor_log2(maxabs) + 1 - kIndexBits);
-  while (bin_index(hi, k) - bin_index(lo, k) > bins - 1) ++k;
-  off = bin_index(lo, k);
-}
-
-// icprune.stats.binning.rebin of one channel: add src (layout k0, off0) into dst (layout k1, off1).
-template <typename C>
-void rebin_add(const C* src, int64_t k0, int64_t off0, int64_t* dst, int64_t k1, int64_t off1,
-               int bins) {
-  const int64_t shift = std::min(std::max<int64_t>(k1 - k0, 0), kMaxShift);
-  for (int j = 0; j < bins; ++j) {
-    if (src[j] == 0) continue;
-    const int64_t target = ((off0 + j) >> shift) - off1;
-    dst[std::min<int64_t>(std::max<int64_t>(target, 0), bins - 1)] += src[j];
-  }
 }
 
 // Running statistics of one channel over some of its values, binned in their own layout.
@@ -175,10 +137,12 @@ ICPRUNE_INLINE void scan(const typename L::type* p, int64_t count, Lanes<typenam
 }
 
 // Runs of `count` values at base + i*step_n (i < rows) + j (j < count), of one channel.
-// sub: [4 * bins] scratch.
+// sub: [4 * bins] scratch. Without `histogram` only extremes, layout and sums are computed (the
+// item's counts are zeros).
 template <typename L>
 ICPRUNE_INLINE void plane_item(const typename L::type* base, int64_t step_n, int64_t rows,
-                               int64_t count, int bins, Partial& out, int32_t* sub) {
+                               int64_t count, int bins, bool histogram, Partial& out,
+                               int32_t* sub) {
   using F = typename L::F;
   Lanes<F> acc;
   for (int64_t r = 0; r < rows; ++r) scan<L>(base + r * step_n, count, acc);
@@ -193,6 +157,10 @@ ICPRUNE_INLINE void plane_item(const typename L::type* base, int64_t step_n, int
     out.nonfinite += acc.bad[l];
   }
   layout(out.lo, out.hi, bins, out.k, out.off);
+  if (!histogram) {
+    std::fill(out.hist, out.hist + bins, 0);
+    return;
+  }
   // Four interleaved sub-histograms keep repeated bins from serialising on one counter.
   std::fill(sub, sub + 4 * bins, 0);
   const F scale = static_cast<F>(scale_of(out.k)), off = static_cast<F>(out.off);
@@ -212,13 +180,13 @@ ICPRUNE_INLINE void plane_item(const typename L::type* base, int64_t step_n, int
                   sub[3 * bins + b];
 }
 
-using PlaneFn = void (*)(const void*, int64_t, int64_t, int64_t, int, Partial&, int32_t*);
+using PlaneFn = void (*)(const void*, int64_t, int64_t, int64_t, int, bool, Partial&, int32_t*);
 
 #define ICPRUNE_PLANE(NAME, LOAD)                                                             \
   ICPRUNE_MULTIVERSION void NAME(const void* base, int64_t step_n, int64_t rows, int64_t count, \
-                                 int bins, Partial& out, int32_t* sub) {                      \
-    plane_item<LOAD>(static_cast<const LOAD::type*>(base), step_n, rows, count, bins, out,    \
-                     sub);                                                                    \
+                                 int bins, bool histogram, Partial& out, int32_t* sub) {      \
+    plane_item<LOAD>(static_cast<const LOAD::type*>(base), step_n, rows, count, bins,         \
+                     histogram, out, sub);                                                    \
   }
 ICPRUNE_PLANE(plane_f16, LoadF16)
 ICPRUNE_PLANE(plane_bf16, LoadBF16)
@@ -259,7 +227,7 @@ bool widen(Partial& p, double lo, double hi, int bins, int64_t* scratch) {
 // state: the C running partials of this thread, whose histograms are one [C * bins] block.
 template <typename L>
 ICPRUNE_INLINE void rows_tile(const typename L::type* const* row_ptr, int64_t rows, int64_t c,
-                              int bins, Partial* state, RowsScratch& w) {
+                              int bins, bool histogram, Partial* state, RowsScratch& w) {
   using F = typename L::F;
   F* __restrict tlo = reinterpret_cast<F*>(w.lo.data());
   F* __restrict thi = reinterpret_cast<F*>(w.hi.data());
@@ -290,6 +258,7 @@ ICPRUNE_INLINE void rows_tile(const typename L::type* const* row_ptr, int64_t ro
       off[j] = static_cast<F>(state[j].off);
     }
   }
+  if (!histogram) return;
   int32_t* __restrict idx = w.idx.data();
   for (int64_t r = 0; r < rows; ++r) {
     const typename L::type* __restrict p = row_ptr[r];
@@ -303,13 +272,14 @@ ICPRUNE_INLINE void rows_tile(const typename L::type* const* row_ptr, int64_t ro
   for (int64_t i = 0; i < rows * c; ++i) ++hist[idx[i]];
 }
 
-using RowsFn = void (*)(const void* const*, int64_t, int64_t, int, Partial*, RowsScratch&);
+using RowsFn = void (*)(const void* const*, int64_t, int64_t, int, bool, Partial*,
+                        RowsScratch&);
 
 #define ICPRUNE_ROWS(NAME, LOAD)                                                               \
   ICPRUNE_MULTIVERSION void NAME(const void* const* row_ptr, int64_t rows, int64_t c, int bins, \
-                                 Partial* state, RowsScratch& w) {                             \
-    rows_tile<LOAD>(reinterpret_cast<const LOAD::type* const*>(row_ptr), rows, c, bins, state, \
-                    w);                                                                        \
+                                 bool histogram, Partial* state, RowsScratch& w) {             \
+    rows_tile<LOAD>(reinterpret_cast<const LOAD::type* const*>(row_ptr), rows, c, bins,        \
+                    histogram, state, w);                                                      \
   }
 ICPRUNE_ROWS(rows_f16, LoadF16)
 ICPRUNE_ROWS(rows_bf16, LoadBF16)
@@ -323,14 +293,6 @@ size_t element_size(Dtype dtype) {
 int max_threads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int team_size() {
-#ifdef _OPENMP
-  return omp_get_num_threads();
 #else
   return 1;
 #endif
@@ -379,7 +341,7 @@ int64_t planes(const BatchView& v, int bins, int64_t* counts, int64_t* bin_expon
     const int64_t rows = std::min(per_item, v.n - n0);
     parts[i].hist = hists.data() + i * bins;
     const char* start = base + (n0 * v.stride_n + ch * v.stride_c) * esize;
-    fn(start, v.stride_n, rows, v.s, bins, parts[i], subs[thread_id()].data());
+    fn(start, v.stride_n, rows, v.s, bins, v.histogram, parts[i], subs[thread_id()].data());
   }
   int64_t nonfinite = 0;
   for (const Partial& p : parts) nonfinite += p.nonfinite;
@@ -400,37 +362,42 @@ int64_t rows(const BatchView& v, int bins, int64_t* counts, int64_t* bin_exponen
   const int64_t c = v.c, total = v.n * v.s;
   const size_t esize = element_size(v.dtype);
   const int64_t tile = std::max<int64_t>(8, kTileBytes / static_cast<int64_t>(c * esize));
-  const int threads = total * c < kParallelValues
-                          ? 1
-                          : static_cast<int>(std::max<int64_t>(
-                                1, std::min<int64_t>(max_threads(), (total + tile - 1) / tile)));
-  std::vector<std::vector<Partial>> state(threads, std::vector<Partial>(c));
-  std::vector<std::vector<int64_t>> hists(threads, std::vector<int64_t>(c * bins, 0));
+  // Fixed chunks of whole tiles, independent of the thread count, reduced in chunk order: the
+  // float64 sums (and everything else) are the same bits for any number of threads.
+  const int64_t tiles = (total + tile - 1) / tile;
+  const int64_t tiles_per_chunk =
+      std::max<int64_t>(1, kChunkValues / std::max<int64_t>(1, tile * c));
+  const int64_t chunks = (tiles + tiles_per_chunk - 1) / tiles_per_chunk;
+  const int64_t chunk_rows = tiles_per_chunk * tile;
+  std::vector<std::vector<Partial>> state(chunks, std::vector<Partial>(c));
+  std::vector<std::vector<int64_t>> hists(chunks, std::vector<int64_t>(c * bins, 0));
   const char* base = static_cast<const char*>(v.data);
-#pragma omp parallel num_threads(threads)
+  const bool parallel = chunks > 1 && total * c >= kParallelValues;
+#pragma omp parallel if (parallel)
   {
-    const int t = thread_id(), team = team_size();
-    for (int64_t j = 0; j < c; ++j) state[t][j].hist = hists[t].data() + j * bins;
     RowsScratch scratch(c, tile, bins);
     std::vector<const void*> row_ptr(tile);
-    const int64_t per_thread = (total + team - 1) / team;
-    const int64_t r_begin = t * per_thread, r_end = std::min(total, r_begin + per_thread);
-    for (int64_t r0 = r_begin; r0 < r_end; r0 += tile) {
-      const int64_t len = std::min(tile, r_end - r0);
-      for (int64_t r = 0; r < len; ++r) {
-        const int64_t n = (r0 + r) / v.s, s = (r0 + r) % v.s;
-        row_ptr[r] = base + (n * v.stride_n + s * v.stride_s) * esize;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t q = 0; q < chunks; ++q) {
+      for (int64_t j = 0; j < c; ++j) state[q][j].hist = hists[q].data() + j * bins;
+      const int64_t r_end = std::min(total, (q + 1) * chunk_rows);
+      for (int64_t r0 = q * chunk_rows; r0 < r_end; r0 += tile) {
+        const int64_t len = std::min(tile, r_end - r0);
+        for (int64_t r = 0; r < len; ++r) {
+          const int64_t n = (r0 + r) / v.s, s = (r0 + r) % v.s;
+          row_ptr[r] = base + (n * v.stride_n + s * v.stride_s) * esize;
+        }
+        fn(row_ptr.data(), len, c, bins, v.histogram, state[q].data(), scratch);
       }
-      fn(row_ptr.data(), len, c, bins, state[t].data(), scratch);
     }
   }
   int64_t nonfinite = 0;
-  for (int t = 0; t < threads; ++t) nonfinite += state[t][0].nonfinite;
-#pragma omp parallel for schedule(static) if (threads > 1)
+  for (int64_t q = 0; q < chunks; ++q) nonfinite += state[q][0].nonfinite;
+#pragma omp parallel for schedule(static) if (parallel)
   for (int64_t ch = 0; ch < c; ++ch) {
     std::vector<const Partial*> mine;
-    for (int t = 0; t < threads; ++t)
-      if (state[t][ch].lo <= state[t][ch].hi) mine.push_back(&state[t][ch]);
+    for (int64_t q = 0; q < chunks; ++q)
+      if (state[q][ch].lo <= state[q][ch].hi) mine.push_back(&state[q][ch]);
     finish_channel(mine, bins, counts + ch * bins, bin_exponent[ch], bin_offset[ch], minimum[ch],
                    maximum[ch], sums[ch]);
   }

@@ -27,6 +27,8 @@ struct BatchView {
   Dtype dtype;
   int64_t n, c, s;
   int64_t stride_n, stride_c, stride_s;
+  // False: extremes, layouts and sums only, counts left zero (statistics without histograms).
+  bool histogram = true;
 };
 
 // Outputs, all caller-allocated, C = view.c, B = bins:

@@ -6,14 +6,7 @@ namespace icprune {
 namespace {
 
 // Elements below which one thread does the whole array (thread start-up costs more).
-constexpr int64_t kParallelMin = 1 << 16;
-
-// Knuth's TwoSum: s + e == a + b exactly (IEEE round to nearest, no overflow).
-inline void two_sum(double a, double b, double& s, double& e) {
-  s = a + b;
-  const double v = s - a;
-  e = (a - (s - v)) + (b - v);
-}
+constexpr int64_t kParallelMin = 1 << 20;
 
 }  // namespace
 
@@ -21,11 +14,10 @@ void compensated_add(double* hi, double* lo, const double* x, const double* x_lo
   const bool parallel = n >= kParallelMin;
 #pragma omp parallel for schedule(static) if (parallel)
   for (int64_t i = 0; i < n; ++i) {
-    double s, e;
-    two_sum(hi[i], x[i], s, e);
-    double l = lo[i] + e;
-    if (x_lo != nullptr) l += x_lo[i];
-    two_sum(s, l, hi[i], lo[i]);
+    if (x_lo != nullptr)
+      compensated_add_one(hi[i], lo[i], x[i], x_lo[i]);
+    else
+      compensated_add_one(hi[i], lo[i], x[i]);
   }
 }
 

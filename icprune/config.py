@@ -40,12 +40,17 @@ class StatsConfig:
         backend: who computes a batch's statistics: ``"auto"`` (Triton for CUDA tensors, the C++
             extension for CPU tensors, else torch), ``"triton"``, ``"cpp"`` or ``"torch"`` (the
             float64 reference). Weight statistics always use ``"torch"`` (weights are small).
+        parts: the optional statistics kept, a subset of ``ChannelStats.PARTS``:
+            ``"histogram"`` (capacity, the entropy) and ``"gram"`` (independence: correlation,
+            distance; the Gram matrix is most of calibration's cost). Default both; e.g.
+            ``("gram",)`` for a criterion or repair step that reads only second moments.
     """
 
     bins: int = 64
     range_mode: str = "layer"
     nan_policy: str = "raise"
     backend: str = "auto"
+    parts: tuple[str, ...] = ("histogram", "gram")
 
 
 @dataclass(frozen=True)

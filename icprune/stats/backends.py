@@ -4,8 +4,9 @@ Three implementations of the same batch statistics, all exact in their counts:
 
 - ``"torch"``: :func:`torch_batch`, THE float64 reference (any device, slow on the CPU); the
   kernels' tests compare against it (:func:`icprune.kernels.channel_stats.channel_stats_ref`);
-- ``"cpp"``: one OpenMP pass over CPU memory in ``icprune._C`` (csrc/channel_stats.cpp), Gram
-  matrix through torch's BLAS;
+- ``"cpp"``: one OpenMP pass over CPU memory in ``icprune._C`` (csrc/channel_stats.cpp; with
+  :func:`cpp_update` the merge into the running statistics too, csrc/merge.cpp), Gram matrix by
+  one BLAS syrk (``scipy.linalg.blas``, :func:`gram_syrk`) on the memory as it is;
 - ``"triton"``: the fused kernels of :mod:`icprune.kernels.channel_stats`, for CUDA tensors (and
   CPU tensors under ``TRITON_INTERPRET=1``), with no host synchronisation.
 
@@ -24,16 +25,18 @@ import math
 import os
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from icprune.extension import HAVE_EXT, LOAD_ERROR, ext
 from icprune.stats.binning import INDEX_BITS, K_MIN, MAX_SHIFT, bin_index, bin_layout
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
-#: NCHW Gram on the CPU: per-sample GEMMs when planes hold at least this many values per channel
-#: (measured on ResNet-50 shapes: 3x slower than one GEMM over a copy for 7x7 maps, 2x faster
-#: for 112x112 ones).
-_PLANE_GEMM_MIN = 32
+#: NCHW Gram on the CPU: one syrk per image, in place, when planes hold at least this many
+#: values per channel; below, one syrk over a (C, N*S) copy (thin products are slow).
+_PLANE_SYRK_MIN = 32
+#: Most values of the transposed copy that feeds one syrk for short NCHW planes (4 MiB float32).
+_COPY_VALUES = 2**20
 #: Codes of the input dtypes understood by ``icprune._C.channel_stats``.
 _CPP_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -71,8 +74,9 @@ class BatchStats(NamedTuple):
             channel's batch range [minimum, maximum].
         minimum, maximum: Tensor[C] float64 batch extremes (non-finite values read as 0).
         sums: Tensor[C] float64 sum of each channel's samples.
-        gram: Tensor[C, C] float64 ``A @ A.T`` of the C x M samples (accumulated from a float32
-            per-batch product, see docs/method.md), exactly symmetric (:func:`mirror_upper`).
+        gram: Tensor[C, C] float64 ``A @ A.T`` of the C x M samples (from a float32 product for
+            16/32-bit input on the fast backends, see docs/method.md), exactly symmetric
+            (:func:`mirror_upper`); None when the Gram matrix was not asked for.
         nonfinite: number of NaN/Inf values (read as 0 everywhere above): an int, or a 0-d int64
             device tensor (Triton), so that reading it never synchronises with the device.
     """
@@ -167,35 +171,106 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def gram_f32(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
-    """``A @ A.T`` of the C x (N*S) samples of Tensor[N, C, S], in float32 (float64 for float64
-    input), returned as Tensor[C, C] float64. Channels-last memory and long NCHW planes are not
-    copied; short NCHW planes (fewer than ``_PLANE_GEMM_MIN * C`` values) are, once.
+def gram_scale(dtype: torch.dtype, maxabs: float) -> int:
+    """The exponent e of the power-of-two scale ``2**-e`` applied to float32 samples before their
+    product: 0 for data within ``[2**-40, 2**40]`` (``maxabs``, the largest magnitude), else the
+    binary exponent of ``maxabs``, so float32 products neither overflow nor underflow. float64
+    samples are never scaled."""
+    if dtype == torch.float64 or maxabs == 0 or 2.0**-40 <= maxabs <= 2.0**40:
+        return 0
+    return math.frexp(maxabs)[1]
 
-    ``maxabs`` (the largest magnitude in ``x3``) picks a power-of-two scale ``2**-e`` applied
-    before the product and undone (exactly) after it, so that float32 products neither overflow
-    nor underflow for data far from 1 (|x| above 2**40 or below 2**-40). The result is exactly
-    symmetric whatever the BLAS does: its upper triangle mirrored (:func:`mirror_upper`).
+
+class _OneBlasThread:
+    """Context that runs the BLAS libraries numpy/scipy use (OpenBLAS in their wheels) on the
+    calling thread only, restoring their thread counts after. Our syrk calls run inside it: a
+    product then has the same bits for any thread setting (no split of the work, whatever the
+    BLAS does with threads), and BLAS worker threads never spin against torch's OpenMP threads
+    between the forward's layers (measured on a loaded 2-core machine: 2 BLAS threads made
+    ResNet-50's syrk calls 1.5-5x slower than 1). The controllers are found once."""
+
+    _libs: list | None = None
+
+    def __enter__(self) -> None:
+        if _OneBlasThread._libs is None:
+            from scipy.linalg import blas  # noqa: F401 - load its BLAS before the scan
+            from threadpoolctl import ThreadpoolController
+
+            _OneBlasThread._libs = ThreadpoolController().select(user_api="blas").lib_controllers
+        self._saved = [(lib, lib.num_threads) for lib in _OneBlasThread._libs]
+        for lib, threads in self._saved:
+            if threads != 1:
+                lib.set_num_threads(1)
+
+    def __exit__(self, *exc) -> None:
+        for lib, threads in self._saved:
+            if threads != 1:
+                lib.set_num_threads(threads)
+
+
+def gram_syrk(x3: torch.Tensor, maxabs: float) -> tuple[np.ndarray, int]:
+    """Upper triangle of ``A @ A.T`` for the C x (N*S) samples of a CPU Tensor[N, C, S], by BLAS
+    syrk (``scipy.linalg.blas``: half the FLOPs of a GEMM) on the memory as it is where the
+    layout allows.
+
+    float32 samples (and float16/bfloat16 ones, converted to float32 once) are multiplied in
+    float32, float64 ones in float64. Channels-last memory is read in place (one syrk over the
+    N*S x C rows), so are NCHW planes of at least ``_PLANE_SYRK_MIN * C`` values (one syrk per
+    image, accumulated in image order); shorter NCHW planes are copied to C x (k*S) for runs of
+    k images (at most ``_COPY_VALUES`` values each, accumulated in order). Data
+    outside ``[2**-40, 2**40]`` is scaled by ``2**-e`` first (:func:`gram_scale`, a scaled copy).
+    The BLAS runs on the calling thread (:class:`_OneBlasThread`), so the product's bits do not
+    depend on thread settings; they may differ between BLAS builds and CPUs (docs/method.md).
+
+    Args:
+        x3: Tensor[N, C, S] on the CPU, finite.
+        maxabs: the largest magnitude in ``x3``.
+
+    Returns:
+        ``(g, two_e)``: ndarray[C, C] in column-major (Fortran) order whose upper triangle
+        (``g[i, j]``, i <= j) holds the product - the rest is zeros, never read - and the
+        exponent that undoes the scale: the Gram matrix is ``g * 2**two_e`` there.
     """
+    from scipy.linalg import blas
+
     dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
-    e = 0
-    if dtype == torch.float32 and maxabs > 0 and not 2.0**-40 <= maxabs <= 2.0**40:
-        e = math.frexp(maxabs)[1]
+    e = gram_scale(dtype, maxabs)
+    x3 = x3.to(dtype)
+    if e:
+        x3 = torch.ldexp(x3, torch.tensor(-e, dtype=dtype))
+    syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
+    with _OneBlasThread():
+        return _syrk(syrk, x3), 2 * e
+
+
+def _syrk(syrk, x3: torch.Tensor) -> np.ndarray:
+    """The product of :func:`gram_syrk` (``syrk``: scipy's ssyrk or dsyrk for ``x3``'s dtype)."""
     n, c, s = x3.shape
+    dtype = np.float64 if x3.dtype == torch.float64 else np.float32
+    out = np.zeros((c, c), dtype=dtype, order="F")
     if x3.stride(1) == 1 and x3.stride(0) == s * c:  # channels last: samples are rows (N*S, C)
-        rows = x3.transpose(1, 2).reshape(n * s, c).to(dtype)
-        rows = torch.ldexp(rows, torch.tensor(-e, dtype=dtype)) if e else rows
-        gram = rows.T @ rows
-    elif s >= _PLANE_GEMM_MIN * c:  # long planes: one GEMM per sample, no copy
-        gram = torch.zeros(c, c, dtype=dtype)
-        for plane in x3.to(dtype):  # (C, S)
-            plane = torch.ldexp(plane, torch.tensor(-e, dtype=dtype)) if e else plane
-            gram.addmm_(plane, plane.T)
-    else:  # short planes (late layers): thin GEMMs are slow, one (C, N*S) copy is cheap
-        rows = x3.transpose(0, 1).reshape(c, n * s).to(dtype)
-        rows = torch.ldexp(rows, torch.tensor(-e, dtype=dtype)) if e else rows
-        gram = rows @ rows.T
-    gram = torch.ldexp(gram.to(torch.float64), torch.tensor(2.0 * e, dtype=torch.float64))
+        rows = x3.numpy().transpose(0, 2, 1).reshape(n * s, c)  # a view
+        return syrk(1.0, rows.T, beta=0.0, c=out, trans=0, lower=0, overwrite_c=1)
+    if s >= _PLANE_SYRK_MIN * c and x3.stride(2) == 1:  # long planes: one syrk per image
+        for plane in x3.numpy():  # (C, S), rows contiguous
+            out = syrk(1.0, plane.T, beta=1.0, c=out, trans=1, lower=0, overwrite_c=1)
+        return out
+    # Short planes (late layers) or odd strides: (C, k*S) copies of k images at a time (at most
+    # _COPY_VALUES values, so the copy stays small next to the statistics), one syrk each.
+    k = max(1, _COPY_VALUES // max(1, c * s))
+    for i in range(0, n, k):
+        rows = x3[i : i + k].transpose(0, 1).reshape(c, -1).contiguous().numpy()
+        out = syrk(1.0, rows.T, beta=1.0, c=out, trans=1, lower=0, overwrite_c=1)
+    return out
+
+
+def gram_matrix(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
+    """``A @ A.T`` of the C x (N*S) samples of a CPU Tensor[N, C, S] as Tensor[C, C] float64
+    (:func:`gram_syrk`, scale undone, exactly symmetric: its upper triangle mirrored)."""
+    g, two_e = gram_syrk(x3, maxabs)
+    gram = torch.from_numpy(g).to(torch.float64)
+    if two_e:
+        gram = torch.ldexp(gram, torch.tensor(float(two_e), dtype=torch.float64))
     return mirror_upper(gram)
 
 
@@ -205,7 +280,7 @@ def as_samples(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float64).movedim(1, -1).reshape(-1, x.shape[1])
 
 
-def torch_batch(x: torch.Tensor, bins: int) -> BatchStats:
+def torch_batch(x: torch.Tensor, bins: int, gram: bool = True) -> BatchStats:
     """THE reference statistics of one batch, in float64 torch on ``x``'s device.
 
     Every other backend must reproduce it: exactly in counts, layouts, extremes and non-finite
@@ -214,6 +289,7 @@ def torch_batch(x: torch.Tensor, bins: int) -> BatchStats:
     Args:
         x: Tensor[N, C, *spatial] (or Tensor[N, C]) of a floating dtype, at least one element.
         bins: number of histogram bins B >= 2.
+        gram: compute the Gram matrix (else ``gram`` is None).
 
     Returns:
         :class:`BatchStats` on ``x.device``: non-finite values are read as 0 everywhere and
@@ -237,30 +313,99 @@ def torch_batch(x: torch.Tensor, bins: int) -> BatchStats:
         minimum=lo,
         maximum=hi,
         sums=samples.sum(0),
-        gram=mirror_upper(samples.T @ samples),
+        gram=mirror_upper(samples.T @ samples) if gram else None,
         nonfinite=nonfinite,
     )
 
 
-def cpp_batch(x: torch.Tensor, bins: int) -> BatchStats:
+def cpp_batch(x: torch.Tensor, bins: int, gram: bool = True) -> BatchStats:
     """Batch statistics of a CPU Tensor[N, C, *spatial] (float16/bfloat16/float32/float64, any
-    strides) by ``icprune._C.channel_stats``; the tensor is read in place through numpy."""
+    strides) by ``icprune._C.channel_stats`` and a BLAS syrk (:func:`gram_matrix`; None without
+    ``gram``); the tensor is read in place through numpy."""
     x3 = _as_3d(x)
-    code = _CPP_DTYPES[x3.dtype]
-    view = x3.view(torch.int16) if x3.dtype == torch.bfloat16 else x3  # numpy has no bfloat16
-    out = ext.channel_stats(view.numpy(), code, bins)
+    out = ext.channel_stats(_numpy_view(x3), _CPP_DTYPES[x3.dtype], bins)
     nonfinite = int(out.pop("nonfinite"))
     batch = {key: torch.from_numpy(value) for key, value in out.items()}
-    maxabs = float(max(-batch["minimum"].min(), batch["maximum"].max()))
-    gram = gram_f32(torch.nan_to_num(x3, 0.0, 0.0, 0.0) if nonfinite else x3, maxabs)
-    return BatchStats(**batch, gram=gram, nonfinite=nonfinite)
+    matrix = None
+    if gram:
+        maxabs = float(max(-batch["minimum"].min(), batch["maximum"].max()))
+        matrix = gram_matrix(torch.nan_to_num(x3, 0.0, 0.0, 0.0) if nonfinite else x3, maxabs)
+    return BatchStats(**batch, gram=matrix, nonfinite=nonfinite)
 
 
-def triton_batch(x: torch.Tensor, bins: int) -> BatchStats:
+def _numpy_view(x3: torch.Tensor) -> np.ndarray:
+    """ndarray view of a CPU Tensor[N, C, S] for ``icprune._C`` (bfloat16 as its int16 bits)."""
+    return (x3.view(torch.int16) if x3.dtype == torch.bfloat16 else x3).numpy()
+
+
+def cpp_update(
+    x: torch.Tensor,
+    running: dict[str, torch.Tensor],
+    *,
+    channel_range: bool,
+    histogram: bool,
+    commit_nonfinite: bool,
+) -> tuple[int, float]:
+    """Add a CPU Tensor[N, C, *spatial] (16/32/64-bit floats, any strides) into running
+    statistics in place, in one call of ``icprune._C.update_stats``: the batch pass, extremes,
+    layout, both exact rebins and the compensated sums (no Gram matrix).
+
+    Args:
+        x: the batch.
+        running: CPU contiguous tensors updated in place: ``counts`` int64[C, B],
+            ``bin_exponent``/``bin_offset`` int64[C], ``minimum``/``maximum``/``sums``/
+            ``sums_lo`` float64[C].
+        channel_range: range_mode ``"channel"`` (else one layout for the layer).
+        histogram: keep histograms (else counts are left as they are).
+        commit_nonfinite: add a batch holding NaN/Inf (read as 0); if False such a batch changes
+            nothing.
+
+    Returns:
+        (nonfinite, maxabs): number of NaN/Inf values, largest magnitude of the batch.
+    """
+    x3 = _as_3d(x)
+    r = running
+    nonfinite, maxabs = ext.update_stats(
+        _numpy_view(x3),
+        _CPP_DTYPES[x3.dtype],
+        channel_range,
+        histogram,
+        commit_nonfinite,
+        *(r[k].numpy() for k in RUNNING_KEYS),
+    )
+    return int(nonfinite), float(maxabs)
+
+
+#: The running statistics :func:`cpp_update` updates, in its argument order.
+RUNNING_KEYS = ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "sums", "sums_lo")
+
+
+def cpp_merge(
+    running: dict[str, torch.Tensor],
+    batch: BatchStats,
+    sums_lo: torch.Tensor | None,
+    *,
+    channel_range: bool,
+    histogram: bool,
+) -> None:
+    """Add ``batch`` (counts in its own layouts; CPU contiguous tensors; ``sums_lo`` the
+    remainder of its sums, or None) into ``running`` (as :func:`cpp_update`) in one call of
+    ``icprune._C.merge_stats``: the same results as the torch code of ``ChannelStats._add``."""
+    parts = (batch.counts, batch.bin_exponent, batch.bin_offset, batch.minimum, batch.maximum)
+    ext.merge_stats(
+        channel_range,
+        histogram,
+        *(running[k].numpy() for k in RUNNING_KEYS),
+        *(t.contiguous().numpy() for t in (*parts, batch.sums)),
+        None if sums_lo is None else sums_lo.contiguous().numpy(),
+    )
+
+
+def triton_batch(x: torch.Tensor, bins: int, gram: bool = True) -> BatchStats:
     """Batch statistics of Tensor[N, C, *spatial] by the Triton kernels (see
     :func:`icprune.kernels.channel_stats.channel_stats`, which returns a BatchStats); nothing
     synchronises with the host."""
-    return triton_kernels().channel_stats(_as_3d(x), bins)
+    return triton_kernels().channel_stats(_as_3d(x), bins, gram)
 
 
 BATCH_FUNCTIONS = {"torch": torch_batch, "cpp": cpp_batch, "triton": triton_batch}

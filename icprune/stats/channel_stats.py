@@ -16,11 +16,16 @@ from collections.abc import Mapping
 
 import torch
 
+from icprune.extension import HAVE_EXT
+from icprune.stats import packed
 from icprune.stats.backends import (
     BATCH_FUNCTIONS,
+    RUNNING_KEYS,
     BatchStats,
     as_samples,
-    mirror_upper,
+    cpp_merge,
+    cpp_update,
+    gram_syrk,
     resolve_backend,
 )
 from icprune.stats.binning import K_MIN, bin_layout, rebin
@@ -34,6 +39,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Most histogram bins per channel (more bins than that only add sampling noise to the entropy,
 #: and C * bins int64 counters must fit in memory).
 MAX_BINS = 2**16
+#: The optional parts of the statistics (``parts``): per-channel histograms (for capacity,
+#: :meth:`ChannelStats.entropy`) and the Gram matrix (for independence, correlation and distance).
+#: Counts, sums and extremes are always kept.
+PARTS = ("histogram", "gram")
 #: The tensors of :meth:`ChannelStats.state_dict`, in a fixed order.
 STATE_TENSORS = (
     "sums",
@@ -46,8 +55,12 @@ STATE_TENSORS = (
     "bin_exponent",
     "bin_offset",
 )
-#: Bump when the meaning or layout of :meth:`ChannelStats.state_dict` changes.
-STATE_VERSION = 2
+#: Bump when the meaning or layout of :meth:`ChannelStats.state_dict` changes. Version 3 stores
+#: the Gram matrix and its remainder as packed triangles and names the ``parts`` kept; version 2
+#: (full C x C matrices, both parts) is still read.
+STATE_VERSION = 3
+#: Versions :meth:`ChannelStats.load_state_dict` reads.
+READABLE_VERSIONS = (2, 3)
 #: Every key of :meth:`ChannelStats.state_dict`.
 STATE_KEYS = (
     "version",
@@ -59,6 +72,7 @@ STATE_KEYS = (
     "read_at",
     "count",
     "nonfinite",
+    "parts",
     *STATE_TENSORS,
 )
 #: dtype of every tensor of :meth:`ChannelStats.state_dict`.
@@ -84,6 +98,21 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def checked_parts(parts: object, where: str) -> tuple[str, ...]:
+    """``parts`` (an iterable of names from :data:`PARTS`) as a tuple in :data:`PARTS` order.
+
+    Raises:
+        ValueError: not a tuple/list of known, distinct names (``where`` starts the message).
+    """
+    names = list(parts) if isinstance(parts, (tuple, list)) else None
+    if names is None or any(p not in PARTS for p in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"{where} must be a tuple of distinct names from {PARTS} (e.g. ('gram',)), got "
+            f"{parts!r}"
+        )
+    return tuple(p for p in PARTS if p in names)
+
+
 class ChannelStats:
     """Sufficient statistics of the C channels of one layer, accumulated over samples.
 
@@ -92,11 +121,13 @@ class ChannelStats:
 
     - ``count``: int, number of samples M seen so far (per channel, the same for all);
     - ``sums``: Tensor[C] float64, per-channel sum of the samples;
-    - ``gram``: Tensor[C, C] float64, ``A @ A.T`` for the C x M matrix A of all samples, exactly
-      symmetric by construction (every term added and every loaded matrix has its upper triangle
-      mirrored, whatever the BLAS computed); both are float64 totals; ``sums_lo`` and
-      ``gram_lo`` (same shapes) hold their compensation terms, the remainders that make
-      ``sums + sums_lo`` the exact total (see below);
+    - ``gram``: Tensor[C, C] float64, ``A @ A.T`` for the C x M matrix A of all samples (a
+      property built on each access): kept as one packed triangle, ``gram_packed``
+      (Tensor[C (C + 1) / 2] float64, :mod:`icprune.stats.packed`), so it is exactly symmetric by
+      construction (every term added and every loaded matrix contributes its upper triangle only,
+      whatever the BLAS computed); ``sums`` and ``gram`` are float64 totals; ``sums_lo`` and
+      ``gram_packed_lo`` (same shapes; ``gram_lo`` unpacked) hold their compensation terms, the
+      remainders that make ``sums + sums_lo`` the exact total (see below);
     - ``counts``: Tensor[C, bins] int64 histogram, binned exactly (see :mod:`icprune.stats.binning`)
       over a range shared by the layer (``range_mode="layer"``) or per channel (``"channel"``);
     - ``minimum``/``maximum``: Tensor[C] float64, per-channel extremes (they fix the bin layout);
@@ -117,6 +148,10 @@ class ChannelStats:
     (or fp32, fast backends) round-off. No feature map is kept. The faster backends compute the
     per-batch Gram matrix in float32 (documented in docs/method.md): it matches the float64
     reference within 1e-5 of its largest entry.
+
+    Without the ``"histogram"`` part, ``counts`` stay zero and :meth:`entropy` raises; without
+    ``"gram"``, ``gram_packed`` is empty and :meth:`correlation`, :meth:`distance` and ``gram``
+    raise. Skipping a part skips its cost (the Gram matrix is most of calibration's).
 
     Args:
         num_channels: C, the number of channels (>= 1).
@@ -139,6 +174,9 @@ class ChannelStats:
             ``"cpp"``, ``"torch"`` (the float64 reference) to force it. On CUDA (Triton) nothing
             synchronises with the host: non-finite values are counted on the device and, with
             ``nan_policy="raise"``, reported when the statistics are next read.
+        parts: which optional statistics to keep, a subset of :data:`PARTS` (default both):
+            ``("histogram",)`` for capacity only, ``("gram",)`` for independence only (and for
+            a repair step that needs the second moments), ``()`` for counts, sums and extremes.
 
     Raises:
         ValueError: a bad setting (the message names the argument and the allowed values), or a
@@ -155,6 +193,7 @@ class ChannelStats:
         read_at: str | None = None,
         device: torch.device | str | None = None,
         backend: str = "auto",
+        parts: tuple[str, ...] | list[str] = PARTS,
     ) -> None:
         if not _is_int(num_channels) or num_channels < 1:
             raise ValueError(
@@ -174,6 +213,7 @@ class ChannelStats:
             )
         if read_at not in READ_AT:
             raise ValueError(f"layer '{name}': read_at must be one of {READ_AT}, got {read_at!r}")
+        self.parts = checked_parts(parts, f"layer '{name}': parts")
         self.num_channels = num_channels
         self.bins = bins
         self.range_mode = range_mode
@@ -189,10 +229,11 @@ class ChannelStats:
         # Non-finite values counted on the device by the Triton backend, not yet read back.
         self._pending_nonfinite: torch.Tensor | None = None
         self.sums = torch.zeros(c, **f64)
-        self.gram = torch.zeros(c, c, **f64)
-        # Compensation terms: sums + sums_lo and gram + gram_lo are the exact totals.
+        # Compensation terms: sums + sums_lo and gram_packed + gram_packed_lo are the exact totals.
         self.sums_lo = torch.zeros(c, **f64)
-        self.gram_lo = torch.zeros(c, c, **f64)
+        p = packed.packed_size(c) if "gram" in self.parts else 0
+        self.gram_packed = torch.zeros(p, **f64)
+        self.gram_packed_lo = torch.zeros(p, **f64)
         self.counts = torch.zeros(c, bins, **i64)
         self.minimum = torch.full((c,), float("inf"), **f64)
         self.maximum = torch.full((c,), float("-inf"), **f64)
@@ -204,7 +245,8 @@ class ChannelStats:
     def __repr__(self) -> str:
         return (
             f"ChannelStats(name={self.name!r}, num_channels={self.num_channels}, bins={self.bins}, "
-            f"range_mode={self.range_mode!r}, read_at={self.read_at!r}, count={self.count})"
+            f"range_mode={self.range_mode!r}, read_at={self.read_at!r}, parts={self.parts!r}, "
+            f"count={self.count})"
         )
 
     @property
@@ -221,7 +263,36 @@ class ChannelStats:
     @property
     def device(self) -> torch.device:
         """Device holding the statistics."""
-        return self.gram.device
+        return self.sums.device
+
+    @property
+    def gram(self) -> torch.Tensor:
+        """Tensor[C, C] float64, the Gram matrix ``A @ A.T`` of all samples (the rounded total),
+        exactly symmetric: a new tensor unpacked from ``gram_packed`` on each access.
+
+        Raises:
+            ValueError: the statistics were collected without the ``"gram"`` part."""
+        self._require_part("gram", "the Gram matrix")
+        return packed.unpack(self.gram_packed, self.num_channels)
+
+    @property
+    def gram_lo(self) -> torch.Tensor:
+        """Tensor[C, C] float64, the remainder of ``gram`` (``gram + gram_lo`` is the exact
+        total), unpacked from ``gram_packed_lo`` on each access.
+
+        Raises:
+            ValueError: the statistics were collected without the ``"gram"`` part."""
+        self._require_part("gram", "the Gram matrix")
+        return packed.unpack(self.gram_packed_lo, self.num_channels)
+
+    def _require_part(self, part: str, what: str) -> None:
+        """Raise unless ``part`` (one of :data:`PARTS`) was collected."""
+        if part not in self.parts:
+            raise ValueError(
+                f"layer '{self.name}': {what} needs the '{part}' statistics, but they were "
+                f"collected with parts={self.parts!r}; recollect with '{part}' in parts "
+                f"(e.g. calibrate(..., parts={PARTS!r}))"
+            )
 
     # ----------------------------------------------------------------------------- accumulation
 
@@ -245,8 +316,11 @@ class ChannelStats:
             return
         x = x.detach()  # statistics never take part in autograd
         backend = resolve_backend(self.backend, self.device, self.name, x.dtype)
+        if backend == "cpp" and x.dtype != torch.float64 and self._fused():
+            self._update_cpp(x)
+            return
         # Everything that can raise comes first: a refused batch adds nothing.
-        batch = BATCH_FUNCTIONS[backend](x, self.bins)
+        batch = BATCH_FUNCTIONS[backend](x, self.bins, "gram" in self.parts)
         bad = 0
         if not isinstance(batch.nonfinite, torch.Tensor) and batch.nonfinite:
             _, bad = self._finite(self._as_samples(x))  # raises, naming the channels
@@ -260,9 +334,44 @@ class ChannelStats:
             )
         self._add(batch, x.numel() // self.num_channels)
 
-    def _check_range(self, sums: torch.Tensor, gram: torch.Tensor) -> None:
+    def _update_cpp(self, x: torch.Tensor) -> None:
+        """``update`` of a 16/32-bit CPU batch: one C++ call for histograms, extremes, sums and
+        their merge (:func:`icprune.stats.backends.cpp_update`), one BLAS syrk whose upper
+        triangle is added into the packed total in one pass. A batch with NaN/Inf under
+        ``nan_policy="raise"`` changes nothing (the C++ call leaves the state as it was)."""
+        zero = self.nan_policy == "zero"
+        bad, maxabs = cpp_update(
+            x,
+            self._running(),
+            channel_range=self.range_mode == "channel",
+            histogram="histogram" in self.parts,
+            commit_nonfinite=zero,
+        )
+        if bad and not zero:
+            self._finite(self._as_samples(x))  # raises, naming the channels
+        self._nonfinite += bad
+        self.count += x.numel() // self.num_channels
+        if "gram" in self.parts:
+            x3 = x.reshape(x.shape[0], self.num_channels, -1)
+            g, two_e = gram_syrk(torch.nan_to_num(x3, 0.0, 0.0, 0.0) if bad else x3, maxabs)
+            packed.add_upper_(self.gram_packed, self.gram_packed_lo, g, two_e)
+
+    def _running(self) -> dict[str, torch.Tensor]:
+        """The running-statistics tensors the C++ routines update in place, by name."""
+        return {key: getattr(self, key) for key in RUNNING_KEYS}
+
+    def _fused(self) -> bool:
+        """True when the C++ routines can update the statistics in place (CPU, extension built,
+        contiguous tensors)."""
+        return HAVE_EXT and all(
+            t.device.type == "cpu" and t.is_contiguous() for t in self._running().values()
+        )
+
+    def _check_range(self, sums: torch.Tensor, gram: torch.Tensor | None) -> None:
         """Raise unless a batch's sums and Gram matrix, added to the totals, stay finite."""
-        total = (self.sums.abs() + sums.abs()).sum() + (self.gram.abs() + gram.abs()).sum()
+        total = (self.sums.abs() + sums.abs()).sum() + self.gram_packed.abs().sum()
+        if gram is not None:
+            total = total + gram.abs().sum()
         if not bool(torch.isfinite(total)):
             raise ValueError(
                 f"layer '{self.name}': the sums of squares of the {self._what} overflow "
@@ -339,7 +448,8 @@ class ChannelStats:
 
     def widen_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
         """Widen the range of every channel to include [lo, hi], moving the histogram to the bin
-        layout of the wider range exactly (neighbouring bins merge; no count changes).
+        layout of the wider range exactly (neighbouring bins merge; no count changes; statistics
+        without the ``"histogram"`` part only update extremes and layout).
 
         Used to bring several instances to one layout before their counts are summed
         (:func:`icprune.stats.distributed.all_reduce_stats`). A range already wider stays.
@@ -349,7 +459,8 @@ class ChannelStats:
         """
         lo, hi = torch.minimum(self.minimum, lo), torch.maximum(self.maximum, hi)
         exponent, offset = self._layout_for(lo, hi)
-        self.counts = rebin(self.counts, self.bin_exponent, self.bin_offset, exponent, offset)
+        if "histogram" in self.parts:
+            self.counts = rebin(self.counts, self.bin_exponent, self.bin_offset, exponent, offset)
         self.bin_exponent, self.bin_offset = exponent, offset
         self.minimum, self.maximum = lo, hi
 
@@ -358,20 +469,39 @@ class ChannelStats:
         batch: BatchStats,
         count: int,
         sums_lo: torch.Tensor | None = None,
-        gram_lo: torch.Tensor | None = None,
+        gram_packed: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Add the statistics of ``count`` samples, given in their own bin layout, exactly
-        (``sums_lo``/``gram_lo``: compensation terms of ``batch.sums``/``batch.gram``, if any).
-        The Gram terms are added with their upper triangle mirrored, so ``gram`` stays exactly
-        symmetric whoever computed them."""
-        self.widen_range(batch.minimum, batch.maximum)
-        self.counts += rebin(
-            batch.counts, batch.bin_exponent, batch.bin_offset, self.bin_exponent, self.bin_offset
-        )
+        (``sums_lo``: compensation term of ``batch.sums``, if any). The Gram term is
+        ``batch.gram``'s upper triangle (so the total stays exactly symmetric whoever computed
+        it), or, when merging, ``gram_packed``: another packed total ``(hi, lo)``."""
+        histogram = "histogram" in self.parts
+        if batch.counts.device.type == "cpu" and self._fused():
+            cpp_merge(
+                self._running(),
+                batch,
+                sums_lo,
+                channel_range=self.range_mode == "channel",
+                histogram=histogram,
+            )
+        else:
+            self.widen_range(batch.minimum, batch.maximum)
+            if histogram:
+                self.counts += rebin(
+                    batch.counts,
+                    batch.bin_exponent,
+                    batch.bin_offset,
+                    self.bin_exponent,
+                    self.bin_offset,
+                )
+            add_(self.sums, self.sums_lo, batch.sums, sums_lo)
         self.count += count
-        add_(self.sums, self.sums_lo, batch.sums, sums_lo)
-        gram_lo = None if gram_lo is None else mirror_upper(gram_lo)
-        add_(self.gram, self.gram_lo, mirror_upper(batch.gram), gram_lo)
+        if "gram" not in self.parts:
+            return
+        if gram_packed is not None:
+            add_(self.gram_packed, self.gram_packed_lo, *gram_packed)
+        else:
+            packed.add_upper_(self.gram_packed, self.gram_packed_lo, batch.gram)
 
     def sync(self) -> None:
         """Read back the non-finite values counted on the device by Triton updates (one host
@@ -396,8 +526,8 @@ class ChannelStats:
         self._nonfinite += bad
 
     def merge(self, other: ChannelStats) -> ChannelStats:
-        """Add the statistics of ``other`` (same channels, bins, range mode and read point) into
-        ``self``.
+        """Add the statistics of ``other`` (same channels, bins, range mode, read point and parts)
+        into ``self``.
 
         Merging is exact: the result equals one instance updated with the batches of both, bit
         for bit (within the limits stated in the class docstring).
@@ -411,19 +541,20 @@ class ChannelStats:
 
         Raises:
             TypeError: ``other`` is not a ChannelStats.
-            ValueError: other channels, bins, range mode or read point (nothing is changed), or
-                non-finite values pending on the device under ``nan_policy="raise"``.
+            ValueError: other channels, bins, range mode, read point or parts (nothing is
+                changed), or non-finite values pending on the device under
+                ``nan_policy="raise"``.
         """
         if not isinstance(other, ChannelStats):
             raise TypeError(
                 f"layer '{self.name}': can only merge a ChannelStats, got {type(other).__name__}"
             )
-        mine = (self.num_channels, self.bins, self.range_mode, self.read_at)
-        theirs = (other.num_channels, other.bins, other.range_mode, other.read_at)
+        mine = (self.num_channels, self.bins, self.range_mode, self.read_at, self.parts)
+        theirs = (other.num_channels, other.bins, other.range_mode, other.read_at, other.parts)
         if mine != theirs:
             raise ValueError(
                 f"layer '{self.name}': cannot merge statistics with (channels, bins, range_mode, "
-                f"read_at) = {theirs} into {mine}; collect both with the same settings"
+                f"read_at, parts) = {theirs} into {mine}; collect both with the same settings"
             )
         self.sync()
         other.sync()
@@ -431,10 +562,14 @@ class ChannelStats:
         # Merging an instance into itself doubles it: read from a copy, not from the tensors
         # being updated in place.
         copy = other is self
-        kept = (f for f in BatchStats._fields if f != "nonfinite")  # read back by sync() above
+        kept = (f for f in BatchStats._fields if f not in ("gram", "nonfinite"))
         batch = {key: getattr(other, key).to(dev, copy=copy) for key in kept}
-        sums_lo, gram_lo = (t.to(dev, copy=copy) for t in (other.sums_lo, other.gram_lo))
-        self._add(BatchStats(**batch, nonfinite=0), other.count, sums_lo, gram_lo)
+        parts = (other.sums_lo, other.gram_packed, other.gram_packed_lo)
+        sums_lo, gram_hi, gram_lo = (t.to(dev, copy=copy) for t in parts)
+        # nonfinite: read back by sync() above, added below.
+        self._add(
+            BatchStats(**batch, gram=None, nonfinite=0), other.count, sums_lo, (gram_hi, gram_lo)
+        )
         self.nonfinite += other.nonfinite
         return self
 
@@ -442,7 +577,11 @@ class ChannelStats:
 
     def state_dict(self) -> dict[str, object]:
         """Everything needed to restore these statistics: tensors and plain Python values only,
-        so ``torch.save``/``torch.load(weights_only=True)`` round-trips it bit-identically."""
+        so ``torch.save``/``torch.load(weights_only=True)`` round-trips it bit-identically.
+
+        Version :data:`STATE_VERSION`: ``"gram"`` and ``"gram_lo"`` are the packed triangles
+        (Tensor[C (C + 1) / 2] float64, :mod:`icprune.stats.packed`; empty without the ``"gram"``
+        part), ``"parts"`` a list of the parts kept."""
         self.sync()
         return {
             "version": STATE_VERSION,
@@ -454,10 +593,11 @@ class ChannelStats:
             "read_at": self.read_at,
             "count": self.count,
             "nonfinite": self.nonfinite,
+            "parts": list(self.parts),
             "sums": self.sums.clone(),
-            "gram": self.gram.clone(),
+            "gram": self.gram_packed.clone(),
             "sums_lo": self.sums_lo.clone(),
-            "gram_lo": self.gram_lo.clone(),
+            "gram_lo": self.gram_packed_lo.clone(),
             "counts": self.counts.clone(),
             "minimum": self.minimum.clone(),
             "maximum": self.maximum.clone(),
@@ -470,15 +610,18 @@ class ChannelStats:
         device).
 
         Everything is checked before anything is assigned, so a refused state leaves this
-        instance exactly as it was. Checked: every key present; the version; channels, bins and
-        range mode equal to this instance's; ``nan_policy`` and ``read_at`` among the allowed
-        values; ``count`` and ``nonfinite`` ints >= 0; every tensor of the right type (dense,
-        the dtype :meth:`state_dict` writes: no casting), shape and finiteness; histogram counts
-        >= 0 summing to ``count`` in every channel; extremes ordered (or empty when ``count`` is
-        0); the bin layout equal to the one the extremes give; each compensation term below
-        half an ulp of its total; a Gram matrix with a non-negative diagonal that is symmetric
-        (up to :data:`GRAM_ASYMMETRY` of its largest entry, the round-off of an older file's
-        BLAS product; its upper triangle is then kept and mirrored).
+        instance exactly as it was. Checked: every key present; the version (one of
+        :data:`READABLE_VERSIONS`); channels, bins, range mode and parts equal to this
+        instance's; ``nan_policy`` and ``read_at`` among the allowed values; ``count`` and
+        ``nonfinite`` ints >= 0; every tensor of the right type (dense, the dtype
+        :meth:`state_dict` writes: no casting), shape and finiteness; histogram counts >= 0
+        summing to ``count`` in every channel (all zero without the ``"histogram"`` part);
+        extremes ordered (or empty when ``count`` is 0); the bin layout equal to the one the
+        extremes give; each compensation term below half an ulp of its total; a Gram matrix with
+        a non-negative diagonal. Version 2 files hold full C x C matrices: they must be symmetric
+        (up to :data:`GRAM_ASYMMETRY` of the largest entry, the round-off of an older file's BLAS
+        product) and their upper triangle is kept, so they load to the same statistics as
+        before; version 3 files hold the packed triangles and load back bit for bit.
 
         Args:
             state: a mapping as returned by :meth:`state_dict` (e.g. read back with
@@ -498,12 +641,14 @@ class ChannelStats:
         if not isinstance(state, Mapping):
             raise ValueError(f"{where} must be a dict (from state_dict()), got {type(state)}")
         version = state.get("version")
-        if not _is_int(version) or version != STATE_VERSION:
+        if not _is_int(version) or version not in READABLE_VERSIONS:
             raise ValueError(
                 f"layer '{self.name}': statistics state has version {version!r}, this icprune "
-                f"reads version {STATE_VERSION}; recompute the statistics with this version"
+                f"reads versions {READABLE_VERSIONS}; recompute the statistics with this version"
             )
-        missing = [key for key in STATE_KEYS if key not in state]
+        full = version == 2  # full C x C Gram matrices, both parts
+        keys = [key for key in STATE_KEYS if not (full and key == "parts")]
+        missing = [key for key in keys if key not in state]
         if missing:
             raise ValueError(
                 f"{where} lack the key(s) {missing}; they were not written by "
@@ -524,6 +669,12 @@ class ChannelStats:
             )
         if state["read_at"] not in READ_AT:
             raise ValueError(f"{where} have read_at {state['read_at']!r}, not one of {READ_AT}")
+        parts = PARTS if full else checked_parts(state["parts"], f"{where}: 'parts'")
+        if parts != self.parts:
+            raise ValueError(
+                f"layer '{self.name}': saved statistics have parts {parts!r}, this instance "
+                f"{self.parts!r}; create ChannelStats with the saved parts (from_state_dict does)"
+            )
         count, nonfinite = state["count"], state["nonfinite"]
         for key, value in (("count", count), ("nonfinite", nonfinite)):
             if not _is_int(value) or value < 0:
@@ -534,7 +685,9 @@ class ChannelStats:
                 f"{self.num_channels} channels"
             )
         c = self.num_channels
-        shapes = {"gram": (c, c), "gram_lo": (c, c), "counts": (c, self.bins)}
+        p = packed.packed_size(c) if "gram" in parts else 0
+        gram_shape = (c, c) if full else (p,)
+        shapes = {"gram": gram_shape, "gram_lo": gram_shape, "counts": (c, self.bins)}
         t = {}
         for key in STATE_TENSORS:
             value, shape, dtype = state[key], shapes.get(key, (c,)), _STATE_DTYPES[key]
@@ -563,7 +716,13 @@ class ChannelStats:
         if bool((counts < 0).any()):
             raise ValueError(f"{where}: 'counts' holds negative histogram counts")
         totals = counts.sum(1)
-        if not bool((totals == count).all()):
+        if "histogram" not in parts:
+            if bool((counts != 0).any()):
+                raise ValueError(
+                    f"{where}: 'counts' must be all zero for statistics without the "
+                    f"'histogram' part; the file is damaged"
+                )
+        elif not bool((totals == count).all()):
             bad = int(torch.nonzero(totals != count)[0])
             raise ValueError(
                 f"{where}: the histogram of channel {bad} holds {int(totals[bad])} samples but "
@@ -591,20 +750,26 @@ class ChannelStats:
                 f"{bin_exponent[:4].tolist()}...); the file is damaged"
             )
         gram = t["gram"]
-        if bool((gram.diagonal() < 0).any()):
+        diag = gram.diagonal() if full else packed.diagonal(gram, c) if p else gram
+        if bool((diag < 0).any()):
             raise ValueError(f"{where}: 'gram' has a negative diagonal entry (a sum of squares)")
-        asymmetry = float((gram - gram.T).abs().max()) if c > 1 else 0.0
-        if asymmetry > GRAM_ASYMMETRY * float(gram.abs().max()):
-            raise ValueError(
-                f"{where}: 'gram' is not symmetric (|G - G.T| up to {asymmetry:.3g}); the file "
-                f"is damaged"
-            )
-        t["gram"], t["gram_lo"] = mirror_upper(gram), mirror_upper(t["gram_lo"])
+        if full:
+            asymmetry = float((gram - gram.T).abs().max()) if c > 1 else 0.0
+            if asymmetry > GRAM_ASYMMETRY * float(gram.abs().max()):
+                raise ValueError(
+                    f"{where}: 'gram' is not symmetric (|G - G.T| up to {asymmetry:.3g}); the "
+                    f"file is damaged"
+                )
+            t["gram"], t["gram_lo"] = packed.pack_upper(gram), packed.pack_upper(t["gram_lo"])
         dev = self.device
-        values: dict[str, object] = {key: t[key].to(dev).clone() for key in STATE_TENSORS}
+        rename = {"gram": "gram_packed", "gram_lo": "gram_packed_lo"}
+        values: dict[str, object] = {
+            rename.get(key, key): t[key].to(dev).contiguous().clone() for key in STATE_TENSORS
+        }
         values["nan_policy"] = state["nan_policy"]
         values["read_at"] = state["read_at"]
         values["count"] = count
+        values["parts"] = parts
         values["_nonfinite"] = nonfinite
         values["_pending_nonfinite"] = None
         return values
@@ -649,6 +814,7 @@ class ChannelStats:
             read_at=state["read_at"],
             device=device,
             backend=backend,
+            parts=state.get("parts", PARTS),  # version 2 kept both
         )
         stats.load_state_dict(state)
         return stats
@@ -669,6 +835,7 @@ class ChannelStats:
         Returns:
             Tensor[C] float64, in nats; 0 for a constant channel, at most ``ln(bins)``.
         """
+        self._require_part("histogram", "entropy")
         self._require(1, "entropy")
         p = self.counts.to(torch.float64) / self.count
         return -torch.special.xlogy(p, p).sum(1)
@@ -687,6 +854,7 @@ class ChannelStats:
         Returns:
             Tensor[C, C] float64, symmetric, unit diagonal.
         """
+        self._require_part("gram", "correlation")
         self._require(2, "correlation")
         n = self.count
         cov = (self.gram - torch.outer(self.sums, self.sums) / n) / (n - 1)
@@ -708,8 +876,6 @@ class ChannelStats:
         Returns:
             Tensor[C, C] float64, symmetric, zero diagonal, in the units of the feature map.
         """
+        self._require_part("gram", "distance")
         self._require(1, "distance")
-        diag = self.gram.diagonal()
-        sq = (diag[:, None] + diag[None, :] - 2 * self.gram).clamp(min=0)
-        sq.fill_diagonal_(0.0)
-        return sq.sqrt()
+        return packed.distance(self.gram_packed, self.num_channels)

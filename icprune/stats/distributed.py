@@ -30,7 +30,10 @@ def check_initialized() -> None:
 
 
 def _signature(stats: Mapping[str, ChannelStats]) -> list[tuple]:
-    return [(name, s.num_channels, s.bins, s.range_mode, s.read_at) for name, s in stats.items()]
+    return [
+        (name, s.num_channels, s.bins, s.range_mode, s.read_at, s.parts)
+        for name, s in stats.items()
+    ]
 
 
 def _agree(stats: Mapping[str, ChannelStats], group) -> None:
@@ -54,9 +57,9 @@ def _agree(stats: Mapping[str, ChannelStats], group) -> None:
             if reference.get(name) != mine.get(name):
                 raise ValueError(
                     f"all_reduce_stats: layer '{name}' differs between rank 0 and rank {rank}: "
-                    f"(name, channels, bins, range_mode, read_at) = {reference.get(name)} vs "
-                    f"{mine.get(name)} (None: layer missing); calibrate the same layers with the "
-                    f"same settings on every rank"
+                    f"(name, channels, bins, range_mode, read_at, parts) = "
+                    f"{reference.get(name)} vs {mine.get(name)} (None: layer missing); calibrate "
+                    f"the same layers with the same settings on every rank"
                 )
         if list(mine) != list(reference):
             raise ValueError(
@@ -143,7 +146,7 @@ def all_reduce_stats(
     # Compensated sums and Gram: gather every rank's (hi, lo) parts, add them in rank order.
     world = dist.get_world_size(group)
     for s in layers:
-        parts = torch.cat([s.sums, s.gram.flatten(), s.sums_lo, s.gram_lo.flatten()])
+        parts = torch.cat([s.sums, s.gram_packed, s.sums_lo, s.gram_packed_lo])
         gathered = [torch.empty_like(parts) for _ in range(world)]
         dist.all_gather(gathered, parts, group=group)
         total_hi = torch.zeros_like(parts[: parts.numel() // 2])
@@ -152,6 +155,6 @@ def all_reduce_stats(
             part_hi, part_lo = rank_parts.chunk(2)
             add_(total_hi, total_lo, part_hi.contiguous(), part_lo.contiguous())
         c = s.num_channels
-        s.sums, s.gram = total_hi[:c].clone(), total_hi[c:].view(c, c).clone()
-        s.sums_lo, s.gram_lo = total_lo[:c].clone(), total_lo[c:].view(c, c).clone()
+        s.sums, s.gram_packed = total_hi[:c].clone(), total_hi[c:].clone()
+        s.sums_lo, s.gram_packed_lo = total_lo[:c].clone(), total_lo[c:].clone()
     return reduced

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -213,18 +214,20 @@ def test_calibrate_reports_device_side_non_finite_values_at_the_end():
         calibrate(net, [bad], backend="triton", progress=False)
 
 
-def _skew_square_products(monkeypatch) -> None:
-    """Square ``@`` and ``addmm_`` products made slightly asymmetric, as MKL's ``A @ A.T`` is on
-    AVX-512 CPUs: the tests below then fail on any CPU if a backend trusts the BLAS."""
-    matmul, addmm_ = torch.Tensor.__matmul__, torch.Tensor.addmm_
+def _poison_syrk_lower_triangle(monkeypatch) -> None:
+    """scipy's ssyrk/dsyrk made to leave garbage below the diagonal (a BLAS may leave anything
+    there): the tests below then fail if a backend ever reads that triangle."""
+    from scipy.linalg import blas
 
-    def skew(out):
-        return out + torch.triu(out, 1) * 2.0**-20 if out.shape[0] == out.shape[-1] else out
+    for name in ("ssyrk", "dsyrk"):
+        real = getattr(blas, name)
 
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b: skew(matmul(a, b)))
-    monkeypatch.setattr(
-        torch.Tensor, "addmm_", lambda t, a, b, **kw: t.copy_(skew(addmm_(t, a, b, **kw)))
-    )
+        def poisoned(*args, real=real, **kwargs):
+            out = real(*args, **kwargs)
+            out[np.tril_indices(out.shape[0], -1)] = 12345.0
+            return out
+
+        monkeypatch.setattr(blas, name, poisoned)
 
 
 @pytest.mark.parametrize(
@@ -240,14 +243,19 @@ def test_cpp_gram_is_exactly_symmetric_whatever_the_blas(monkeypatch, layout):
         x = x[:, :, :2, :2].contiguous()
     elif layout == "float64":
         x = x.double()
-    _skew_square_products(monkeypatch)
-    gram = backends.gram_f32(x.reshape(3, 4, -1), float(x.abs().max()))
+    _poison_syrk_lower_triangle(monkeypatch)
+    x3 = x.reshape(3, 4, -1)
+    gram = backends.gram_matrix(x3, float(x.abs().max()))
     assert torch.equal(gram, gram.T)
+    samples = x3.transpose(0, 1).reshape(4, -1).double()
+    torch.testing.assert_close(gram, samples @ samples.T, rtol=1e-5, atol=1e-5 * float(gram.max()))
     if backends.HAVE_EXT:
         s = ChannelStats(4, name="layer.x", backend="cpp")
         s.update(x)
+        s.update(x)  # the second add reads the packed total, never a lower triangle
         assert torch.equal(s.gram, s.gram.T) and torch.equal(s.distance(), s.distance().T)
         assert torch.equal(s.correlation(), s.correlation().T)
+        torch.testing.assert_close(s.gram, 2 * gram, rtol=1e-6, atol=0)
 
 
 # --------------------------------------------------------------- names across the C++ boundary
@@ -303,3 +311,93 @@ def test_the_torch_backend_is_the_one_reference():
     for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "sums", "gram"):
         assert torch.equal(getattr(stats, key), getattr(ref, key)), key
     assert backends.BATCH_FUNCTIONS["torch"] is backends.torch_batch
+
+
+# ------------------------------------------------ the fused CPU update: same bits, any threads
+
+
+def _batches(layout: str, dtype: torch.dtype) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(3, 24, 9, 9), (5, 24, 9, 9), (2, 24, 9, 9)]
+    out = [(torch.randn(s, generator=gen) * 3 + 1).relu_() - 0.5 for s in shapes]
+    if layout == "channels_last":
+        out = [x.contiguous(memory_format=torch.channels_last) for x in out]
+    return [x.to(dtype) for x in out]
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("range_mode", ["layer", "channel"])
+def test_fused_cpp_update_equals_the_batch_path_bit_for_bit(monkeypatch, layout, range_mode):
+    """ChannelStats' one-call C++ update (batch pass + merge) gives the bits of computing the
+    BatchStats first and adding them with the torch code of _add."""
+    batches = _batches(layout, torch.float32)
+    fused = ChannelStats(24, range_mode=range_mode, name="l", backend="cpp")
+    for x in batches:
+        fused.update(x)
+    from icprune.stats import channel_stats as module
+
+    monkeypatch.setattr(module, "HAVE_EXT", False)  # -> BatchStats + torch merge
+    slow = ChannelStats(24, range_mode=range_mode, name="l", backend="cpp")
+    for x in batches:
+        slow.update(x)
+    for key in ("counts", "bin_exponent", "bin_offset", "minimum", "maximum", "sums", "sums_lo"):
+        assert torch.equal(getattr(fused, key), getattr(slow, key)), key
+    assert fused.count == slow.count
+    # The Gram terms come from the same syrk: the packed totals are the same bits too.
+    assert torch.equal(fused.gram_packed, slow.gram_packed)
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_cpu_statistics_do_not_depend_on_the_thread_count(layout):
+    """torch/OpenMP threads 1 vs 2 and BLAS threads 1 vs 2: the same state, bit for bit (the C++
+    pass splits work into fixed chunks reduced in order; syrk runs on one BLAS thread)."""
+    from threadpoolctl import threadpool_limits
+
+    gen = torch.Generator().manual_seed(12)
+    # Above the C++ pass's one-thread limit (2**20 values), so that the threads split the work.
+    batches = [torch.randn(n, 24, 80, 80, generator=gen).relu_() - 0.3 for n in (7, 2)]
+    if layout == "channels_last":
+        batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
+    states = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            with threadpool_limits(threads):
+                s = ChannelStats(24, name="l", backend="cpp")
+                for x in batches:
+                    s.update(x)
+                states.append(s.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    for key, value in states[0].items():
+        other = states[1][key]
+        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+
+
+@pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    c=st.integers(1, 70),
+    spatial=st.sampled_from([(), (1,), (3, 5), (16, 16)]),
+    bins=st.sampled_from([2, 7, 64]),
+    channels_last=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpp_pass_without_histograms_matches_the_reference(
+    n, c, spatial, bins, channels_last, seed
+):
+    x = torch.randn(n, c, *spatial, generator=torch.Generator().manual_seed(seed))
+    if channels_last and len(spatial) == 2:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = backends.ext.channel_stats(x.reshape(n, c, -1).numpy(), 2, bins, False)
+    ref = backends.torch_batch(x, bins)
+    assert not out["counts"].any()
+    for key in ("bin_exponent", "bin_offset", "minimum", "maximum"):
+        assert torch.equal(torch.from_numpy(out[key]), getattr(ref, key)), key
+    torch.testing.assert_close(
+        torch.from_numpy(out["sums"]), ref.sums, rtol=1e-12, atol=1e-12 * float(x.abs().sum())
+    )

@@ -1,5 +1,6 @@
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,12 +10,13 @@ from hypothesis import strategies as st
 
 from icprune.extension import HAVE_EXT
 from icprune.scoring import layer_scores
-from icprune.stats import compensated
+from icprune.stats import compensated, packed
 from icprune.stats.binning import bin_layout
-from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.channel_stats import PARTS, ChannelStats
 
 # Gram matrices of the same data summed in another order agree to fp64 round-off.
 GRAM_RTOL = 1e-12
+DATA = Path(__file__).parent.parent / "data"
 
 
 def _features(seed: int, n=12, c=5, h=4, w=3, dtype=torch.float32) -> torch.Tensor:
@@ -307,7 +309,7 @@ def _assert_identical(a: ChannelStats, b: ChannelStats) -> None:
             assert torch.equal(value, sb[key]), (key, (value - sb[key]).abs().max())
         else:
             assert value == sb[key], key
-    if a.count >= 2:
+    if a.count >= 2 and a.parts == PARTS:
         for independence in ("distance", "correlation"):
             sa_, sb_ = (layer_scores(s, independence=independence) for s in (a, b))
             assert torch.equal(sa_.score, sb_.score)
@@ -321,10 +323,11 @@ def _assert_identical(a: ChannelStats, b: ChannelStats) -> None:
     scale=st.sampled_from([1e-6, 1.0, 1e6]),
     dtype=st.sampled_from([torch.float32, torch.float64]),
     backend=st.sampled_from(["torch", "cpp"]),
+    kept=st.sampled_from([PARTS, ("gram",), ("histogram",), ()]),
     data=st.data(),
 )
 def test_sums_and_gram_are_bit_identical_for_any_distribution_of_batches(
-    seed, sizes, c, scale, dtype, backend, data
+    seed, sizes, c, scale, dtype, backend, kept, data
 ):
     """One instance fed every batch in order == batches dealt to several instances in any order,
     merged in any order: sums, gram (plain float64 sums would differ in the last bits), counts
@@ -337,7 +340,7 @@ def test_sums_and_gram_are_bit_identical_for_any_distribution_of_batches(
         ((torch.randn(n, c, 5, generator=gen, dtype=torch.float64) + shift) * scale).to(dtype)
         for n in sizes
     ]
-    one_pass = ChannelStats(c, bins=16, name="layer.test", backend=backend)
+    one_pass = ChannelStats(c, bins=16, name="layer.test", backend=backend, parts=kept)
     for x in batches:
         one_pass.update(x)
     parts = data.draw(st.integers(1, 4))
@@ -345,11 +348,14 @@ def test_sums_and_gram_are_bit_identical_for_any_distribution_of_batches(
         st.lists(st.integers(0, parts - 1), min_size=len(batches), max_size=len(batches))
     )
     order = data.draw(st.permutations(range(len(batches))))
-    pieces = [ChannelStats(c, bins=16, name="layer.test", backend=backend) for _ in range(parts)]
+    pieces = [
+        ChannelStats(c, bins=16, name="layer.test", backend=backend, parts=kept)
+        for _ in range(parts)
+    ]
     for i in order:
         pieces[owner[i]].update(batches[i])
     merge_order = data.draw(st.permutations(range(parts)))
-    merged = ChannelStats(c, bins=16, name="layer.test", backend=backend)
+    merged = ChannelStats(c, bins=16, name="layer.test", backend=backend, parts=kept)
     for i in merge_order:
         merged.merge(pieces[i])
     _assert_identical(one_pass, merged)
@@ -416,17 +422,29 @@ def test_gram_correlation_and_distance_are_exactly_symmetric_whatever_the_blas(m
     _assert_symmetric(s)
 
 
-def test_merge_keeps_gram_symmetric_even_from_an_asymmetric_instance():
+def test_the_gram_matrix_is_kept_as_one_packed_triangle():
     a, b = _stats(_features(42)), _stats(_features(43))
-    b.gram = b.gram + torch.triu(b.gram, 1) * 2.0**-30  # e.g. set by hand
+    assert a.gram_packed.shape == a.gram_packed_lo.shape == (5 * 6 // 2,)
+    j, i = torch.tril_indices(5, 5)
+    assert torch.equal(a.gram[j, i], a.gram_packed) and torch.equal(a.gram[i, j], a.gram_packed)
     a.merge(b)
     _assert_symmetric(a)
 
 
+def _as_version_2(state: dict) -> dict:
+    """A version-2 state (full C x C Gram matrices, no 'parts') with the statistics of a
+    version-3 ``state`` of both parts."""
+    old = {k: v for k, v in state.items() if k != "parts"}
+    c = state["num_channels"]
+    old["gram"], old["gram_lo"] = (packed.unpack(state[k], c) for k in ("gram", "gram_lo"))
+    return {**old, "version": 2}
+
+
 def test_load_state_dict_mirrors_a_slightly_asymmetric_gram_and_refuses_a_tampered_one():
     state = _stats(_features(44)).state_dict()
-    gram = state["gram"]
-    old = {**state, "gram": gram + torch.triu(gram, 1) * 2.0**-30}  # an older file's round-off
+    v2 = _as_version_2(state)
+    gram = v2["gram"]
+    old = {**v2, "gram": gram + torch.triu(gram, 1) * 2.0**-30}  # an older file's round-off
     s = ChannelStats(5, bins=16, name="layer.test")
     s.load_state_dict(old)
     _assert_symmetric(s)
@@ -434,7 +452,32 @@ def test_load_state_dict_mirrors_a_slightly_asymmetric_gram_and_refuses_a_tamper
     tampered = gram.clone()
     tampered[0, 1] += 0.1 * gram.abs().max()
     with pytest.raises(ValueError, match="'gram' is not symmetric"):
-        s.load_state_dict({**state, "gram": tampered})
+        s.load_state_dict({**v2, "gram": tampered})
+
+
+def test_version_2_files_written_by_the_old_code_load_to_the_same_statistics():
+    """tests/data/stats_state_v2.pt was written by icprune with state version 2 (full Gram
+    matrices, before the packed triangle) from: for range_mode in ("layer", "channel"):
+    ChannelStats(5, bins=16, range_mode=mode, name=f"layer.{mode}", read_at="bn",
+    backend="torch") updated with 3 batches torch.randn(2, 5, 3, 3, float64) * (i + 1) of one
+    Generator seeded 2026. The same batches give the same statistics today, bit for bit (the
+    float64 torch path is unchanged), and the old file loads to them."""
+    saved = torch.load(DATA / "stats_state_v2.pt", weights_only=True)
+    gen = torch.Generator().manual_seed(2026)
+    for mode in ("layer", "channel"):
+        assert saved[mode]["version"] == 2 and saved[mode]["gram"].shape == (5, 5)
+        fresh = ChannelStats(
+            5, bins=16, range_mode=mode, name=f"layer.{mode}", read_at="bn", backend="torch"
+        )
+        for i in range(3):
+            fresh.update(torch.randn(2, 5, 3, 3, generator=gen, dtype=torch.float64) * (i + 1))
+        loaded = ChannelStats.from_state_dict(saved[mode], backend="torch")
+        _assert_identical(loaded, fresh)
+        assert torch.equal(loaded.gram, saved[mode]["gram"])
+        assert torch.equal(loaded.gram_lo, saved[mode]["gram_lo"])
+        for key, value in fresh.state_dict().items():  # re-saved as version 3, bit-identical
+            other = loaded.state_dict()[key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
 
 
 # ------------------------------------------------------------------- validated, atomic loads
@@ -602,3 +645,71 @@ def test_update_takes_tensors_that_require_grad():
         s = ChannelStats(3, name="layer.test", backend=backend)
         s.update(torch.randn(4, 3, 2, requires_grad=True))
         assert s.count == 8 and not s.gram.requires_grad
+
+
+# ------------------------------------------------------------------- parts: what is collected
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kept", [("histogram",), ("gram",), ()])
+def test_parts_keep_what_is_asked_and_the_same_values(backend, kept):
+    if backend == "cpp" and not HAVE_EXT:
+        pytest.skip("no icprune._C")
+    x, more = _features(60), _features(61)
+    full = _stats(x, backend=backend)
+    full.update(more)
+    part = _stats(x, backend=backend, parts=kept)
+    part.update(more)
+    assert part.parts == kept and part.count == full.count
+    assert torch.equal(part.sums, full.sums) and torch.equal(part.minimum, full.minimum)
+    assert torch.equal(part.bin_exponent, full.bin_exponent)
+    if "histogram" in kept:
+        assert torch.equal(part.counts, full.counts)
+        assert torch.equal(part.entropy(), full.entropy())
+    else:
+        assert not part.counts.any()
+        with pytest.raises(ValueError, match="layer 'layer.test': entropy needs the 'histogram'"):
+            part.entropy()
+    if "gram" in kept:
+        assert torch.equal(part.gram, full.gram) and torch.equal(part.distance(), full.distance())
+    else:
+        assert part.gram_packed.numel() == 0
+        for estimator in (part.correlation, part.distance, lambda: part.gram):
+            with pytest.raises(ValueError, match="needs the 'gram' statistics"):
+                estimator()
+    state = part.state_dict()
+    assert state["parts"] == list(kept)
+    restored = ChannelStats.from_state_dict(state, backend=backend)
+    _assert_identical(restored, part)
+    with pytest.raises(ValueError, match="saved statistics have parts"):
+        ChannelStats(5, bins=16, name="layer.test").load_state_dict(state)
+    with pytest.raises(ValueError, match="cannot merge"):
+        full.merge(part)
+
+
+@pytest.mark.parametrize("parts", ["gram", ("gram", "gram"), ("entropy",), None])
+def test_bad_parts_are_refused(parts):
+    with pytest.raises(ValueError, match="layer 'x': parts must be a tuple of distinct names"):
+        ChannelStats(3, name="x", parts=parts)
+
+
+def test_a_state_without_histograms_must_hold_zero_counts():
+    state = _stats(_features(62), parts=("gram",)).state_dict()
+    state["counts"] = state["counts"].clone()
+    state["counts"][0, 0] = 1
+    with pytest.raises(ValueError, match="'counts' must be all zero"):
+        ChannelStats.from_state_dict(state)
+
+
+def test_calibrate_keeps_the_parts_asked_for():
+    import icprune
+    from icprune import models
+
+    torch.manual_seed(0)
+    model = models.resnet20().eval()
+    data = [torch.randn(2, 3, 32, 32)]
+    only_gram = icprune.calibrate(model, data, parts=("gram",), progress=False)
+    both = icprune.calibrate(model, data, progress=False)
+    for name, s in only_gram.items():
+        assert s.parts == ("gram",) and not s.counts.any()
+        assert torch.equal(s.gram_packed, both[name].gram_packed)
