@@ -14,9 +14,12 @@ Every collective runs on the model's device (CPU tensors for gloo, CUDA tensors 
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from icprune.structure.layers import is_batchnorm
 
@@ -44,6 +47,17 @@ def resolve(distributed: bool | None) -> bool:
             "to decide from the environment"
         )
     return bool(distributed)
+
+
+def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` in DistributedDataParallel (parameters broadcast from process 0 now, gradients
+    averaged in every backward), buffers not synchronised in the forward passes: BatchNorm keeps
+    each process's running statistics until :func:`average_batchnorm_buffers`. torch 2.13
+    renamed ``broadcast_buffers`` to ``forward_sync_buffers``; the one this torch has is used."""
+    ids = [device] if device.type == "cuda" else None
+    names = inspect.signature(DistributedDataParallel.__init__).parameters
+    option = "forward_sync_buffers" if "forward_sync_buffers" in names else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=ids, **{option: False})
 
 
 def agree_on_steps(steps: int, device: torch.device) -> None:

@@ -24,7 +24,6 @@ from collections.abc import Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 
 from icprune.batches import iter_batches, model_device, progress_bar
 from icprune.evaluation import check_targets, labelled_batch
@@ -229,9 +228,7 @@ def finetune(
     student.train()
     forward, check = student, None
     if distributed:  # parameters broadcast from process 0 here; gradients averaged in backward
-        ids = [dev] if dev.type == "cuda" else None
-        forward = DistributedDataParallel(student, device_ids=ids, broadcast_buffers=False)
-        check = ddp.StepCheck(dev)
+        forward, check = ddp.wrap(student, dev), ddp.StepCheck(dev)
     loss_of = _LossOf(student, forward, teacher, dev, temperature, distill_weight)
     for epoch in range(1, epochs + 1):
         bar = progress_bar(
