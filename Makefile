@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.icprune-installed
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint bench quality quality-lite0 clean
+.PHONY: demo test test-torchvision test-torchvision-full .venv-tv lint bench quality quality-lite0 clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The main suite first (a failure there shows before the second venv is built), then the
+# torchvision suite in .venv-tv (zoo equality and the pruning matrix, one model per family).
 test: lint
 	$(PY) -m pytest
+	$(MAKE) --no-print-directory test-torchvision
+
+test-torchvision: $(TV_STAMP)
+	$(TV_PY) -m pytest tests/torchvision
+
+# Every torchvision classification model (hours on two CPU cores).
+test-torchvision-full: $(TV_STAMP)
+	ICPRUNE_FULL_MATRIX=1 $(TV_PY) -m pytest tests/torchvision
 
 quality: $(STAMP)
 	$(PY) -m bench.quality
@@ -38,9 +48,10 @@ quality-lite0: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[quality]'
 	$(PY) -m bench.quality.lite0
 
-# Second venv for tests/torchvision: torchvision 0.29.1 needs torch 2.14.1 (both on local disk).
-# icprune is installed editable without building its extension (ICPRUNE_BUILD_EXT=0): the
-# in-place icprune/_C*.so that $(STAMP) built needs numpy only, no libtorch, and loads here too.
+# Second venv for tests/torchvision: torchvision 0.29.1 needs torch 2.14.1 (both on local disk),
+# and timm (which takes that torch). icprune is installed editable without building its
+# extension (ICPRUNE_BUILD_EXT=0): the in-place icprune/_C*.so that $(STAMP) built needs numpy
+# only, no libtorch, and loads here too.
 TV_VENV := .venv-tv
 TV_PY := $(TV_VENV)/bin/python
 TV_STAMP := $(TV_VENV)/.icprune-installed
@@ -51,8 +62,10 @@ $(TV_STAMP): pyproject.toml setup.py | $(STAMP)
 	$(TV_PY) -m pip install --quiet --upgrade pip
 	$(TV_PY) -m pip install --quiet $(TV_TORCH)
 	ICPRUNE_BUILD_EXT=0 $(TV_PY) -m pip install --quiet -e . pytest 'hypothesis>=6.90' \
-		'torch-pruning==1.6.1'
+		'torch-pruning==1.6.1' 'timm==1.0.31'
 	touch $(TV_STAMP)
+
+.venv-tv: $(TV_STAMP)
 
 clean:
 	rm -rf $(VENV) $(TV_VENV) build *.egg-info icprune/_C*.so

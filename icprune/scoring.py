@@ -161,9 +161,10 @@ def score(
             ``"weights"``, data-free, statistics of each layer's weights; None, ``"features"``
             when ``data`` or ``stats`` is given, else ``"weights"`` - and ``lam``,
             ``independence``, ``normalization``); ``stats_config=`` (:class:`icprune.StatsConfig`
-            of the statistics computed here, from data or weights; ``backend`` applies to data
-            only); ``calibration_config=`` (:class:`icprune.CalibrationConfig`, passed to
-            :func:`icprune.calibrate`; ``source="features"`` with ``data`` only). E.g.
+            of the statistics computed here, from data or weights, ``backend`` included:
+            :func:`icprune.weight_stats`); ``calibration_config=``
+            (:class:`icprune.CalibrationConfig`, passed to :func:`icprune.calibrate`;
+            ``source="features"`` with ``data`` only). E.g.
             ``score(model, data, lam=0.5, norm="minmax", bins=32, max_batches=8)``.
 
     Returns:

@@ -1,12 +1,13 @@
 """Scores and plans pinned to values stored before the package was regrouped (tests/data/).
 
-A move of code must not move a number: data-free scores of resnet20 and mobilenet_v2, float64
-feature-map scores of resnet20 and the kept channels of a 50 % FLOPs plan for both resnet20
-cases, against ``tests/data/pinned_scores.json``. Scores are compared within a relative 1e-9
-of each vector's largest magnitude: the float64 Gram products are BLAS calls whose last bits
-differ between CPUs (histogram counts, hence capacities, are exact everywhere). The plans'
-kept indices are compared exactly; their adjacent group scores lie at least 4e-6 apart (or
-tie exactly at 0 and 1, the ends of the min-max scale), far beyond that tolerance.
+A move of code must not move a number: data-free scores (float64 reference backend) of resnet20
+and mobilenet_v2, float64 feature-map scores of resnet20 and the kept channels of a 50 % FLOPs
+plan for both resnet20 cases, against ``tests/data/pinned_scores.json``. Scores are compared
+within a relative 1e-9 of each vector's largest magnitude: the float64 Gram products are BLAS
+calls whose last bits differ between CPUs (histogram counts, hence capacities, are exact
+everywhere). The plans' kept indices are compared exactly; their adjacent group scores lie at
+least 4e-6 apart (or tie exactly at 0 and 1, the ends of the min-max scale), far beyond that
+tolerance.
 """
 
 import json
@@ -30,8 +31,8 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
 
 
 def _scores(kind: str, model: torch.nn.Module, shape) -> dict:
-    if kind == "weights":
-        return icprune.score(model)
+    if kind == "weights":  # the float64 reference; the default (float32 Gram) is tested apart
+        return icprune.score(model, backend="torch")
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(2, *shape, generator=g, dtype=torch.float64) for _ in range(2)]
     scores = icprune.score(model.double(), data, backend="torch", progress=False)

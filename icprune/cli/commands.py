@@ -420,25 +420,34 @@ def _prune(args, source: str, launch: Launch, folder: RunFolder, checkpoints) ->
     timings = {}
     with timed(timings, "score_s"):
         scores = _scores(model, data, source, args, folder, launch)
-    if launch.rank != 0:
-        return ExitCode.OK  # process 0 plans, prunes, measures and writes
+    # Process 0 plans, prunes, measures and writes; under torchrun every process fine-tunes
+    # (DistributedDataParallel), so each first makes the same plan from the same scores.
+    if launch.rank != 0 and not args.finetune_epochs:
+        return ExitCode.OK
+    progress = progress and launch.rank == 0
     with timed(timings, "plan_apply_s"):
         chosen = _plan(model, scores, example, args)
         pruned = apply(model, chosen)
     if data is not None and args.data != SYNTHETIC:
-        with timed(timings, "recalibrate_bn_s"):
+        with timed(timings, "recalibrate_bn_s"):  # all of the data: the same in every process
             recalibrate_bn(pruned, data.batches, progress=progress)
     if args.finetune_epochs:
+        train = data.batches
+        if launch.distributed:  # complete rounds of full batches: the same steps everywhere
+            train = data.shard(launch.rank, launch.world_size, batch_size=args.batch_size).batches
         with timed(timings, "finetune_s"), _reworded():
             finetune(
                 pruned,
-                data.batches,
+                train,
                 args.finetune_epochs,
                 lr=args.lr,
                 teacher=None if args.no_distill else model,
                 progress=progress,
                 inplace=True,
+                distributed=launch.distributed,
             )
+    if launch.rank != 0:
+        return ExitCode.OK
     _check_finite(model, pruned, example, args)
     settings = _settings(args, source=source, data_description=data and data.description)
     folder.write_results(pruned=pruned, plan=chosen, scores=scores, settings=settings)

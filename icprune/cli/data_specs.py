@@ -74,11 +74,19 @@ class DataSpec:
     description: str
     targets: torch.Tensor | None = None
 
-    def shard(self, rank: int, world_size: int) -> DataSpec:
+    def shard(self, rank: int, world_size: int, *, batch_size: int | None = None) -> DataSpec:
         """Every ``world_size``-th batch from batch ``rank`` on (read lazily), e.g. one process's
-        share of the calibration data; ``num_samples`` stays that of the whole data."""
+        share of the calibration data; ``num_samples`` stays that of the whole data.
+
+        With ``batch_size`` (the size of every batch but a shorter last one) only complete
+        rounds of ``world_size`` full batches are shared out, ``(num_samples // batch_size) //
+        world_size`` per process, and the rest is left out: every process then has as many
+        batches of the same size, and round k is the global batch that distributed fine-tuning
+        takes its k-th step on."""
         batches = self.batches
         count = len(range(rank, len(batches), world_size))
+        if batch_size is not None:
+            count = (self.num_samples // batch_size) // world_size
         shard = _Batches(count, lambda i: batches[rank + i * world_size])
         return replace(self, batches=shard, description=f"{self.description}, shard {rank}")
 

@@ -4,7 +4,10 @@
 ``LOCAL_RANK`` in the environment). Each takes every N-th calibration batch, on its own GPU
 (``cuda:LOCAL_RANK``, NCCL) or on the CPU (gloo); their statistics are combined exactly
 (:func:`icprune.all_reduce_stats`), so the scores and the plan equal a single process's. Process
-0 then does the rest (planning, re-estimation, fine-tuning, measuring, writing); the others stop.
+0 then does the rest (planning, re-estimation, measuring, writing); the others stop, except with
+``--finetune-epochs``: then every process plans, prunes and re-estimates the BatchNorm statistics
+alike, and fine-tunes with DistributedDataParallel (:func:`icprune.finetune`), each on every N-th
+batch, so a step's global batch is N batches (``--batch-size`` per process).
 """
 
 from __future__ import annotations

@@ -9,6 +9,10 @@ model) the loss adds knowledge distillation (Hinton et al. 2015):
 
 with student logits s, teacher logits t, temperature T and ``distill_weight`` w; the T^2 keeps
 the gradient scale of the distillation term independent of T.
+
+Under ``torchrun`` (an initialised process group of several processes) the model is trained
+with ``DistributedDataParallel``: each process passes its shard of every global batch, and each
+step equals one process's step on the whole global batch (see :func:`finetune`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import Tensor, nn
 from icprune.batches import iter_batches, model_device, progress_bar
 from icprune.evaluation import check_targets, labelled_batch
 from icprune.modes import frozen
+from icprune.recovery import distributed as ddp
 
 
 def distillation_loss(
@@ -120,6 +125,7 @@ def finetune(
     device: torch.device | str | None = None,
     progress: bool = True,
     inplace: bool = False,
+    distributed: bool | None = None,
 ) -> nn.Module:
     """Train a (pruned) classifier for a few epochs, optionally distilling from a teacher.
 
@@ -149,11 +155,27 @@ def finetune(
             ignored without a teacher).
         device: device to run on; batches are moved there. Default: the model's device. The
             models themselves are never moved.
-        progress: show a tqdm bar per epoch with the running mean loss (only on a terminal).
+        progress: show a tqdm bar per epoch with the running mean loss (only on a terminal;
+            under DDP the global batch's loss).
         inplace: train ``model`` itself (True) instead of a copy.
+        distributed: train with ``DistributedDataParallel`` over the default process group
+            (any backend: gloo on CPU, NCCL on CUDA). None (default): when a process group of
+            more than one process is initialised, as under ``torchrun``. Then every process
+            calls ``finetune`` with the same model and arguments and its *shard* of every global
+            batch: the same number of batches per epoch and, batch for batch, the same number
+            of samples in every process (``DistributedSampler(..., drop_last=True)`` with a
+            DataLoader ``drop_last=True``); both are checked, and a violation raises in every
+            process. DDP averages the gradients, so each step is the step of one process on
+            the global batch, within float round-off (the all-reduce sums in another order);
+            the parameters start from process 0's. BatchNorm layers normalise with their
+            process's shard statistics (as DDP does; convert the model to SyncBatchNorm first
+            for global batch statistics on CUDA), and at the end the running statistics are
+            averaged over the processes. Every process returns the same trained model. Any
+            error in one process (a bad batch, a non-finite loss) stops all of them.
 
     Returns:
-        the trained model (``model`` itself if ``inplace``, else the trained copy) in eval mode.
+        the trained model (``model`` itself if ``inplace``, else the trained copy) in eval mode,
+        a plain module (not the DDP wrapper).
 
     Raises:
         ValueError: bad numbers, an epoch with no batch, a model without trainable parameters,
@@ -183,6 +205,7 @@ def finetune(
             "finetune: teacher is the model being trained in place; pass a copy as teacher "
             "(copy.deepcopy(model)) or use inplace=False"
         )
+    distributed = ddp.resolve(distributed)
     train_data, steps = _steps_per_epoch(train_data, epochs)
     student = model if inplace else copy.deepcopy(model)
     dev = model_device(student, device)
@@ -193,15 +216,20 @@ def finetune(
         raise ValueError("finetune: the model has no parameter with requires_grad=True to train")
     if epochs == 0:
         return student.eval()
+    if distributed:
+        ddp.agree_on_steps(steps, dev)
     if steps == 0:
         raise ValueError("finetune: train_data yielded no batches; pass at least one batch")
-    classes = None  # K, from the first batch, before any step
     total = epochs * steps
     opt = torch.optim.SGD(
         params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, total))
     student.train()
+    forward, check = student, None
+    if distributed:  # parameters broadcast from process 0 here; gradients averaged in backward
+        forward, check = ddp.wrap(student, dev), ddp.StepCheck(dev)
+    loss_of = _LossOf(student, forward, teacher, dev, temperature, distill_weight)
     for epoch in range(1, epochs + 1):
         bar = progress_bar(
             iter_batches(train_data, None), train_data, None, f"finetune {epoch}/{epochs}", progress
@@ -210,25 +238,17 @@ def finetune(
         step = 0
         for step, batch in enumerate(bar, start=1):
             where = f"train_data batch {step} of epoch {epoch}"
-            inputs, targets = labelled_batch(batch, where)
-            inputs, targets = inputs.to(dev), targets.to(dev)
-            if classes is None:
-                classes = _classes(student, inputs, targets, where)
-            check_targets(targets, classes, f"finetune: {where}")  # before BatchNorm sees it
-            logits = student(inputs)
-            teacher_logits = None
-            if teacher is not None and distill_weight > 0:
-                with frozen(teacher):
-                    teacher_logits = teacher(inputs)
-            _check_logits(logits, teacher_logits, targets, where, classes)
-            loss = distillation_loss(
-                logits,
-                targets,
-                teacher_logits,
-                temperature=temperature,
-                distill_weight=distill_weight,
-            )
-            value = loss.item()
+            if check is None:
+                loss, size = loss_of(batch, where)
+                value = loss.item()
+            else:  # every process learns whether every other one can take this step
+                try:
+                    loss, size = loss_of(batch, where)
+                    value = loss.item()
+                except Exception:
+                    check(0, 0.0, True, where)
+                    raise
+                value = check(size, value, False, where)
             if not math.isfinite(value):
                 raise ValueError(
                     f"finetune: the loss is {value} at {where} (lr {schedule.get_last_lr()[0]:.3g})"
@@ -246,7 +266,40 @@ def finetune(
                 f"finetune: train_data yielded no batches in epoch {epoch}; a re-iterable must "
                 f"yield its batches every time it is iterated"
             )
+    if distributed:
+        ddp.average_batchnorm_buffers(student)
     return student.eval()
+
+
+class _LossOf:
+    """The loss of one batch, after every check of the batch (targets, logits): ``(loss,
+    batch size)``. ``forward`` is the student itself or its DDP wrapper."""
+
+    def __init__(self, student, forward, teacher, device, temperature, distill_weight) -> None:
+        self.student, self.forward, self.teacher, self.device = student, forward, teacher, device
+        self.temperature, self.distill_weight = temperature, distill_weight
+        self.classes = None  # K, from the first batch, before any step
+
+    def __call__(self, batch, where: str) -> tuple[Tensor, int]:
+        inputs, targets = labelled_batch(batch, where)
+        inputs, targets = inputs.to(self.device), targets.to(self.device)
+        if self.classes is None:
+            self.classes = _classes(self.student, inputs, targets, where)
+        check_targets(targets, self.classes, f"finetune: {where}")  # before BatchNorm sees it
+        logits = self.forward(inputs)
+        teacher_logits = None
+        if self.teacher is not None and self.distill_weight > 0:
+            with frozen(self.teacher):
+                teacher_logits = self.teacher(inputs)
+        _check_logits(logits, teacher_logits, targets, where, self.classes)
+        loss = distillation_loss(
+            logits,
+            targets,
+            teacher_logits,
+            temperature=self.temperature,
+            distill_weight=self.distill_weight,
+        )
+        return loss, len(targets)
 
 
 def _classes(model: nn.Module, inputs: Tensor, targets: Tensor, where: str) -> int:
