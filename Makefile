@@ -4,6 +4,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.icprune-installed
 TORCH := torch==2.13.0
+# Second venv for tests/torchvision (defined here: prerequisites expand when a rule is read).
+TV_VENV := .venv-tv
+TV_PY := $(TV_VENV)/bin/python
+TV_STAMP := $(TV_VENV)/.icprune-installed
+TV_TORCH := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test test-torchvision test-torchvision-full .venv-tv lint bench quality quality-lite0 clean
 
@@ -52,10 +57,6 @@ quality-lite0: $(STAMP)
 # and timm (which takes that torch). icprune is installed editable without building its
 # extension (ICPRUNE_BUILD_EXT=0): the in-place icprune/_C*.so that $(STAMP) built needs numpy
 # only, no libtorch, and loads here too.
-TV_VENV := .venv-tv
-TV_PY := $(TV_VENV)/bin/python
-TV_STAMP := $(TV_VENV)/.icprune-installed
-TV_TORCH := torch==2.14.1 torchvision==0.29.1
 
 $(TV_STAMP): pyproject.toml setup.py | $(STAMP)
 	test -x $(TV_PY) || $(PYTHON) -m venv $(TV_VENV)
