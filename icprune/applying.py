@@ -8,7 +8,8 @@ Every module a plan's groups touch gets new, smaller parameters and buffers, sli
 - linear: the same with ``out_features``/``in_features`` (a flattened conv map keeps
   ``prod(spatial)`` features per kept channel);
 - BatchNorm: ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_features``
-  (``num_batches_tracked`` is kept as is).
+  (``num_batches_tracked`` is kept as is);
+- LayerNorm: ``weight``, ``bias`` and ``normalized_shape``.
 
 The pruned model computes exactly what the original computes with the pruned channels zeroed at
 the output of every module in their group (up to float round-off).
@@ -25,11 +26,13 @@ from icprune.planning import PruningPlan
 from icprune.slicing import slice_channels
 from icprune.structure.layers import (
     BATCHNORM_TENSORS,
+    LAYERNORM_TENSORS,
     PRUNABLE_TYPES,
     channel_structure,
     groups,
     is_batchnorm,
     is_depthwise,
+    is_layernorm,
     set_channels,
     sizes,
 )
@@ -53,7 +56,8 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
     channel counts and groups, no module missing and none added. A plan without it (read from
     a version 1 file) is checked against the modules it touches. Every module the plan prunes
     must also be of a kind its dependencies can prune (conv/linear for ``output``/``input``, a
-    depthwise conv for ``depthwise``, a BatchNorm for ``batchnorm``).
+    depthwise conv for ``depthwise``, a BatchNorm for ``batchnorm``, a LayerNorm for
+    ``layernorm``).
 
     Raises:
         TypeError: ``plan`` is not a :class:`PruningPlan`.
@@ -92,6 +96,8 @@ def _prunable_as(module: nn.Module, kind: str) -> bool:
     dependency.KINDS`)."""
     if kind == "batchnorm":
         return is_batchnorm(module)
+    if kind == "layernorm":
+        return is_layernorm(module)
     if kind == "depthwise":
         return is_depthwise(module)
     return isinstance(module, PRUNABLE_TYPES) and groups(module) == 1
@@ -135,8 +141,8 @@ def _describe(entry) -> str:
 
 def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
     out_full, in_full = sizes(module)
-    if is_batchnorm(module):
-        for attr in BATCHNORM_TENSORS:
+    if is_batchnorm(module) or is_layernorm(module):
+        for attr in BATCHNORM_TENSORS if is_batchnorm(module) else LAYERNORM_TENSORS:
             value = getattr(module, attr)
             if value is not None and out_idx is not None:
                 _replace(module, attr, slice_channels(value, out_idx.to(value.device)))

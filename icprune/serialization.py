@@ -2,7 +2,8 @@
 
 ``save`` writes one ``torch.save`` file holding a dict of plain types and tensors:
 ``{"format": "icprune.pruned", "version": 1, "channels": {module: [out, in, groups]},
-"state_dict": ...}``, where ``channels`` lists every conv, linear and BatchNorm module.
+"state_dict": ...}``, where ``channels`` lists every conv, linear and BatchNorm module
+and every LayerNorm over one axis.
 ``load`` builds a fresh model, gives those modules the stored channel counts (with empty
 tensors of the stored shapes) and loads the state_dict strictly, reading the file with
 ``torch.load(..., weights_only=True)``.
@@ -20,7 +21,9 @@ from icprune.files import load_torch_file, save_atomically
 from icprune.structure.layers import (
     SLICEABLE_TYPES,
     channel_structure,
+    is_layernorm,
     set_channels,
+    sizes,
     tensor_shapes,
 )
 
@@ -42,10 +45,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         OSError: the file cannot be written (``path`` is left as it was).
     """
     modules = dict(model.named_modules())
+    structure = channel_structure(model)
     channels = {
-        name: list(entry[1:])
-        for name, entry in channel_structure(model).items()
-        if isinstance(modules[name], SLICEABLE_TYPES)
+        name: list(structure[name][1:]) if name in structure else [*sizes(module), 1]
+        for name, module in modules.items()
+        if (name in structure and isinstance(module, SLICEABLE_TYPES)) or is_layernorm(module)
     }
     save_atomically(
         {
@@ -124,9 +128,9 @@ def load(
     modules = dict(model.named_modules())
     for module_name, (out_ch, in_ch, groups) in channels.items():
         module = modules.get(module_name)
-        if not isinstance(module, SLICEABLE_TYPES):
+        if not (isinstance(module, SLICEABLE_TYPES) or is_layernorm(module)):
             raise ValueError(
-                f"load: the saved model has a conv/linear/BatchNorm module {module_name!r} that "
+                f"load: the saved model has a conv/linear/norm module {module_name!r} that "
                 f"model_fn() lacks (found {type(module).__name__}); pass the same architecture"
             )
         prefix = f"{module_name}." if module_name else ""

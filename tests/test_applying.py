@@ -188,3 +188,81 @@ def test_a_plan_pruning_a_module_as_the_wrong_kind_is_refused():
     conv[1] = "depthwise"
     with pytest.raises(ValueError, match=rf"prunes '{conv[0]}' as 'depthwise', but it is a Conv2d"):
         apply(model, PruningPlan.from_json(json.dumps(data)))
+
+
+# ------------------------------------------------------------- gates, tokens, channels-last maps
+
+
+def _masked_last_axis(model: nn.Module, chosen: PruningPlan, x: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_output` for linear layers over tokens: their channels are the last axis."""
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in dict.fromkeys(
+        d.module for g in chosen.groups for d in g.dependencies if d.kind != "input"
+    ):
+        mask = torch.zeros(chosen.sizes[name][0])
+        mask[chosen.indices(name, "out")] = 1.0
+        hooks.append(modules[name].register_forward_hook(lambda m, a, out, mask=mask: out * mask))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("gate", [nn.Sigmoid, nn.Hardsigmoid], ids=["sigmoid", "hardsigmoid"])
+def test_squeeze_excitation_pruned_equals_masked(gate):
+    from tests.structure.nets import SENet
+
+    torch.manual_seed(0)
+    model = randomize_norms(SENet(gate))
+    x = torch.randn(2, 3, 8, 8)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], ratio=0.4)
+    pruned = apply(model, chosen)
+    kept = len(chosen.indices("expand", "out"))
+    assert kept < 24 and pruned.se.fc2.out_channels == pruned.se.fc1.in_channels == kept
+    assert pruned.dw.groups == pruned.project.in_channels == kept
+    want = masked_output(model, chosen, x)
+    torch.testing.assert_close(pruned(x).detach(), want, rtol=1e-5, atol=1e-6)
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+
+
+def test_token_mlp_pruned_equals_masked():
+    from tests.structure.nets import TokenMLP
+
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    x = torch.randn(3, 5, 6)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], ratio=0.5, global_ranking=False)
+    pruned = apply(model, chosen)
+    assert (pruned.fc1.out_features, pruned.fc2.out_features, pruned.fc3.out_features) == (6, 4, 5)
+    torch.testing.assert_close(pruned(x).detach(), _masked_last_axis(model, chosen, x))
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+
+
+def test_convnext_blocks_prune_with_their_layernorms():
+    from tests.structure.nets import ConvNeXtNet
+
+    torch.manual_seed(0)
+    model = ConvNeXtNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], flops_reduction=0.4)
+    pruned = apply(model, chosen)
+    stream = len(chosen.indices("stem", "out"))
+    assert stream < 8
+    for norm in (pruned.stem_norm, pruned.block1.norm, pruned.block2.norm, pruned.down_norm):
+        assert norm.normalized_shape == (stream,) and norm.weight.shape == norm.bias.shape
+        assert norm.weight.shape == (stream,)
+    assert pruned.block1.dw.groups == pruned.down.in_channels == stream
+    assert pruned(x).shape == (2, 5) and torch.isfinite(pruned(x)).all()
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+    assert abs(chosen.flops_reduction - 0.4) <= 0.01
+    # a LayerNorm keeps the kept channels' weights; what it normalises over changes
+    keep = chosen.indices("stem", "out")
+    assert torch.equal(pruned.block1.norm.weight, model.block1.norm.weight[keep])
+    again = PruningPlan.from_json(chosen.to_json())
+    assert again.to_json() == chosen.to_json()
+    again_state, state = apply(model, again).state_dict(), pruned.state_dict()
+    assert list(again_state) == list(state)
+    assert all(torch.equal(again_state[k], state[k]) for k in state)

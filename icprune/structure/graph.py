@@ -55,12 +55,17 @@ class ReadPoint:
         read_at: the read point actually used: ``"output"``, ``"bn"`` or ``"activation"``.
         activation: out-of-place elementwise function applied to the hooked output
             (Tensor -> Tensor of the same shape), or None.
+        channel_axis: the dimension of the hooked output the layer's channels run along: 1 for
+            a conv (``[N, C, *spatial]``), -1 for a linear layer (its ``out_features`` are the
+            last dimension, ``[N, C]`` or over every leading position, ``[N, L, C]``,
+            ``[N, H, W, C]``).
     """
 
     layer: str
     module: str
     read_at: str
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    channel_axis: int = 1
 
 
 class _Tracer(fx.Tracer):
@@ -223,8 +228,9 @@ def read_points(
     """
     if read_at not in READ_POINTS:
         raise ValueError(f"read_at must be one of {READ_POINTS}, got {read_at!r}")
+    axes = {name: -1 if isinstance(m, nn.Linear) else 1 for name, m in layers.items()}
     if read_at == "output":
-        return {name: ReadPoint(name, name, "output") for name in layers}
+        return {name: ReadPoint(name, name, "output", channel_axis=axes[name]) for name in layers}
     modules = dict(model.named_modules())
     graph = trace(model)
     calls: dict[str, list[fx.Node]] = {}
@@ -233,7 +239,7 @@ def read_points(
             calls.setdefault(node.target, []).append(node)
     points = {}
     for name in layers:
-        points[name] = ReadPoint(name, name, "output")
+        points[name] = ReadPoint(name, name, "output", channel_axis=axes[name])
         nodes = calls.get(name, [])
         if len(nodes) != 1:  # unused, or called more than once: only its own output is defined
             continue
@@ -246,10 +252,12 @@ def read_points(
             and len(calls[user.target]) == 1
         ):
             node, hooked = user, user.target
-            points[name] = ReadPoint(name, hooked, "bn")
+            points[name] = ReadPoint(name, hooked, "bn", channel_axis=axes[name])
         if read_at == "activation":
             user = _sole_user(node)
             activation = _activation_of(user, modules) if user is not None else None
             if activation is not None:
-                points[name] = ReadPoint(name, hooked, "activation", activation)
+                points[name] = ReadPoint(
+                    name, hooked, "activation", activation, channel_axis=axes[name]
+                )
     return points

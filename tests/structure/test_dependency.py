@@ -194,3 +194,112 @@ def test_example_inputs_the_model_rejects_are_named_without_a_traceback(example,
     with pytest.raises(ValueError, match=rf"the model fails on example_inputs \['{message}"):
         dependency_groups(resnet20(), example)
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- gates, tokens, channels-last maps
+
+
+def _deps(group) -> set[tuple[str, str, int, int]]:
+    return {(d.module, d.kind, d.offset, d.repeat) for d in group.dependencies}
+
+
+@pytest.mark.parametrize("gate", [nn.Sigmoid, nn.Hardsigmoid], ids=["sigmoid", "hardsigmoid"])
+def test_squeeze_excitation_gate_couples_the_gated_map(gate):
+    from tests.structure.nets import SENet
+
+    groups = dependency_groups(SENet(gate), torch.randn(1, 3, 8, 8))
+    by_layer = {g.layers[0]: g for g in groups}
+    assert _deps(by_layer["expand"]) == {
+        ("expand", "output", 0, 1), ("expand_bn", "batchnorm", 0, 1), ("dw", "depthwise", 0, 1),
+        ("dw_bn", "batchnorm", 0, 1), ("se.fc1", "input", 0, 1), ("se.fc2", "output", 0, 1),
+        ("project", "input", 0, 1),
+    }  # fmt: skip
+    assert _deps(by_layer["se.fc1"]) == {("se.fc1", "output", 0, 1), ("se.fc2", "input", 0, 1)}
+    assert by_layer["stem"].layers == ("stem", "project")
+    assert set(by_layer) == {"stem", "expand", "se.fc1", "head"}
+
+
+class SpatialGate(nn.Module):
+    """A one-channel spatial gate (CBAM-style): it broadcasts over the channels, which stay
+    apart; a gate of another channel count than the map is opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.att = nn.Conv2d(8, 1, 1)
+        self.other = nn.Conv2d(8, 4, 1)
+        self.tail = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(self.att(y))
+        return self.tail(y), self.other(y).mean((2, 3), keepdim=True) * x.mean(1, keepdim=True)
+
+
+def test_a_one_channel_gate_broadcasts_and_stays_apart():
+    groups = dependency_groups(SpatialGate(), torch.randn(1, 3, 4, 4))
+    # att's one channel is a group of its own; other's gate (N, 4, 1, 1) times the (N, 1, 4, 4)
+    # map has no operand shaped like the result: opaque
+    assert [g.layers for g in groups] == [("conv",), ("att",)]
+    assert _deps(groups[1]) == {("att", "output", 0, 1)}
+    assert _deps(groups[0]) == {
+        ("conv", "output", 0, 1), ("att", "input", 0, 1), ("other", "input", 0, 1),
+        ("tail", "input", 0, 1),
+    }  # fmt: skip
+
+
+def test_channels_last_convnext_blocks_and_layernorm2d():
+    from tests.structure.nets import ConvNeXtNet
+
+    groups = dependency_groups(ConvNeXtNet(), torch.randn(1, 3, 16, 16))
+    by_layer = {g.layers[0]: g for g in groups}
+    block = lambda b: {  # noqa: E731
+        (f"{b}.dw", "depthwise", 0, 1), (f"{b}.norm", "layernorm", 0, 1),
+        (f"{b}.fc1", "input", 0, 1), (f"{b}.fc2", "output", 0, 1),
+    }  # fmt: skip
+    assert _deps(by_layer["stem"]) == {
+        ("stem", "output", 0, 1), ("stem_norm", "layernorm", 0, 1),
+        ("down_norm", "layernorm", 0, 1), ("down", "input", 0, 1),
+    } | block("block1") | block("block2")  # fmt: skip
+    assert _deps(by_layer["down"]) == {
+        ("down", "output", 0, 1), ("norm", "layernorm", 0, 1), ("fc", "input", 0, 1),
+    } | block("block3")  # fmt: skip
+    for b, width in (("block1", 32), ("block2", 32), ("block3", 48)):
+        hidden = by_layer[f"{b}.fc1"]
+        assert hidden.channels == width
+        assert _deps(hidden) == {(f"{b}.fc1", "output", 0, 1), (f"{b}.fc2", "input", 0, 1)}
+    assert len(groups) == 5
+
+
+def test_token_linears_through_flatten_reshape_and_mean():
+    from tests.structure.nets import TokenMLP
+
+    groups = dependency_groups(TokenMLP(), torch.randn(2, 5, 6))
+    assert [(g.channels, _deps(g)) for g in groups] == [
+        (12, {("fc1", "output", 0, 1), ("fc2", "input", 0, 1)}),
+        (8, {("fc2", "output", 0, 1), ("fc3", "input", 0, 1)}),
+        (10, {("fc3", "output", 0, 1), ("head", "input", 0, 1)}),
+    ]
+
+
+def test_channels_read_along_another_axis_are_not_pruned():
+    from tests.structure.nets import ChannelsLastMisuse
+
+    groups = dependency_groups(ChannelsLastMisuse(), torch.randn(2, 5, 6))
+    # fc's features are the Conv1d's length and fc2's are max-pooled: neither is in a group
+    assert [_deps(g) for g in groups] == [{("conv", "output", 0, 1), ("head", "input", 0, 8)}]
+
+
+class SharedLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.norm(self.fc1(x)), self.norm(self.fc2(x))], -1))
+
+
+def test_a_layernorm_called_twice_is_opaque():
+    assert dependency_groups(SharedLayerNorm(), torch.randn(2, 3, 4)) == []
