@@ -9,7 +9,8 @@ Every module a plan's groups touch gets new, smaller parameters and buffers, sli
   ``prod(spatial)`` features per kept channel);
 - BatchNorm: ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_features``
   (``num_batches_tracked`` is kept as is);
-- LayerNorm: ``weight``, ``bias`` and ``normalized_shape``.
+- LayerNorm: ``weight``, ``bias`` and ``normalized_shape``;
+- a per-channel parameter (ConvNeXt's ``layer_scale``): sliced along its channel axis.
 
 The pruned model computes exactly what the original computes with the pruned channels zeroed at
 the output of every module in their group (up to float round-off).
@@ -33,6 +34,8 @@ from icprune.structure.layers import (
     is_batchnorm,
     is_depthwise,
     is_layernorm,
+    owned_parameter,
+    parameter_axis,
     set_channels,
     sizes,
 )
@@ -72,7 +75,11 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
     modules = dict(model.named_modules())
     if plan.structure is not None:
         _compare_structure(channel_structure(model), plan.structure, caller)
+    parameters = {d.module for g in plan.groups for d in g.dependencies if d.kind == "parameter"}
     for name, size in plan.sizes.items():
+        if name in parameters:
+            _check_parameter(model, name, tuple(size), caller)
+            continue
         module = modules.get(name)
         expected = sizes(module) if module is not None else None
         if expected != tuple(size):
@@ -83,12 +90,37 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
             )
     for group in plan.groups:
         for dep in group.dependencies:
+            if dep.kind == "parameter":
+                continue  # checked above
             module = modules[dep.module]
             if not _prunable_as(module, dep.kind):
                 raise ValueError(
                     f"{caller}: the plan prunes {dep.module!r} as {dep.kind!r}, but it is a "
                     f"{type(module).__name__}{sizes(module)}; make the plan on this same model"
                 )
+
+
+def _check_parameter(model: nn.Module, name: str, size: tuple[int, int], caller: str) -> None:
+    """Raise unless ``name`` is a per-channel parameter of ``size[0]`` channels (see
+    :func:`icprune.structure.layers.parameter_axis`)."""
+    owned = owned_parameter(model, name)
+    axis = parameter_axis(getattr(*owned)) if owned is not None else None
+    found = tuple(getattr(*owned).shape) if owned is not None else None
+    if axis is None or found[axis] != size[0]:
+        raise ValueError(
+            f"{caller}: the plan does not match this model at {name!r}: it expects a per-channel "
+            f"parameter of {size[0]} channels, the model has "
+            f"{'no such parameter' if found is None else f'one of shape {found}'}. Make the plan "
+            f"on this same model."
+        )
+
+
+def _prune_parameter(model: nn.Module, name: str, out_idx: Tensor) -> None:
+    """Keep the channels ``out_idx`` of a per-channel parameter, along its channel axis."""
+    owner, attr = owned_parameter(model, name)
+    old = getattr(owner, attr)
+    value = old.detach().index_select(parameter_axis(old), out_idx.to(old.device))
+    setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def _prunable_as(module: nn.Module, kind: str) -> bool:
@@ -184,8 +216,12 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -> nn.M
     check_model(model, plan)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
+    parameters = {d.module for g in plan.groups for d in g.dependencies if d.kind == "parameter"}
     for name in plan.sizes:
         out_idx, in_idx = plan.indices(name, "out"), plan.indices(name, "in")
         with torch.no_grad():
-            _prune_module(modules[name], out_idx, in_idx)
+            if name in parameters:
+                _prune_parameter(target, name, out_idx)
+            else:
+                _prune_module(modules[name], out_idx, in_idx)
     return target

@@ -255,6 +255,10 @@ def test_convnext_blocks_prune_with_their_layernorms():
         assert norm.normalized_shape == (stream,) and norm.weight.shape == norm.bias.shape
         assert norm.weight.shape == (stream,)
     assert pruned.block1.dw.groups == pruned.down.in_channels == stream
+    assert pruned.block1.layer_scale.shape == pruned.block2.layer_scale.shape == (stream, 1, 1)
+    assert torch.equal(
+        pruned.block2.layer_scale, model.block2.layer_scale[chosen.indices("stem", "out")]
+    )
     assert pruned(x).shape == (2, 5) and torch.isfinite(pruned(x)).all()
     assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
     assert abs(chosen.flops_reduction - 0.4) <= 0.01
@@ -266,3 +270,14 @@ def test_convnext_blocks_prune_with_their_layernorms():
     again_state, state = apply(model, again).state_dict(), pruned.state_dict()
     assert list(again_state) == list(state)
     assert all(torch.equal(again_state[k], state[k]) for k in state)
+
+
+def test_a_plan_whose_per_channel_parameter_differs_is_refused():
+    from tests.structure.nets import ConvNeXtNet
+
+    torch.manual_seed(0)
+    model = ConvNeXtNet().eval()
+    chosen = plan(model, l1_scores(model), example_inputs=torch.randn(1, 3, 16, 16), ratio=0.3)
+    model.block2.layer_scale = nn.Parameter(torch.ones(8, 2, 1))
+    with pytest.raises(ValueError, match=r"apply: .* at 'block2.layer_scale': it expects a per"):
+        apply(model, chosen)

@@ -34,7 +34,9 @@ with its output channels. Operations propagate or couple spaces:
 
 Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
 grouped (non-depthwise) convs, per-channel PReLU, convs/linears/BatchNorms/LayerNorms called more
-than once (shared weights), parameters used as values (``get_attr``), unknown functions, the
+than once (shared weights), parameters used as values (``get_attr``) other than per-channel
+scales read once (ConvNeXt's ``layer_scale``, which follows the map it scales), unknown
+functions, the
 model's inputs and outputs (so the classifier is never pruned), and any module listed in
 ``ignored_layers`` that is not a conv, linear, BatchNorm or LayerNorm (it is also traced as a
 leaf, which is how an untraceable submodule is dealt with).
@@ -79,10 +81,12 @@ from icprune.structure.layers import (
     is_depthwise,
     is_layernorm,
     out_channels,
+    owned_parameter,
+    parameter_axis,
 )
 
 #: Kinds of :class:`Dependency`: how a module's channels follow a group.
-KINDS = ("output", "depthwise", "batchnorm", "layernorm", "input")
+KINDS = ("output", "depthwise", "batchnorm", "layernorm", "parameter", "input")
 
 #: Pooling keeps the channels of a conv map, dim 1 (over a channels-last map it would pool them).
 _POOL_MODULES = (
@@ -131,8 +135,9 @@ class Dependency:
         kind: ``"output"`` (a conv or linear layer whose output channels are the group's),
             ``"depthwise"`` (a depthwise conv: output channels, and input channels with them),
             ``"batchnorm"`` (a BatchNorm over the group's channels), ``"layernorm"`` (a LayerNorm
-            over them: its weight and bias) or ``"input"`` (a conv or linear layer whose input
-            channels follow the group).
+            over them: its weight and bias), ``"parameter"`` (a per-channel parameter scaling
+            them, e.g. ConvNeXt's ``layer_scale``; ``module`` is then the parameter's qualified
+            name) or ``"input"`` (a conv or linear layer whose input channels follow the group).
         offset: index of the group's first channel (or feature) along that axis of the module.
         repeat: consecutive input features per channel (``prod(S)`` after flattening a
             ``[N, C, *S]`` map into a linear layer, else 1).
@@ -175,13 +180,15 @@ class LayerShape:
 
     Attributes:
         module: qualified name.
-        kind: ``"conv"``, ``"depthwise"``, ``"linear"``, ``"batchnorm"`` or ``"layernorm"``.
+        kind: ``"conv"``, ``"depthwise"``, ``"linear"``, ``"batchnorm"``, ``"layernorm"`` or
+            ``"parameter"`` (a per-channel parameter; ``module`` is its qualified name).
         in_channels, out_channels: full channel (feature) counts.
         groups: conv groups (1 for linear and the norms).
         positions: output positions over all calls for ``example_inputs``: ``N * prod(output
             spatial)`` for a conv, ``N * prod(leading dims)`` for a linear layer (``N`` on 2-D
             inputs, ``N * L`` over tokens); 0 for the norms, or when not called.
-        kernel: ``prod(kernel_size)`` (1 for linear and the norms).
+        kernel: ``prod(kernel_size)`` (1 for linear and the norms; for a parameter its elements
+            per channel).
         bias: the module has a bias (for a BatchNorm: affine weight and bias).
         weight: a LayerNorm has a weight (True for every other kind, whose weight is counted by
             ``bias`` for a BatchNorm and always present for convs and linears).
@@ -294,9 +301,12 @@ class _Walker:
     over tokens or channels-last maps ``(N, *S, C)``.
     """
 
-    def __init__(self, modules: dict[str, nn.Module], ignored: frozenset[str]) -> None:
+    def __init__(
+        self, modules: dict[str, nn.Module], ignored: frozenset[str], model: nn.Module
+    ) -> None:
         self.modules = modules
         self.ignored = ignored
+        self.model = model
         self.spaces = _Spaces()
         self.layouts: dict[fx.Node, tuple[Segment, ...] | None] = {}
         self.axes: dict[fx.Node, int] = {}
@@ -306,6 +316,8 @@ class _Walker:
     def run(self, graph: fx.Graph) -> None:
         for node in graph.nodes:
             if node.op == "call_module":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+            elif node.op == "get_attr":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
             elif (owner := _layer_norm_owner(node, self.modules)) is not None:
                 self.calls[owner] = self.calls.get(owner, 0) + 1
@@ -342,7 +354,9 @@ class _Walker:
         if node.op == "output":
             self.spaces.block(*self.inputs(node))
             return None
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "get_attr":
+            return self.parameter(node, order)
+        if node.op == "placeholder":
             return self.opaque(node)
         meta = _meta(node)
         if _reads_metadata(node):
@@ -380,6 +394,25 @@ class _Walker:
         if function and target is F.layer_norm:
             return self.layer_norm_function(node, meta, order)
         return self.opaque(node)
+
+    def parameter(self, node: fx.Node, order: int) -> tuple[Segment, ...] | None:
+        """A per-channel parameter used as a value (ConvNeXt's ``layer_scale``, ``(C, 1, 1)``;
+        see :func:`icprune.structure.layers.parameter_axis`), read once, of a module without
+        channels of its own: a space of its C channels along that axis, which the elementwise
+        rules couple with the map it scales. Any other ``get_attr`` is opaque."""
+        name = node.target
+        owned = owned_parameter(self.model, name) if self.calls.get(name) == 1 else None
+        axis = parameter_axis(getattr(*owned)) if owned is not None else None
+        if axis is None or name.rpartition(".")[0] in self.ignored:
+            return self.opaque(node)
+        tensor = getattr(*owned)
+        fresh = self.spaces.new(tensor.shape[axis])
+        self.spaces.add(fresh, name, "parameter", order)
+        channels = tensor.shape[axis]
+        self.shapes[name] = LayerShape(
+            name, "parameter", channels, channels, 1, 0, tensor.numel() // channels, False
+        )
+        return self.at(node, fresh, axis)
 
     def passthrough(
         self, node: fx.Node, meta: TensorMetadata, channels_first: bool = False
@@ -751,7 +784,7 @@ def trace_dependencies(
                 f"{detail}); pass example_inputs the model accepts, with its input shape, dtype "
                 f"and device (e.g. torch.randn(1, 3, 224, 224))"
             ) from exc
-    walker = _Walker(modules, ignored)
+    walker = _Walker(modules, ignored, model)
     walker.run(graph)
     spaces = walker.spaces
     members: dict[int, list[tuple[int, Dependency]]] = {}
@@ -770,7 +803,7 @@ def trace_dependencies(
         name: walker.shapes.get(name) or _shape_of(name, m)
         for name, m in modules.items()
         if isinstance(m, SLICEABLE_TYPES) or is_layernorm(m)
-    }
+    } | {name: shape for name, shape in walker.shapes.items() if shape.kind == "parameter"}
     return Dependencies(tuple(groups), shapes, counter.get_total_flops() // 2, count_params(model))
 
 

@@ -17,7 +17,10 @@ Three kinds of modules carry channels icprune can cut:
   ``normalized_shape``): ``normalized_shape[0]`` channels on the last axis of their input, their
   ``weight`` and ``bias`` sliced like a BatchNorm's. They are not part of a plan's recorded
   structure (:func:`channel_structure`, which plans made before LayerNorms could be pruned
-  compare), but :func:`sizes`, :func:`tensor_shapes` and :func:`set_channels` know them.
+  compare), but :func:`sizes`, :func:`tensor_shapes` and :func:`set_channels` know them;
+- per-channel parameters used as values by a module without channels of its own (ConvNeXt's
+  ``layer_scale``, ``(C, 1, 1)``): their one dimension of size > 1 (:func:`parameter_axis`,
+  :func:`owned_parameter`).
 
 *Prunable layers* - those whose output channels are scored and planned - are the
 ``Conv1d/2d/3d`` and ``Linear`` modules (:data:`PRUNABLE_TYPES`).
@@ -227,3 +230,27 @@ def set_channels(module: nn.Module, out: int, inp: int, group_count: int | None 
         module.out_features, module.in_features = out, inp
     else:
         module.num_features = out
+
+
+def parameter_axis(tensor: object) -> int | None:
+    """The channel axis of a per-channel parameter used as a value (ConvNeXt's ``layer_scale``
+    of shape ``(C, 1, 1)``, a ``(1, 1, C)`` scale): its one dimension of size > 1, or None when
+    it has none or several (or is not a floating-point ``nn.Parameter``)."""
+    if not isinstance(tensor, nn.Parameter) or not tensor.is_floating_point():
+        return None
+    wide = [axis for axis, size in enumerate(tensor.shape) if size > 1]
+    return wide[0] if len(wide) == 1 else None
+
+
+def owned_parameter(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """``(owner module, attribute)`` of the parameter qualified ``name`` when it is a parameter
+    of a module without channels of its own (not a conv, linear or norm's weight or bias), else
+    None."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if attr not in owner._parameters or has_channels(owner) or is_layernorm(owner):
+        return None
+    return owner, attr

@@ -64,10 +64,11 @@ class LayerNorm2d(nn.LayerNorm):
 
 class ConvNeXtBlock(nn.Module):
     """depthwise 7x7 -> permute -> LayerNorm -> Linear(4C) -> GELU -> Linear(C) -> permute,
-    added to the input."""
+    scaled by the parameter ``layer_scale`` ``(C, 1, 1)`` and added to the input."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
+        self.layer_scale = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
         self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
         self.norm = nn.LayerNorm(channels)
         self.fc1 = nn.Linear(channels, 4 * channels)
@@ -76,7 +77,7 @@ class ConvNeXtBlock(nn.Module):
     def forward(self, x):
         y = torch.permute(self.dw(x), [0, 2, 3, 1])
         y = self.fc2(F.gelu(self.fc1(self.norm(y))))
-        return x + y.permute(0, 3, 1, 2)
+        return x + self.layer_scale * y.permute(0, 3, 1, 2)
 
 
 class ConvNeXtNet(nn.Module):

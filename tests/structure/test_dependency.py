@@ -248,7 +248,7 @@ def test_a_one_channel_gate_broadcasts_and_stays_apart():
     }  # fmt: skip
 
 
-def test_channels_last_convnext_blocks_and_layernorm2d():
+def test_channels_last_convnext_blocks_layernorm2d_and_layer_scale():
     from tests.structure.nets import ConvNeXtNet
 
     groups = dependency_groups(ConvNeXtNet(), torch.randn(1, 3, 16, 16))
@@ -256,6 +256,7 @@ def test_channels_last_convnext_blocks_and_layernorm2d():
     block = lambda b: {  # noqa: E731
         (f"{b}.dw", "depthwise", 0, 1), (f"{b}.norm", "layernorm", 0, 1),
         (f"{b}.fc1", "input", 0, 1), (f"{b}.fc2", "output", 0, 1),
+        (f"{b}.layer_scale", "parameter", 0, 1),
     }  # fmt: skip
     assert _deps(by_layer["stem"]) == {
         ("stem", "output", 0, 1), ("stem_norm", "layernorm", 0, 1),
@@ -303,3 +304,28 @@ class SharedLayerNorm(nn.Module):
 
 def test_a_layernorm_called_twice_is_opaque():
     assert dependency_groups(SharedLayerNorm(), torch.randn(2, 3, 4)) == []
+
+
+class TwoScales(nn.Module):
+    """One per-channel scale applied to two maps that are then added (fx reads it once), and a
+    (4, 4) parameter with two wide axes over the spatial axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(3, 4, 1)
+        self.scale = nn.Parameter(torch.ones(4, 1, 1))
+        self.table = nn.Parameter(torch.ones(4, 4))
+        self.tail = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x) * self.scale + self.conv2(x) * self.scale
+        return self.tail(y * self.table)
+
+
+def test_a_shared_scale_couples_its_maps_and_a_spatial_table_stays_apart():
+    (group,) = dependency_groups(TwoScales(), torch.randn(1, 3, 4, 4))
+    assert _deps(group) == {
+        ("conv", "output", 0, 1), ("conv2", "output", 0, 1), ("scale", "parameter", 0, 1),
+        ("tail", "input", 0, 1),
+    }  # fmt: skip
