@@ -4,7 +4,9 @@ Every module a plan's groups touch gets new, smaller parameters and buffers, sli
 :func:`icprune.slicing.slice_channels` (C++ fused gather on the CPU):
 
 - conv: weight ``W[out_idx][:, in_idx]``, bias ``b[out_idx]``, ``out_channels``/``in_channels``;
-  a depthwise conv keeps ``groups == in_channels == out_channels``;
+  a depthwise conv keeps ``groups == in_channels == out_channels``; a grouped conv keeps its
+  ``groups``, the plan keeping the same positions in every group (its weight's columns are the
+  kept positions within one group);
 - linear: the same with ``out_features``/``in_features`` (a flattened conv map keeps
   ``prod(spatial)`` features per kept channel);
 - BatchNorm: ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_features``
@@ -31,9 +33,12 @@ from icprune.structure.layers import (
     PRUNABLE_TYPES,
     channel_structure,
     groups,
+    in_channels,
     is_batchnorm,
+    is_conv,
     is_depthwise,
     is_layernorm,
+    out_channels,
     owned_parameter,
     parameter_axis,
     set_channels,
@@ -98,6 +103,11 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
                     f"{caller}: the plan prunes {dep.module!r} as {dep.kind!r}, but it is a "
                     f"{type(module).__name__}{sizes(module)}; make the plan on this same model"
                 )
+    for name in plan.sizes:
+        module = modules.get(name)
+        if module is not None and is_conv(module) and groups(module) > 1:
+            if not is_depthwise(module):
+                _check_grouped(module, name, plan, caller)
 
 
 def _check_parameter(model: nn.Module, name: str, size: tuple[int, int], caller: str) -> None:
@@ -132,7 +142,29 @@ def _prunable_as(module: nn.Module, kind: str) -> bool:
         return is_layernorm(module)
     if kind == "depthwise":
         return is_depthwise(module)
-    return isinstance(module, PRUNABLE_TYPES) and groups(module) == 1
+    return isinstance(module, PRUNABLE_TYPES) and not is_depthwise(module)
+
+
+def within_groups(idx: Tensor, size: int, count: int) -> Tensor | None:
+    """The positions a grouped conv keeps in each of its ``count`` groups, when the kept
+    channel indices ``idx`` (of ``size``) keep the same positions in every group; else None."""
+    per = size // count
+    if len(idx) % count:
+        return None
+    tiles = idx.view(count, -1) - torch.arange(count).view(-1, 1) * per
+    return tiles[0] if bool((tiles == tiles[0]).all()) else None
+
+
+def _check_grouped(module: nn.Module, name: str, plan: PruningPlan, caller: str) -> None:
+    """Raise unless a plan keeps the same positions in every group of a grouped conv."""
+    for axis, size in (("out", out_channels(module)), ("in", in_channels(module))):
+        idx = plan.indices(name, axis)
+        if idx is not None and within_groups(idx, size, groups(module)) is None:
+            raise ValueError(
+                f"{caller}: the plan keeps {axis}put channels {idx.tolist()[:12]} of the grouped "
+                f"conv {name!r} ({groups(module)} groups of {size // groups(module)}), not the "
+                f"same positions in every group; make the plan with icprune.plan on this model"
+            )
 
 
 def _compare_structure(mine: dict, theirs: dict, caller: str) -> None:
@@ -183,6 +215,8 @@ def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | No
     depthwise = is_depthwise(module)
     if depthwise:
         in_idx = None  # one input channel per group: follows out_idx through groups
+    elif in_idx is not None and groups(module) > 1:  # grouped: the weight holds one group's
+        in_idx = within_groups(in_idx, in_full, groups(module))  # positions (checked before)
     device = module.weight.device
     rows = out_idx.to(device) if out_idx is not None else torch.arange(out_full, device=device)
     cols = in_idx.to(device) if in_idx is not None else None
@@ -190,7 +224,9 @@ def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | No
     if module.bias is not None and out_idx is not None:
         _replace(module, "bias", slice_channels(module.bias, rows))
     out_n = len(rows)
-    in_n = out_n if depthwise else (len(cols) if cols is not None else in_full)
+    in_n = out_n if depthwise else in_full
+    if cols is not None:
+        in_n = len(cols) * groups(module)
     set_channels(module, out_n, in_n)
 
 

@@ -281,3 +281,33 @@ def test_a_plan_whose_per_channel_parameter_differs_is_refused():
     model.block2.layer_scale = nn.Parameter(torch.ones(8, 2, 1))
     with pytest.raises(ValueError, match=r"apply: .* at 'block2.layer_scale': it expects a per"):
         apply(model, chosen)
+
+
+def test_grouped_convs_pruned_within_groups_equal_masked():
+    from tests.structure.nets import ResNeXtNet
+
+    torch.manual_seed(0)
+    model = randomize_norms(ResNeXtNet())
+    x = torch.randn(2, 3, 8, 8)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], flops_reduction=0.4)
+    pruned = apply(model, chosen)
+    for conv in (pruned.conv1b, pruned.conv2b):
+        assert conv.groups == 4 and conv.in_channels < 24 and conv.out_channels % 4 == 0
+    kept = chosen.indices("conv1a", "out").view(4, -1) - torch.arange(4).view(-1, 1) * 6
+    assert bool((kept == kept[0]).all())  # the same positions in every group
+    torch.testing.assert_close(pruned(x).detach(), masked_output(model, chosen, x))
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+
+
+def test_a_plan_keeping_other_positions_per_group_is_refused():
+    from tests.structure.nets import ResNeXtNet
+
+    model = ResNeXtNet().eval()
+    chosen = plan(model, l1_scores(model), example_inputs=torch.randn(1, 3, 8, 8), ratio=0.3)
+    data = json.loads(chosen.to_json())
+    group = next(g for g in data["groups"] if g["dependencies"][0][0] == "conv1a")
+    first = next(d for d in group["dependencies"] if d[0] == "conv1b" and d[2] == 0)
+    first[2] = 1  # conv1b's first tile shifted by one channel
+    edited = PruningPlan.from_json(json.dumps(data))
+    with pytest.raises(ValueError, match="apply: the plan keeps input channels .* 'conv1b'"):
+        apply(model, edited)

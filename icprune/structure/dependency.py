@@ -6,7 +6,7 @@ with channels carries a *layout*: the list of channel *spaces* its channels come
 *channel axis* they run along (dim 1 of a conv map ``[N, C, *S]``; the last dim of a linear
 layer's tokens ``[N, L, C]`` or of a channels-last map ``[N, H, W, C]``). A prunable layer
 (``Conv1d/2d/3d`` with ``groups=1`` over dim 1, ``Linear`` over the last dim) starts a new space
-with its output channels. Operations propagate or couple spaces:
+(and grouped convs, below) with its output channels. Operations propagate or couple spaces:
 
 - BatchNorm (over dim 1), LayerNorm over the channels (the last dim; a ``nn.LayerNorm``, or
   ``F.layer_norm`` called with a LayerNorm module's weight and bias as torchvision's
@@ -18,6 +18,13 @@ with its output channels. Operations propagate or couple spaces:
   normalisation over channels);
 - a depthwise conv (:func:`icprune.structure.layers.is_depthwise`) keeps the layout: its output
   channel c is its input channel c, so it is pruned with the group of its input;
+- any other grouped conv, of G groups, is pruned *within* its groups (Torch-Pruning's rule): the
+  spaces it reads and writes are made of G equal tiles, and position p of every tile is one
+  unit (a group's channels are its dependencies at offsets ``g * C / G``). Every conv group then
+  keeps the same positions and ``groups`` stays G; a BatchNorm, a residual or a
+  squeeze-excitation gate of such a space is tiled alike. This takes a second walk of the graph
+  (the first finds which spaces meet grouped convs). A grouped conv whose input is not G equal
+  tiles of the same spaces (its groups straddle a concatenation) stays opaque;
 - ``permute``/``transpose``/``swapaxes`` move the channel axis with its dimension;
 - elementwise ``add``/``sub``/``mul``/``div``, broadcasting judged per axis: operands of the
   output's shape (residual connections) are unified into one space; so is an operand with the
@@ -33,7 +40,7 @@ with its output channels. Operations propagate or couple spaces:
   ``c*prod(S) ... (c+1)*prod(S) - 1`` (flatten -> linear).
 
 Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
-grouped (non-depthwise) convs, per-channel PReLU, convs/linears/BatchNorms/LayerNorms called more
+per-channel PReLU, convs/linears/BatchNorms/LayerNorms called more
 than once (shared weights), parameters used as values (``get_attr``) other than per-channel
 scales read once (ConvNeXt's ``layer_scale``, which follows the map it scales), unknown
 functions, the
@@ -302,11 +309,22 @@ class _Walker:
     """
 
     def __init__(
-        self, modules: dict[str, nn.Module], ignored: frozenset[str], model: nn.Module
+        self,
+        modules: dict[str, nn.Module],
+        ignored: frozenset[str],
+        model: nn.Module,
+        tiles: dict[fx.Node, int] | None = None,
     ) -> None:
         self.modules = modules
         self.ignored = ignored
         self.model = model
+        # Grouped convs take two walks. The first (tiles None) notes in ``needs`` which spaces
+        # a grouped conv with G groups reads or writes (each must come in G equal tiles) and
+        # in ``created`` the space each node creates; the second creates every space in the
+        # tiles its union needs (see :func:`_tiles`), so channel p of every tile is one unit.
+        self.tiles = tiles
+        self.needs: list[tuple[int, int]] = []
+        self.created: dict[fx.Node, int] = {}
         self.spaces = _Spaces()
         self.layouts: dict[fx.Node, tuple[Segment, ...] | None] = {}
         self.axes: dict[fx.Node, int] = {}
@@ -337,6 +355,18 @@ class _Walker:
         """``layout`` as the layout of ``node``, whose channels run along ``axis``."""
         if axis != 1:
             self.axes[node] = axis
+        return layout
+
+    def fresh(self, node: fx.Node, size: int) -> tuple[Segment, ...]:
+        """A new space for the ``size`` channels ``node`` creates: one segment, or T equal
+        segments of one space of ``size / T`` channels when the second walk tiles it T times
+        (channel p of that space is channel p of every tile)."""
+        tiles = self.tiles.get(node, 1) if self.tiles is not None else 1
+        if tiles > 1 and size % tiles == 0:
+            layout = self.spaces.new(size // tiles) * tiles
+        else:
+            layout = self.spaces.new(size)
+        self.created[node] = layout[0][0]
         return layout
 
     def inputs(self, node: fx.Node) -> list[tuple[Segment, ...]]:
@@ -406,7 +436,7 @@ class _Walker:
         if axis is None or name.rpartition(".")[0] in self.ignored:
             return self.opaque(node)
         tensor = getattr(*owned)
-        fresh = self.spaces.new(tensor.shape[axis])
+        fresh = self.fresh(node, tensor.shape[axis])
         self.spaces.add(fresh, name, "parameter", order)
         channels = tensor.shape[axis]
         self.shapes[name] = LayerShape(
@@ -650,7 +680,7 @@ class _Walker:
             return self.opaque(node)
         reads = len(src.shape) - 1 if linear else 1  # the axis the layer's in_channels are on
         if linear or groups(module) == 1:
-            fresh = self.spaces.new(out_channels(module))
+            fresh = self.fresh(node, out_channels(module))
             if axis == reads:
                 self.spaces.add(lay, name, "input", order)
             else:  # its input channels are not the value's channels, which stay whole
@@ -662,7 +692,35 @@ class _Walker:
         if is_depthwise(module):
             self.spaces.add(lay, name, "depthwise", order)
             return lay
-        return self.opaque(node)  # grouped conv: channel groups cannot shrink independently
+        return self.grouped(node, module, lay, order)
+
+    def grouped(
+        self, node: fx.Node, module: nn.Module, lay: tuple[Segment, ...], order: int
+    ) -> tuple[Segment, ...] | None:
+        """A grouped conv of G groups, pruned *within* its groups: input position p of every
+        group is one unit (the input layout must be G equal tiles), and so is output position
+        q, so every group keeps the same positions and ``groups`` stays G. Otherwise opaque."""
+        count = groups(module)
+        if self.tiles is None:  # first walk: note what must be tiled
+            if len(lay) == 1 and lay[0][2] == 1:
+                self.needs.append((lay[0][0], count))
+            out = self.fresh(node, out_channels(module))
+            self.needs.append((out[0][0], count))
+            return out
+        period = len(lay) // count
+        roots = [(self.spaces.find(space), size, repeat) for space, size, repeat in lay]
+        out = self.fresh(node, out_channels(module))
+        if (
+            len(lay) % count
+            or roots != roots[:period] * count
+            or any(repeat != 1 for _, _, repeat in lay)
+            or len(out) % count
+        ):
+            self.spaces.block(out)
+            return self.opaque(node)
+        self.spaces.add(lay, node.target, "input", order)
+        self.spaces.add(out, node.target, "output", order)
+        return out
 
     def record(self, name: str, module: nn.Module, meta: TensorMetadata) -> None:
         """Add one call of a conv, linear or BatchNorm module to its :class:`LayerShape`."""
@@ -673,6 +731,23 @@ class _Walker:
         if shape is not None:
             positions += shape.positions
         self.shapes[name] = _shape_of(name, module, positions)
+
+
+def _tiles(walker: _Walker) -> dict[fx.Node, int]:
+    """How many equal tiles each node's new space comes in for the second walk: the least
+    common multiple of the group counts of the grouped convs its union (from the first walk)
+    meets, where that divides the space's channels (else 1, and those convs stay opaque)."""
+    spaces = walker.spaces
+    need: dict[int, int] = {}
+    for space, count in walker.needs:
+        root = spaces.find(space)
+        need[root] = math.lcm(need.get(root, 1), count)
+    tiles = {}
+    for node, space in walker.created.items():
+        root = spaces.find(space)
+        if need.get(root, 1) > 1 and spaces.size[space] % need[root] == 0:
+            tiles[node] = need[root]
+    return tiles
 
 
 def _is_stochastic_depth(target: object) -> bool:
@@ -786,6 +861,9 @@ def trace_dependencies(
             ) from exc
     walker = _Walker(modules, ignored, model)
     walker.run(graph)
+    if walker.needs:  # grouped convs: walk again with their spaces tiled
+        walker = _Walker(modules, ignored, model, _tiles(walker))
+        walker.run(graph)
     spaces = walker.spaces
     members: dict[int, list[tuple[int, Dependency]]] = {}
     for space in range(len(spaces.parent)):

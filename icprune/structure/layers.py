@@ -8,8 +8,9 @@ Three kinds of modules carry channels icprune can cut:
   channel reads ``in_channels / g`` input channels of its own group, so its weight is
   ``(out_channels, in_channels / g, *kernel)``. A *depthwise* conv is the grouped conv with
   ``groups == in_channels == out_channels > 1``: output channel c reads input channel c alone,
-  so the two are pruned together. Any other grouped conv keeps its channels (dependency groups
-  treat it as opaque), since its groups cannot shrink independently;
+  so the two are pruned together. Any other grouped conv is pruned *within* its groups: every
+  group keeps the same positions of its input and of its output channels, so ``groups`` stays
+  (see :mod:`icprune.structure.dependency`);
 - linear layers: ``out_features`` and ``in_features`` (one group);
 - BatchNorms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy ones): ``num_features``,
   which are both their output and their input channels;

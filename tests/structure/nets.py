@@ -134,3 +134,31 @@ class ChannelsLastMisuse(nn.Module):
         a = self.conv(self.fc(x)).flatten(1)
         b = F.max_pool1d(self.fc2(x), 3).flatten(1)  # pools the last axis, the channels
         return self.head(torch.cat([a, b], 1))
+
+
+class ResNeXtNet(nn.Module):
+    """stem -> two ResNeXt bottlenecks (1x1, grouped 3x3 with 4 groups, 1x1; the second with a
+    squeeze-excitation on the grouped conv's output, as RegNetY) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        for i, se in ((1, False), (2, True)):
+            setattr(self, f"conv{i}a", nn.Conv2d(16, 24, 1, bias=False))
+            setattr(self, f"bn{i}a", nn.BatchNorm2d(24))
+            setattr(self, f"conv{i}b", nn.Conv2d(24, 32, 3, padding=1, groups=4, bias=False))
+            setattr(self, f"bn{i}b", nn.BatchNorm2d(32))
+            setattr(self, f"se{i}", SqueezeExcitation(32, 4) if se else nn.Identity())
+            setattr(self, f"conv{i}c", nn.Conv2d(32, 16, 1, bias=False))
+            setattr(self, f"bn{i}c", nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        for i in (1, 2):
+            y = torch.relu(getattr(self, f"bn{i}a")(getattr(self, f"conv{i}a")(x)))
+            y = torch.relu(getattr(self, f"bn{i}b")(getattr(self, f"conv{i}b")(y)))
+            y = getattr(self, f"bn{i}c")(getattr(self, f"conv{i}c")(getattr(self, f"se{i}")(y)))
+            x = torch.relu(x + y)
+        return self.fc(x.mean((2, 3)))

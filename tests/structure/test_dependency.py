@@ -329,3 +329,44 @@ def test_a_shared_scale_couples_its_maps_and_a_spatial_table_stays_apart():
         ("conv", "output", 0, 1), ("conv2", "output", 0, 1), ("scale", "parameter", 0, 1),
         ("tail", "input", 0, 1),
     }  # fmt: skip
+
+
+def test_grouped_convs_are_pruned_within_their_groups():
+    from tests.structure.nets import ResNeXtNet
+
+    groups = dependency_groups(ResNeXtNet(), torch.randn(1, 3, 8, 8))
+    by_layer = {g.layers[0]: g for g in groups}
+    # conv1a's 24 outputs feed 4 groups of 6: 6 units, position p of every group
+    assert by_layer["conv1a"].channels == 6
+    assert _deps(by_layer["conv1a"]) == {
+        (m, kind, 6 * g, 1) for m, kind in (("conv1a", "output"), ("bn1a", "batchnorm"),
+                                            ("conv1b", "input")) for g in range(4)
+    }  # fmt: skip
+    assert by_layer["conv1b"].channels == 8
+    assert _deps(by_layer["conv1b"]) == {
+        (m, kind, 8 * g, 1) for m, kind in (("conv1b", "output"), ("bn1b", "batchnorm"),
+                                            ("conv1c", "input")) for g in range(4)
+    }  # fmt: skip
+    # the squeeze-excitation gate of a grouped conv's output is tiled the same way
+    gated = by_layer["conv2b"]
+    assert {(m, o) for m, k, o, _ in _deps(gated) if m.startswith("se2")} == {
+        (m, 8 * g) for m in ("se2.fc1", "se2.fc2") for g in range(4)
+    }
+    assert by_layer["stem"].channels == 16 and len(groups) == 6
+
+
+class OddGroups(nn.Module):
+    """A grouped conv reading a cat of two spaces (its groups straddle them): opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 2, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.tail = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.tail(self.grouped(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def test_a_grouped_conv_whose_groups_straddle_spaces_is_opaque():
+    assert dependency_groups(OddGroups(), torch.randn(1, 3, 4, 4)) == []
