@@ -150,7 +150,9 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> di
     Args:
         model: the network.
         layers: qualified names to select; None selects every Conv1d/2d/3d and Linear module
-            except output layers (found by tracing the model, see :func:`output_layers`).
+            except output layers (found by tracing the model, see :func:`output_layers`) and
+            layers the model never calls as modules (``nn.MultiheadAttention``'s ``out_proj``,
+            whose weight it passes to a function: a hook on it would never see a sample).
 
     Returns:
         dict qualified name -> module.
@@ -161,11 +163,13 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> di
     """
     modules = dict(model.named_modules())
     if layers is None:
-        excluded = output_layers(trace(model), modules)
+        graph = trace(model)
+        excluded = output_layers(graph, modules)
+        called = {node.target for node in graph.nodes if node.op == "call_module"}
         return {
             name: m
             for name, m in modules.items()
-            if isinstance(m, PRUNABLE_TYPES) and name not in excluded
+            if isinstance(m, PRUNABLE_TYPES) and name not in excluded and name in called
         }
     if isinstance(layers, str):
         raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")

@@ -2,7 +2,7 @@
 
 Squeeze-excitation gates with stochastic depth (EfficientNet, MobileNetV3, RegNetY), grouped
 convs pruned within their groups (ResNeXt, RegNetX/Y) and linear layers over channels-last maps
-with LayerNorms and layer scale (ConvNeXt), each pruned data-free and with two
+with LayerNorms and layer scale (ConvNeXt), and ViT's token MLPs, each pruned data-free and with two
 batches by :func:`icprune.prune` on small inputs (random weights; the structure, not the
 accuracy, is under test). Checked: the MACs reduction within 1 point of the target, the plan's
 analytic MACs equal to ``icprune.count`` of the pruned model, the output shape, how many layers
@@ -25,17 +25,19 @@ FAMILIES = {
     "regnet_y_400mf": (64, 85),  # all 85: grouped convs with SE (before: 37)
     "regnet_x_400mf": (64, 71),  # all 71 (before: 27 in 5 groups)
     "resnext50_32x4d": (64, 53),  # all 53 (before: 21 in 5 groups)
+    "vit_b_16": (64, 12),  # the 12 MLP hidden dims (heads and the residual stream stay whole)
     "convnext_tiny": (64, 58),  # all 58: LayerNorms, layer_scale (before: 0, "removes 0.000")
 }
 
 
 #: The costliest rows (about a minute each on a loaded 2-core machine).
-SLOW = ("convnext_tiny", "resnext50_32x4d")
+SLOW = ("convnext_tiny", "resnext50_32x4d", "vit_b_16")
 
 
 def _build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return models.get_model(name, weights=None).eval()
+    extra = {"image_size": FAMILIES[name][0]} if name.startswith("vit_") else {}
+    return models.get_model(name, weights=None, **extra).eval()
 
 
 @pytest.mark.parametrize("with_data", [False, True], ids=["data-free", "two-batches"])
