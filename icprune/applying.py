@@ -4,11 +4,15 @@ Every module a plan's groups touch gets new, smaller parameters and buffers, sli
 :func:`icprune.slicing.slice_channels` (C++ fused gather on the CPU):
 
 - conv: weight ``W[out_idx][:, in_idx]``, bias ``b[out_idx]``, ``out_channels``/``in_channels``;
-  a depthwise conv keeps ``groups == in_channels == out_channels``;
+  a depthwise conv keeps ``groups == in_channels == out_channels``; a grouped conv keeps its
+  ``groups``, the plan keeping the same positions in every group (its weight's columns are the
+  kept positions within one group);
 - linear: the same with ``out_features``/``in_features`` (a flattened conv map keeps
   ``prod(spatial)`` features per kept channel);
 - BatchNorm: ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_features``
-  (``num_batches_tracked`` is kept as is).
+  (``num_batches_tracked`` is kept as is);
+- LayerNorm: ``weight``, ``bias`` and ``normalized_shape``;
+- a per-channel parameter (ConvNeXt's ``layer_scale``): sliced along its channel axis.
 
 The pruned model computes exactly what the original computes with the pruned channels zeroed at
 the output of every module in their group (up to float round-off).
@@ -25,11 +29,18 @@ from icprune.planning import PruningPlan
 from icprune.slicing import slice_channels
 from icprune.structure.layers import (
     BATCHNORM_TENSORS,
+    LAYERNORM_TENSORS,
     PRUNABLE_TYPES,
     channel_structure,
     groups,
+    in_channels,
     is_batchnorm,
+    is_conv,
     is_depthwise,
+    is_layernorm,
+    out_channels,
+    owned_parameter,
+    parameter_axis,
     set_channels,
     sizes,
 )
@@ -53,7 +64,8 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
     channel counts and groups, no module missing and none added. A plan without it (read from
     a version 1 file) is checked against the modules it touches. Every module the plan prunes
     must also be of a kind its dependencies can prune (conv/linear for ``output``/``input``, a
-    depthwise conv for ``depthwise``, a BatchNorm for ``batchnorm``).
+    depthwise conv for ``depthwise``, a BatchNorm for ``batchnorm``, a LayerNorm for
+    ``layernorm``).
 
     Raises:
         TypeError: ``plan`` is not a :class:`PruningPlan`.
@@ -68,7 +80,11 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
     modules = dict(model.named_modules())
     if plan.structure is not None:
         _compare_structure(channel_structure(model), plan.structure, caller)
+    parameters = {d.module for g in plan.groups for d in g.dependencies if d.kind == "parameter"}
     for name, size in plan.sizes.items():
+        if name in parameters:
+            _check_parameter(model, name, tuple(size), caller)
+            continue
         module = modules.get(name)
         expected = sizes(module) if module is not None else None
         if expected != tuple(size):
@@ -79,12 +95,42 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
             )
     for group in plan.groups:
         for dep in group.dependencies:
+            if dep.kind == "parameter":
+                continue  # checked above
             module = modules[dep.module]
             if not _prunable_as(module, dep.kind):
                 raise ValueError(
                     f"{caller}: the plan prunes {dep.module!r} as {dep.kind!r}, but it is a "
                     f"{type(module).__name__}{sizes(module)}; make the plan on this same model"
                 )
+    for name in plan.sizes:
+        module = modules.get(name)
+        if module is not None and is_conv(module) and groups(module) > 1:
+            if not is_depthwise(module):
+                _check_grouped(module, name, plan, caller)
+
+
+def _check_parameter(model: nn.Module, name: str, size: tuple[int, int], caller: str) -> None:
+    """Raise unless ``name`` is a per-channel parameter of ``size[0]`` channels (see
+    :func:`icprune.structure.layers.parameter_axis`)."""
+    owned = owned_parameter(model, name)
+    axis = parameter_axis(getattr(*owned)) if owned is not None else None
+    found = tuple(getattr(*owned).shape) if owned is not None else None
+    if axis is None or found[axis] != size[0]:
+        raise ValueError(
+            f"{caller}: the plan does not match this model at {name!r}: it expects a per-channel "
+            f"parameter of {size[0]} channels, the model has "
+            f"{'no such parameter' if found is None else f'one of shape {found}'}. Make the plan "
+            f"on this same model."
+        )
+
+
+def _prune_parameter(model: nn.Module, name: str, out_idx: Tensor) -> None:
+    """Keep the channels ``out_idx`` of a per-channel parameter, along its channel axis."""
+    owner, attr = owned_parameter(model, name)
+    old = getattr(owner, attr)
+    value = old.detach().index_select(parameter_axis(old), out_idx.to(old.device))
+    setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def _prunable_as(module: nn.Module, kind: str) -> bool:
@@ -92,9 +138,33 @@ def _prunable_as(module: nn.Module, kind: str) -> bool:
     dependency.KINDS`)."""
     if kind == "batchnorm":
         return is_batchnorm(module)
+    if kind == "layernorm":
+        return is_layernorm(module)
     if kind == "depthwise":
         return is_depthwise(module)
-    return isinstance(module, PRUNABLE_TYPES) and groups(module) == 1
+    return isinstance(module, PRUNABLE_TYPES) and not is_depthwise(module)
+
+
+def within_groups(idx: Tensor, size: int, count: int) -> Tensor | None:
+    """The positions a grouped conv keeps in each of its ``count`` groups, when the kept
+    channel indices ``idx`` (of ``size``) keep the same positions in every group; else None."""
+    per = size // count
+    if len(idx) % count:
+        return None
+    tiles = idx.view(count, -1) - torch.arange(count).view(-1, 1) * per
+    return tiles[0] if bool((tiles == tiles[0]).all()) else None
+
+
+def _check_grouped(module: nn.Module, name: str, plan: PruningPlan, caller: str) -> None:
+    """Raise unless a plan keeps the same positions in every group of a grouped conv."""
+    for axis, size in (("out", out_channels(module)), ("in", in_channels(module))):
+        idx = plan.indices(name, axis)
+        if idx is not None and within_groups(idx, size, groups(module)) is None:
+            raise ValueError(
+                f"{caller}: the plan keeps {axis}put channels {idx.tolist()[:12]} of the grouped "
+                f"conv {name!r} ({groups(module)} groups of {size // groups(module)}), not the "
+                f"same positions in every group; make the plan with icprune.plan on this model"
+            )
 
 
 def _compare_structure(mine: dict, theirs: dict, caller: str) -> None:
@@ -135,8 +205,8 @@ def _describe(entry) -> str:
 
 def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | None) -> None:
     out_full, in_full = sizes(module)
-    if is_batchnorm(module):
-        for attr in BATCHNORM_TENSORS:
+    if is_batchnorm(module) or is_layernorm(module):
+        for attr in BATCHNORM_TENSORS if is_batchnorm(module) else LAYERNORM_TENSORS:
             value = getattr(module, attr)
             if value is not None and out_idx is not None:
                 _replace(module, attr, slice_channels(value, out_idx.to(value.device)))
@@ -145,6 +215,8 @@ def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | No
     depthwise = is_depthwise(module)
     if depthwise:
         in_idx = None  # one input channel per group: follows out_idx through groups
+    elif in_idx is not None and groups(module) > 1:  # grouped: the weight holds one group's
+        in_idx = within_groups(in_idx, in_full, groups(module))  # positions (checked before)
     device = module.weight.device
     rows = out_idx.to(device) if out_idx is not None else torch.arange(out_full, device=device)
     cols = in_idx.to(device) if in_idx is not None else None
@@ -152,7 +224,9 @@ def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | No
     if module.bias is not None and out_idx is not None:
         _replace(module, "bias", slice_channels(module.bias, rows))
     out_n = len(rows)
-    in_n = out_n if depthwise else (len(cols) if cols is not None else in_full)
+    in_n = out_n if depthwise else in_full
+    if cols is not None:
+        in_n = len(cols) * groups(module)
     set_channels(module, out_n, in_n)
 
 
@@ -178,8 +252,12 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -> nn.M
     check_model(model, plan)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
+    parameters = {d.module for g in plan.groups for d in g.dependencies if d.kind == "parameter"}
     for name in plan.sizes:
         out_idx, in_idx = plan.indices(name, "out"), plan.indices(name, "in")
         with torch.no_grad():
-            _prune_module(modules[name], out_idx, in_idx)
+            if name in parameters:
+                _prune_parameter(target, name, out_idx)
+            else:
+                _prune_module(modules[name], out_idx, in_idx)
     return target

@@ -175,8 +175,15 @@ def _global_sum(value: int, device: torch.device) -> int:
 
 
 def _hook(point: ReadPoint, stats: ChannelStats):
+    """Forward hook adding the read point's feature map to ``stats``. A linear layer's map
+    ``[N, *leading, C]`` (tokens, channels-last maps) is given to the statistics as the view
+    ``[N, C, *leading]``, so every leading position is a sample."""
+    axis = point.channel_axis
+
     def hook(_module, _inputs, output):
         feature = output if point.activation is None else point.activation(output)
+        if feature.dim() > 2 and axis % feature.dim() != 1:
+            feature = feature.movedim(axis, 1)
         stats.update(feature.detach())
 
     return hook

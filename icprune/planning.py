@@ -120,7 +120,17 @@ class PruningPlan:
             for dep in group.dependencies:
                 self._check_dependency(where, group, dep)
         if self.structure is not None:
+            # LayerNorms and parameters are not in the recorded structure (see
+            # icprune.structure.layers)
+            unrecorded = {
+                d.module
+                for g in self.groups
+                for d in g.dependencies
+                if d.kind in ("layernorm", "parameter")
+            }
             for name, size in self.sizes.items():
+                if name in unrecorded:
+                    continue
                 entry = self.structure.get(name)
                 if entry is None or tuple(entry[1:3]) != tuple(size):
                     raise ValueError(

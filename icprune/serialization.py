@@ -2,7 +2,9 @@
 
 ``save`` writes one ``torch.save`` file holding a dict of plain types and tensors:
 ``{"format": "icprune.pruned", "version": 1, "channels": {module: [out, in, groups]},
-"state_dict": ...}``, where ``channels`` lists every conv, linear and BatchNorm module.
+"state_dict": ...}``, where ``channels`` lists every conv, linear and BatchNorm module,
+every LayerNorm over one axis and every per-channel parameter of a module without channels
+(ConvNeXt's ``layer_scale``, by its qualified name, ``[C, C, 1]``).
 ``load`` builds a fresh model, gives those modules the stored channel counts (with empty
 tensors of the stored shapes) and loads the state_dict strictly, reading the file with
 ``torch.load(..., weights_only=True)``.
@@ -20,7 +22,11 @@ from icprune.files import load_torch_file, save_atomically
 from icprune.structure.layers import (
     SLICEABLE_TYPES,
     channel_structure,
+    is_layernorm,
+    owned_parameter,
+    parameter_axis,
     set_channels,
+    sizes,
     tensor_shapes,
 )
 
@@ -42,11 +48,15 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
         OSError: the file cannot be written (``path`` is left as it was).
     """
     modules = dict(model.named_modules())
+    structure = channel_structure(model)
     channels = {
-        name: list(entry[1:])
-        for name, entry in channel_structure(model).items()
-        if isinstance(modules[name], SLICEABLE_TYPES)
+        name: list(structure[name][1:]) if name in structure else [*sizes(module), 1]
+        for name, module in modules.items()
+        if (name in structure and isinstance(module, SLICEABLE_TYPES)) or is_layernorm(module)
     }
+    for name, tensor in model.named_parameters():  # per-channel parameters (layer_scale)
+        if owned_parameter(model, name) is not None and _channels_of(tensor) is not None:
+            channels[name] = [_channels_of(tensor)] * 2 + [1]
     save_atomically(
         {
             "format": FORMAT,
@@ -124,9 +134,12 @@ def load(
     modules = dict(model.named_modules())
     for module_name, (out_ch, in_ch, groups) in channels.items():
         module = modules.get(module_name)
-        if not isinstance(module, SLICEABLE_TYPES):
+        if module is None and owned_parameter(model, module_name) is not None:
+            _load_parameter(name, model, module_name, out_ch, state)
+            continue
+        if not (isinstance(module, SLICEABLE_TYPES) or is_layernorm(module)):
             raise ValueError(
-                f"load: the saved model has a conv/linear/BatchNorm module {module_name!r} that "
+                f"load: the saved model has a conv/linear/norm module {module_name!r} that "
                 f"model_fn() lacks (found {type(module).__name__}); pass the same architecture"
             )
         prefix = f"{module_name}." if module_name else ""
@@ -149,6 +162,34 @@ def load(
     except RuntimeError as exc:
         raise ValueError(f"load: the saved weights do not fit model_fn()'s model: {exc}") from exc
     return model
+
+
+def _channels_of(tensor: torch.Tensor) -> int | None:
+    """Channels of a per-channel parameter: the size of its one axis > 1 (1 if it has none),
+    or None if it has several."""
+    wide = [size for size in tensor.shape if size > 1]
+    return None if len(wide) > 1 or tensor.dim() == 0 else (wide[0] if wide else 1)
+
+
+def _load_parameter(path: str, model: nn.Module, name: str, channels: int, state: dict) -> None:
+    """Give the per-channel parameter ``name`` of ``model`` the stored channel count: an empty
+    tensor of the stored shape, which must be the model's with its channel axis resized."""
+    owner, attr = owned_parameter(model, name)
+    tensor = getattr(owner, attr)
+    axis = parameter_axis(tensor)
+    stored = state.get(name)
+    expected = list(tensor.shape)
+    if axis is not None:
+        expected[axis] = channels
+    if stored is None or axis is None or list(stored.shape) != expected:
+        found = None if stored is None else tuple(stored.shape)
+        raise ValueError(
+            f"load: {path!r}: the per-channel parameter {name!r} is stored as {found} for "
+            f"{channels} channels, but model_fn()'s is {tuple(tensor.shape)}; the file is damaged "
+            f"or does not fit model_fn()'s model"
+        )
+    empty = torch.empty(stored.shape, dtype=tensor.dtype, device=tensor.device)
+    setattr(owner, attr, nn.Parameter(empty, requires_grad=tensor.requires_grad))
 
 
 def _is_count(value: object) -> bool:

@@ -188,3 +188,126 @@ def test_a_plan_pruning_a_module_as_the_wrong_kind_is_refused():
     conv[1] = "depthwise"
     with pytest.raises(ValueError, match=rf"prunes '{conv[0]}' as 'depthwise', but it is a Conv2d"):
         apply(model, PruningPlan.from_json(json.dumps(data)))
+
+
+# ------------------------------------------------------------- gates, tokens, channels-last maps
+
+
+def _masked_last_axis(model: nn.Module, chosen: PruningPlan, x: torch.Tensor) -> torch.Tensor:
+    """:func:`masked_output` for linear layers over tokens: their channels are the last axis."""
+    modules = dict(model.named_modules())
+    hooks = []
+    for name in dict.fromkeys(
+        d.module for g in chosen.groups for d in g.dependencies if d.kind != "input"
+    ):
+        mask = torch.zeros(chosen.sizes[name][0])
+        mask[chosen.indices(name, "out")] = 1.0
+        hooks.append(modules[name].register_forward_hook(lambda m, a, out, mask=mask: out * mask))
+    try:
+        with torch.no_grad():
+            return model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("gate", [nn.Sigmoid, nn.Hardsigmoid], ids=["sigmoid", "hardsigmoid"])
+def test_squeeze_excitation_pruned_equals_masked(gate):
+    from tests.structure.nets import SENet
+
+    torch.manual_seed(0)
+    model = randomize_norms(SENet(gate))
+    x = torch.randn(2, 3, 8, 8)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], ratio=0.4)
+    pruned = apply(model, chosen)
+    kept = len(chosen.indices("expand", "out"))
+    assert kept < 24 and pruned.se.fc2.out_channels == pruned.se.fc1.in_channels == kept
+    assert pruned.dw.groups == pruned.project.in_channels == kept
+    want = masked_output(model, chosen, x)
+    torch.testing.assert_close(pruned(x).detach(), want, rtol=1e-5, atol=1e-6)
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+
+
+def test_token_mlp_pruned_equals_masked():
+    from tests.structure.nets import TokenMLP
+
+    torch.manual_seed(0)
+    model = TokenMLP().eval()
+    x = torch.randn(3, 5, 6)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], ratio=0.5, global_ranking=False)
+    pruned = apply(model, chosen)
+    assert (pruned.fc1.out_features, pruned.fc2.out_features, pruned.fc3.out_features) == (6, 4, 5)
+    torch.testing.assert_close(pruned(x).detach(), _masked_last_axis(model, chosen, x))
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+
+
+def test_convnext_blocks_prune_with_their_layernorms():
+    from tests.structure.nets import ConvNeXtNet
+
+    torch.manual_seed(0)
+    model = ConvNeXtNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], flops_reduction=0.4)
+    pruned = apply(model, chosen)
+    stream = len(chosen.indices("stem", "out"))
+    assert stream < 8
+    for norm in (pruned.stem_norm, pruned.block1.norm, pruned.block2.norm, pruned.down_norm):
+        assert norm.normalized_shape == (stream,) and norm.weight.shape == norm.bias.shape
+        assert norm.weight.shape == (stream,)
+    assert pruned.block1.dw.groups == pruned.down.in_channels == stream
+    assert pruned.block1.layer_scale.shape == pruned.block2.layer_scale.shape == (stream, 1, 1)
+    assert torch.equal(
+        pruned.block2.layer_scale, model.block2.layer_scale[chosen.indices("stem", "out")]
+    )
+    assert pruned(x).shape == (2, 5) and torch.isfinite(pruned(x)).all()
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+    assert abs(chosen.flops_reduction - 0.4) <= 0.01
+    # a LayerNorm keeps the kept channels' weights; what it normalises over changes
+    keep = chosen.indices("stem", "out")
+    assert torch.equal(pruned.block1.norm.weight, model.block1.norm.weight[keep])
+    again = PruningPlan.from_json(chosen.to_json())
+    assert again.to_json() == chosen.to_json()
+    again_state, state = apply(model, again).state_dict(), pruned.state_dict()
+    assert list(again_state) == list(state)
+    assert all(torch.equal(again_state[k], state[k]) for k in state)
+
+
+def test_a_plan_whose_per_channel_parameter_differs_is_refused():
+    from tests.structure.nets import ConvNeXtNet
+
+    torch.manual_seed(0)
+    model = ConvNeXtNet().eval()
+    chosen = plan(model, l1_scores(model), example_inputs=torch.randn(1, 3, 16, 16), ratio=0.3)
+    model.block2.layer_scale = nn.Parameter(torch.ones(8, 2, 1))
+    with pytest.raises(ValueError, match=r"apply: .* at 'block2.layer_scale': it expects a per"):
+        apply(model, chosen)
+
+
+def test_grouped_convs_pruned_within_groups_equal_masked():
+    from tests.structure.nets import ResNeXtNet
+
+    torch.manual_seed(0)
+    model = randomize_norms(ResNeXtNet())
+    x = torch.randn(2, 3, 8, 8)
+    chosen = plan(model, l1_scores(model), example_inputs=x[:1], flops_reduction=0.4)
+    pruned = apply(model, chosen)
+    for conv in (pruned.conv1b, pruned.conv2b):
+        assert conv.groups == 4 and conv.in_channels < 24 and conv.out_channels % 4 == 0
+    kept = chosen.indices("conv1a", "out").view(4, -1) - torch.arange(4).view(-1, 1) * 6
+    assert bool((kept == kept[0]).all())  # the same positions in every group
+    torch.testing.assert_close(pruned(x).detach(), masked_output(model, chosen, x))
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+
+
+def test_a_plan_keeping_other_positions_per_group_is_refused():
+    from tests.structure.nets import ResNeXtNet
+
+    model = ResNeXtNet().eval()
+    chosen = plan(model, l1_scores(model), example_inputs=torch.randn(1, 3, 8, 8), ratio=0.3)
+    data = json.loads(chosen.to_json())
+    group = next(g for g in data["groups"] if g["dependencies"][0][0] == "conv1a")
+    first = next(d for d in group["dependencies"] if d[0] == "conv1b" and d[2] == 0)
+    first[2] = 1  # conv1b's first tile shifted by one channel
+    edited = PruningPlan.from_json(json.dumps(data))
+    with pytest.raises(ValueError, match="apply: the plan keeps input channels .* 'conv1b'"):
+        apply(model, edited)

@@ -628,3 +628,45 @@ def test_a_checkpoint_in_a_missing_folder_is_refused_before_any_work(model, tmp_
     finally:
         handle.remove()
     assert forwards == []
+
+
+# ------------------------------------------------------------- linear layers over tokens
+
+
+#: The activation right after each linear layer of TokenMLP and ConvNeXtNet (others: none).
+ACTIVATIONS = {"fc1": F.gelu, "fc3": torch.relu} | {f"block{i}.fc1": F.gelu for i in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("read_at", ["output", "activation"])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_linear_over_tokens_and_channels_last_maps_counts_every_position(read_at, backend):
+    from tests.structure.nets import ConvNeXtNet, TokenMLP
+
+    if backend == "cpp" and not __import__("icprune").build_info()["extension"]:
+        pytest.skip("needs the compiled extension")
+    torch.manual_seed(0)
+    for model, shape in ((TokenMLP().eval(), (2, 5, 6)), (ConvNeXtNet().eval(), (2, 3, 16, 16))):
+        batches = [torch.randn(shape) for _ in range(2)]
+        stats = calibrate(model, batches, read_at=read_at, progress=False, backend=backend)
+        modules = dict(model.named_modules())
+        captured = {name: [] for name, m in modules.items() if isinstance(m, nn.Linear)}
+        hooks = []
+        for name in captured:
+
+            def hook(_m, _a, out, seen=captured[name], name=name):
+                seen.append(ACTIVATIONS.get(name, torch.clone)(out) if read_at != "output" else out)
+
+            hooks.append(modules[name].register_forward_hook(hook))
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        for h in hooks:
+            h.remove()
+        for name, outs in captured.items():
+            if name not in stats:
+                continue  # the classifier
+            want = ChannelStats(modules[name].out_features, name=name, backend=backend)
+            for out in outs:  # every leading position is a sample: [M, C] rows
+                want.update(out.reshape(-1, out.shape[-1]))
+            assert stats[name].count == sum(o.numel() // o.shape[-1] for o in outs)
+            _assert_same_stats(stats[name], want, exact_gram=backend == "torch")

@@ -8,6 +8,7 @@ from torch import nn
 
 import icprune
 from icprune.models import mobilenet_v2, resnet20, resnet56
+from tests.structure.nets import ConvNeXtNet, ResNeXtNet, SENet
 
 
 def _pruned(factory, size: int, **target) -> tuple[nn.Module, torch.Tensor]:
@@ -24,10 +25,18 @@ def _pruned(factory, size: int, **target) -> tuple[nn.Module, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    ("factory", "size"), [(resnet56, 32), (mobilenet_v2, 32)], ids=["resnet56", "mobilenet_v2"]
+    ("factory", "size", "target"),
+    [
+        (resnet56, 32, {"flops_reduction": 0.5, "round_to": 4}),
+        (mobilenet_v2, 32, {"flops_reduction": 0.5, "round_to": 4}),
+        (SENet, 8, {"ratio": 0.4}),
+        (ConvNeXtNet, 16, {"ratio": 0.4}),
+        (ResNeXtNet, 8, {"ratio": 0.4}),
+    ],
+    ids=["resnet56", "mobilenet_v2", "squeeze-excitation", "convnext-layernorms", "grouped"],
 )
-def test_round_trip_is_bit_identical(tmp_path, factory, size):
-    pruned, x = _pruned(factory, size, flops_reduction=0.5, round_to=4)
+def test_round_trip_is_bit_identical(tmp_path, factory, size, target):
+    pruned, x = _pruned(factory, size, **target)
     path = tmp_path / "pruned.pt"
     icprune.save(pruned, path)
     loaded = icprune.load(path, factory).eval()

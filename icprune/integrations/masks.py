@@ -33,7 +33,14 @@ from torch.nn.utils import prune
 
 from icprune.applying import check_model
 from icprune.planning import PruningPlan
-from icprune.structure.layers import is_batchnorm, is_depthwise
+from icprune.structure.layers import (
+    groups,
+    is_batchnorm,
+    is_depthwise,
+    is_layernorm,
+    owned_parameter,
+    parameter_axis,
+)
 
 
 def _keep(size: int, kept: Tensor | None) -> Tensor | None:
@@ -106,16 +113,27 @@ def apply_masks(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -
     check_model(model, plan, caller="apply_masks")
     target = model if inplace else _copy(model)
     modules = dict(target.named_modules())
+    parameters = {d.module for g in plan.groups for d in g.dependencies if d.kind == "parameter"}
     for name, (out_size, in_size) in plan.sizes.items():
-        module = modules[name]
         rows = _keep(out_size, plan.indices(name, "out"))
-        if is_batchnorm(module):
+        if name in parameters:  # a per-channel parameter: masked along its channel axis
+            owner, attr = owned_parameter(target, name)
+            if rows is not None:
+                axis = parameter_axis(getattr(owner, attr))
+                mask = torch.ones_like(getattr(owner, attr))
+                mask.index_fill_(axis, (~rows).nonzero().flatten().to(mask.device), 0)
+                prune.custom_from_mask(owner, attr, mask)
+            continue
+        module = modules[name]
+        if is_batchnorm(module) or is_layernorm(module):
             _mask(module, "weight", rows, None)
             _mask(module, "bias", rows, None)
             continue
         cols = _keep(in_size, plan.indices(name, "in"))
         if is_depthwise(module):
             cols = None  # its one input channel per group follows its output channel
+        elif cols is not None and groups(module) > 1:
+            cols = cols[: in_size // groups(module)]  # every group keeps the same positions
         _mask(module, "weight", rows, cols)
         _mask(module, "bias", rows, None)
     return target

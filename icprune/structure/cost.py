@@ -6,7 +6,9 @@ linear and BatchNorm module's cost is a product of its kept output and input cha
 - conv: ``positions * kernel * out * in / groups`` MACs, ``out * in / groups * kernel (+ out)``
   parameters; a depthwise conv has ``in / groups = 1``;
 - linear: ``positions * out * in`` MACs, ``out * in (+ out)`` parameters;
-- BatchNorm: no MACs, ``2 * channels`` parameters when affine.
+- BatchNorm: no MACs, ``2 * channels`` parameters when affine;
+- LayerNorm: no MACs, ``channels`` parameters for each of its weight and bias;
+- a per-channel parameter (``layer_scale``): no MACs, ``channels * elements per channel``.
 
 Everything else (MACs of other operations, other parameters) is a constant: the measured total
 minus these terms at full size. The MACs match ``icprune.count`` (FlopCounterMode) of the
@@ -20,7 +22,10 @@ from collections.abc import Sequence
 from icprune.structure.dependency import Dependencies, LayerShape
 
 #: The axis of a module a dependency kind prunes.
-AXIS = {"output": "out", "depthwise": "out", "batchnorm": "out", "input": "in"}
+AXIS = {
+    "output": "out", "depthwise": "out", "batchnorm": "out", "layernorm": "out",
+    "parameter": "out", "input": "in",
+}  # fmt: skip
 
 
 class CostModel:
@@ -68,6 +73,10 @@ def _module_cost(shape: LayerShape, out: int, inp: int) -> tuple[int, int]:
     """(MACs, params) of one module with ``out`` output and ``inp`` input channels kept."""
     if shape.kind == "batchnorm":
         return 0, 2 * out if shape.bias else 0
+    if shape.kind == "parameter":
+        return 0, out * shape.kernel
+    if shape.kind == "layernorm":
+        return 0, out * (int(shape.weight) + int(shape.bias))
     per_out = 1 if shape.kind == "depthwise" else inp // shape.groups
     weights = out * per_out * shape.kernel
     return shape.positions * weights, weights + (out if shape.bias else 0)

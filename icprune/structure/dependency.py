@@ -2,36 +2,63 @@
 
 A ``torch.fx`` trace of the model (see :func:`icprune.structure.graph.trace`) is walked in graph
 order with the shape of every value (one forward pass on ``example_inputs``). Every tensor value
-with a channel dimension (dim 1) carries a *layout*: the list of channel *spaces* its channels come
-from. A prunable layer (``Conv1d/2d/3d`` with ``groups=1``, ``Linear`` on 2-D inputs) starts a new
-space with its output channels. Operations propagate or couple spaces:
+with channels carries a *layout*: the list of channel *spaces* its channels come from, and the
+*channel axis* they run along (dim 1 of a conv map ``[N, C, *S]``; the last dim of a linear
+layer's tokens ``[N, L, C]`` or of a channels-last map ``[N, H, W, C]``). A prunable layer
+(``Conv1d/2d/3d`` with ``groups=1`` over dim 1, ``Linear`` over the last dim) starts a new space
+(and grouped convs, below) with its output channels. Operations propagate or couple spaces:
 
-- BatchNorm, elementwise activations, pooling, dropout, ``Identity`` and ``mean``/``sum``/
-  ``amax``/``amin`` over spatial dimensions keep the layout;
+- BatchNorm (over dim 1), LayerNorm over the channels (the last dim; a ``nn.LayerNorm``, or
+  ``F.layer_norm`` called with a LayerNorm module's weight and bias as torchvision's
+  ``LayerNorm2d`` does), elementwise activations, dropout, torchvision's ``stochastic_depth``,
+  ``Identity``, pooling (over dim-1 channels) and ``mean``/``sum``/``amax``/``amin`` over
+  dimensions other than the batch and the channels keep the layout; a LayerNorm's weight and
+  bias follow the channels. Pruning a LayerNorm's channels also changes the mean and variance it
+  normalises the kept ones with (pruning is then no longer exact zeroing, as with every
+  normalisation over channels);
 - a depthwise conv (:func:`icprune.structure.layers.is_depthwise`) keeps the layout: its output
   channel c is its input channel c, so it is pruned with the group of its input;
-- elementwise ``add``/``sub``/``mul``/``div`` of same-shaped tensors (residual connections) unify
-  the spaces of their operands into one;
-- ``cat`` along the channel dimension concatenates layouts (a consumer takes each part at its
-  channel offset);
-- ``flatten``/``view``/``reshape`` to ``[N, F]`` maps channel c of a ``[N, C, *S]`` tensor to
-  the ``prod(S)`` features ``c*prod(S) ... (c+1)*prod(S) - 1`` (flatten -> linear).
+- any other grouped conv, of G groups, is pruned *within* its groups (Torch-Pruning's rule): the
+  spaces it reads and writes are made of G equal tiles, and position p of every tile is one
+  unit (a group's channels are its dependencies at offsets ``g * C / G``). Every conv group then
+  keeps the same positions and ``groups`` stays G; a BatchNorm, a residual or a
+  squeeze-excitation gate of such a space is tiled alike. This takes a second walk of the graph
+  (the first finds which spaces meet grouped convs). A grouped conv whose input is not G equal
+  tiles of the same spaces (its groups straddle a concatenation) stays opaque;
+- ``permute``/``transpose``/``swapaxes`` move the channel axis with its dimension;
+- elementwise ``add``/``sub``/``mul``/``div``, broadcasting judged per axis: operands of the
+  output's shape (residual connections) are unified into one space; so is an operand with the
+  output's channel count on the channel axis and size 1 elsewhere, such as a
+  squeeze-excitation gate ``x * sigmoid(fc2(...))`` of shape ``[N, C, 1, 1]`` (the gate's
+  producing layer is then pruned with the map it gates); an operand of one channel broadcasts
+  and stays apart;
+- ``cat`` along the channel axis concatenates layouts (a consumer takes each part at its
+  channel offset); along any other axis it unifies them;
+- ``flatten``/``view``/``reshape`` that regroup only the axes before the channel axis (tokens
+  ``[N, L, C] -> [N*L, C]``) keep the layout; one that merges the channel axis with all the
+  axes after it (``[N, C, *S] -> [N, C*prod(S)]``) maps channel c to the ``prod(S)`` features
+  ``c*prod(S) ... (c+1)*prod(S) - 1`` (flatten -> linear).
 
 Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
-grouped (non-depthwise) convs, per-channel PReLU, convs/linears/BatchNorms called more than once
-(shared weights), unknown functions, the model's inputs and outputs (so the classifier is never
-pruned), and any module listed in ``ignored_layers`` that is not a conv, linear or BatchNorm (it
-is also traced as a leaf, which is how an untraceable submodule is dealt with).
+per-channel PReLU, convs/linears/BatchNorms/LayerNorms called more
+than once (shared weights), parameters used as values (``get_attr``) other than per-channel
+scales read once (ConvNeXt's ``layer_scale``, which follows the map it scales), unknown
+functions, the
+model's inputs and outputs (so the classifier is never pruned), and any module listed in
+``ignored_layers`` that is not a conv, linear, BatchNorm or LayerNorm (it is also traced as a
+leaf, which is how an untraceable submodule is dealt with).
 
 A space becomes a :class:`Group` unless it is opaque or one of its output-channel layers (conv,
-linear, depthwise conv, BatchNorm) is listed in ``ignored_layers``. Layers that only *consume* a
-group (their input channels follow it) are pruned on their input side even when ignored.
+linear, depthwise conv, BatchNorm, LayerNorm) is listed in ``ignored_layers``. Layers that only
+*consume* a group (their input channels follow it) are pruned on their input side even when
+ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import math
 import operator
 import re
 from collections.abc import Iterable, Sequence
@@ -59,26 +86,31 @@ from icprune.structure.layers import (
     is_batchnorm,
     is_conv,
     is_depthwise,
+    is_layernorm,
     out_channels,
+    owned_parameter,
+    parameter_axis,
 )
 
 #: Kinds of :class:`Dependency`: how a module's channels follow a group.
-KINDS = ("output", "depthwise", "batchnorm", "input")
+KINDS = ("output", "depthwise", "batchnorm", "layernorm", "parameter", "input")
 
-_PASS_MODULES = (
+#: Pooling keeps the channels of a conv map, dim 1 (over a channels-last map it would pool them).
+_POOL_MODULES = (
     nn.modules.pooling._MaxPoolNd,
     nn.modules.pooling._AvgPoolNd,
     nn.modules.pooling._AdaptiveAvgPoolNd,
     nn.modules.pooling._AdaptiveMaxPoolNd,
     nn.modules.pooling._LPPoolNd,
-    nn.modules.dropout._DropoutNd,
-    nn.Identity,
 )
-_PASS_FUNCTIONS = frozenset({
+_PASS_MODULES = (nn.modules.dropout._DropoutNd, nn.Identity)
+_POOL_FUNCTIONS = frozenset({
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
-    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d, F.alpha_dropout, torch.max_pool2d, torch.avg_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, torch.max_pool2d, torch.avg_pool1d,
+})  # fmt: skip
+_PASS_FUNCTIONS = frozenset({
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
 }) | ACTIVATION_FUNCTIONS  # fmt: skip
 _PASS_METHODS = frozenset({"contiguous", "clone", "detach"}) | ACTIVATION_METHODS
 _ELEMENTWISE_FUNCTIONS = frozenset({
@@ -91,6 +123,8 @@ _REDUCE_METHODS = frozenset({"mean", "sum", "amax", "amin"})
 _CAT_FUNCTIONS = frozenset({torch.cat, torch.concat, torch.concatenate})
 _FLATTEN_FUNCTIONS = frozenset({torch.flatten, torch.reshape})
 _FLATTEN_METHODS = frozenset({"flatten", "view", "reshape"})
+_PERMUTE_FUNCTIONS = frozenset({torch.permute, torch.transpose, torch.swapaxes, torch.swapdims})
+_PERMUTE_METHODS = frozenset({"permute", "transpose", "swapaxes", "swapdims"})
 _METADATA_METHODS = frozenset({"size", "dim", "numel", "type"})
 
 _TRACE_HINT = (
@@ -107,8 +141,10 @@ class Dependency:
         module: qualified name of the module (``model.named_modules()`` key).
         kind: ``"output"`` (a conv or linear layer whose output channels are the group's),
             ``"depthwise"`` (a depthwise conv: output channels, and input channels with them),
-            ``"batchnorm"`` (a BatchNorm over the group's channels) or ``"input"`` (a conv or linear
-            layer whose input channels follow the group).
+            ``"batchnorm"`` (a BatchNorm over the group's channels), ``"layernorm"`` (a LayerNorm
+            over them: its weight and bias), ``"parameter"`` (a per-channel parameter scaling
+            them, e.g. ConvNeXt's ``layer_scale``; ``module`` is then the parameter's qualified
+            name) or ``"input"`` (a conv or linear layer whose input channels follow the group).
         offset: index of the group's first channel (or feature) along that axis of the module.
         repeat: consecutive input features per channel (``prod(S)`` after flattening a
             ``[N, C, *S]`` map into a linear layer, else 1).
@@ -146,17 +182,23 @@ class Group:
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What the cost of a conv, linear or BatchNorm module depends on, recorded by the trace.
+    """What the cost of a conv, linear, BatchNorm or LayerNorm module depends on, recorded by
+    the trace.
 
     Attributes:
         module: qualified name.
-        kind: ``"conv"``, ``"depthwise"``, ``"linear"`` or ``"batchnorm"``.
+        kind: ``"conv"``, ``"depthwise"``, ``"linear"``, ``"batchnorm"``, ``"layernorm"`` or
+            ``"parameter"`` (a per-channel parameter; ``module`` is its qualified name).
         in_channels, out_channels: full channel (feature) counts.
-        groups: conv groups (1 for linear and BatchNorm).
+        groups: conv groups (1 for linear and the norms).
         positions: output positions over all calls for ``example_inputs``: ``N * prod(output
-            spatial)`` for a conv, ``N`` for a linear layer (0 for a BatchNorm, or when not called).
-        kernel: ``prod(kernel_size)`` (1 for linear and BatchNorm).
+            spatial)`` for a conv, ``N * prod(leading dims)`` for a linear layer (``N`` on 2-D
+            inputs, ``N * L`` over tokens); 0 for the norms, or when not called.
+        kernel: ``prod(kernel_size)`` (1 for linear and the norms; for a parameter its elements
+            per channel).
         bias: the module has a bias (for a BatchNorm: affine weight and bias).
+        weight: a LayerNorm has a weight (True for every other kind, whose weight is counted by
+            ``bias`` for a BatchNorm and always present for convs and linears).
     """
 
     module: str
@@ -167,6 +209,7 @@ class LayerShape:
     positions: int
     kernel: int
     bias: bool
+    weight: bool = True
 
 
 @dataclass(frozen=True)
@@ -258,13 +301,33 @@ def _arg(node: fx.Node, index: int, name: str, default: object = None) -> object
 
 
 class _Walker:
-    """Walks a shape-propagated graph once, building the channel layout of every value."""
+    """Walks a shape-propagated graph once, building the channel layout of every value.
 
-    def __init__(self, modules: dict[str, nn.Module], ignored: frozenset[str]) -> None:
+    Every value with a layout also has a *channel axis* (``axes``; 1 unless set): the dimension
+    its channels run along, 1 for conv maps ``(N, C, *S)`` and the last one for linear layers
+    over tokens or channels-last maps ``(N, *S, C)``.
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        ignored: frozenset[str],
+        model: nn.Module,
+        tiles: dict[fx.Node, int] | None = None,
+    ) -> None:
         self.modules = modules
         self.ignored = ignored
+        self.model = model
+        # Grouped convs take two walks. The first (tiles None) notes in ``needs`` which spaces
+        # a grouped conv with G groups reads or writes (each must come in G equal tiles) and
+        # in ``created`` the space each node creates; the second creates every space in the
+        # tiles its union needs (see :func:`_tiles`), so channel p of every tile is one unit.
+        self.tiles = tiles
+        self.needs: list[tuple[int, int]] = []
+        self.created: dict[fx.Node, int] = {}
         self.spaces = _Spaces()
         self.layouts: dict[fx.Node, tuple[Segment, ...] | None] = {}
+        self.axes: dict[fx.Node, int] = {}
         self.calls: dict[str, int] = {}
         self.shapes: dict[str, LayerShape] = {}
 
@@ -272,11 +335,39 @@ class _Walker:
         for node in graph.nodes:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
+            elif node.op == "get_attr":
+                self.calls[node.target] = self.calls.get(node.target, 0) + 1
+            elif (owner := _layer_norm_owner(node, self.modules)) is not None:
+                self.calls[owner] = self.calls.get(owner, 0) + 1
         for order, node in enumerate(graph.nodes):
             self.layouts[node] = self.visit(node, order)
 
     def layout(self, node: object) -> tuple[Segment, ...] | None:
         return self.layouts.get(node) if isinstance(node, fx.Node) else None
+
+    def axis(self, node: object) -> int:
+        """The channel axis of a value (a non-negative dimension index)."""
+        return self.axes.get(node, 1) if isinstance(node, fx.Node) else 1
+
+    def at(
+        self, node: fx.Node, layout: tuple[Segment, ...] | None, axis: int
+    ) -> tuple[Segment, ...] | None:
+        """``layout`` as the layout of ``node``, whose channels run along ``axis``."""
+        if axis != 1:
+            self.axes[node] = axis
+        return layout
+
+    def fresh(self, node: fx.Node, size: int) -> tuple[Segment, ...]:
+        """A new space for the ``size`` channels ``node`` creates: one segment, or T equal
+        segments of one space of ``size / T`` channels when the second walk tiles it T times
+        (channel p of that space is channel p of every tile)."""
+        tiles = self.tiles.get(node, 1) if self.tiles is not None else 1
+        if tiles > 1 and size % tiles == 0:
+            layout = self.spaces.new(size // tiles) * tiles
+        else:
+            layout = self.spaces.new(size)
+        self.created[node] = layout[0][0]
+        return layout
 
     def inputs(self, node: fx.Node) -> list[tuple[Segment, ...]]:
         return [lay for n in node.all_input_nodes if (lay := self.layout(n)) is not None]
@@ -293,7 +384,9 @@ class _Walker:
         if node.op == "output":
             self.spaces.block(*self.inputs(node))
             return None
-        if node.op in ("placeholder", "get_attr"):
+        if node.op == "get_attr":
+            return self.parameter(node, order)
+        if node.op == "placeholder":
             return self.opaque(node)
         meta = _meta(node)
         if _reads_metadata(node):
@@ -304,7 +397,11 @@ class _Walker:
             return self.visit_module(node, meta, order)
         target = node.target
         function = node.op == "call_function"
-        if (function and target in _PASS_FUNCTIONS) or (not function and target in _PASS_METHODS):
+        if function and target in _POOL_FUNCTIONS:
+            return self.passthrough(node, meta, channels_first=True)
+        if (function and (target in _PASS_FUNCTIONS or _is_stochastic_depth(target))) or (
+            not function and target in _PASS_METHODS
+        ):
             return self.passthrough(node, meta)
         if (function and target in _ELEMENTWISE_FUNCTIONS) or (
             not function and target in _ELEMENTWISE_METHODS
@@ -320,53 +417,112 @@ class _Walker:
             not function and target in _FLATTEN_METHODS
         ):
             return self.flatten(node, meta)
+        if (function and target in _PERMUTE_FUNCTIONS) or (
+            not function and target in _PERMUTE_METHODS
+        ):
+            return self.permute(node, meta)
+        if function and target is F.layer_norm:
+            return self.layer_norm_function(node, meta, order)
         return self.opaque(node)
 
-    def passthrough(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
-        """Same layout as the first argument, if that has the output's shape."""
+    def parameter(self, node: fx.Node, order: int) -> tuple[Segment, ...] | None:
+        """A per-channel parameter used as a value (ConvNeXt's ``layer_scale``, ``(C, 1, 1)``;
+        see :func:`icprune.structure.layers.parameter_axis`), read once, of a module without
+        channels of its own: a space of its C channels along that axis, which the elementwise
+        rules couple with the map it scales. Any other ``get_attr`` is opaque."""
+        name = node.target
+        owned = owned_parameter(self.model, name) if self.calls.get(name) == 1 else None
+        axis = parameter_axis(getattr(*owned)) if owned is not None else None
+        if axis is None or name.rpartition(".")[0] in self.ignored:
+            return self.opaque(node)
+        tensor = getattr(*owned)
+        fresh = self.fresh(node, tensor.shape[axis])
+        self.spaces.add(fresh, name, "parameter", order)
+        channels = tensor.shape[axis]
+        self.shapes[name] = LayerShape(
+            name, "parameter", channels, channels, 1, 0, tensor.numel() // channels, False
+        )
+        return self.at(node, fresh, axis)
+
+    def passthrough(
+        self, node: fx.Node, meta: TensorMetadata, channels_first: bool = False
+    ) -> tuple[Segment, ...] | None:
+        """Same layout and channel axis as the first argument, if the output has as many
+        channels along that axis (pooling, ``channels_first``, only with channels on dim 1)."""
         first = node.args[0] if node.args else None
-        lay, first_meta = self.layout(first), _meta(first)
+        lay, first_meta, axis = self.layout(first), _meta(first), self.axis(first)
         others = [n for n in node.all_input_nodes if n is not first]
         if (
             lay is None
             or first_meta is None
-            or first_meta.shape[1] != meta.shape[1]
+            or (channels_first and axis != 1)
+            or (axis != 1 and len(first_meta.shape) != len(meta.shape))
+            or axis >= len(meta.shape)
+            or first_meta.shape[axis] != meta.shape[axis]
             or any(self.layout(n) is not None for n in others)
         ):
             return self.opaque(node)
-        return lay
+        return self.at(node, lay, axis)
 
     def elementwise(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
-        """Unify the layouts of same-shaped operands; operands broadcast over channels (size 1
-        in dim 1) stay apart; anything else is opaque."""
-        result = None
+        """``add``/``sub``/``mul``/``div``, broadcasting judged per axis against the channel
+        axis of the operands shaped like the output (batch aside): those are unified; an
+        operand with the output's channel extent on that axis and size 1 elsewhere (a
+        squeeze-excitation gate ``(N, C, 1, 1)``, a per-channel scale) is unified with them
+        too; one of channel extent 1 broadcasts over the channels and stays apart; anything
+        else is opaque."""
+        out = tuple(meta.shape)
+        n = len(out)
+        operands = []
         for arg in node.all_input_nodes:
             lay, arg_meta = self.layout(arg), _meta(arg)
             if lay is None or arg_meta is None:
                 return self.opaque(node)
-            if tuple(arg_meta.shape[1:]) == tuple(meta.shape[1:]):
-                if result is None:
-                    result = lay
-                else:
-                    self.spaces.unify(result, lay)
-            elif not (len(arg_meta.shape) == len(meta.shape) and arg_meta.shape[1] == 1):
+            operands.append((lay, tuple(arg_meta.shape), self.axis(arg)))
+        full = [op for op in operands if len(op[1]) == n and op[1][1:] == out[1:]]
+        if not full or len({axis for _, _, axis in full}) != 1:
+            return self.opaque(node)
+        axis = full[0][2]
+        result = full[0][0]
+        for lay, shape, own in operands:
+            shift = n - len(shape)
+            extent = shape[axis - shift] if axis >= shift else 1
+            if extent == out[axis] and own + shift == axis:
+                self.spaces.unify(result, lay)
+            elif extent == 1 and (shape[own] == 1 or own + shift != axis):
+                if shape[own] > 1:  # its channels run along another axis of the result
+                    self.spaces.block(lay)
+            else:
                 return self.opaque(node)
-        return result if result is not None else self.opaque(node)
+        return self.at(node, result, axis)
 
     def reduce(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
-        """``mean``/``sum``/``amax``/``amin`` over dimensions after the channels keep the
-        layout; any other reduction is opaque."""
-        src = _meta(node.args[0]) if node.args else None
+        """``mean``/``sum``/``amax``/``amin`` over dimensions other than the batch and the
+        channels keep the layout (the channel axis shifts when dimensions before it go); any
+        other reduction is opaque."""
+        source = node.args[0] if node.args else None
+        src, lay, axis = _meta(source), self.layout(source), self.axis(source)
         dim = _arg(node, 1, "dim")
         dims = (dim,) if isinstance(dim, int) else dim
+        keepdim = _arg(node, 2, "keepdim", False)
         if (
             src is None
+            or lay is None
             or not isinstance(dims, (tuple, list))
             or not dims
-            or not all(isinstance(d, int) and d % len(src.shape) >= 2 for d in dims)
+            or not all(isinstance(d, int) for d in dims)
+            or not isinstance(keepdim, bool)
         ):
             return self.opaque(node)
-        return self.passthrough(node, meta)
+        reduced = {d % len(src.shape) for d in dims}
+        if 0 in reduced or axis in reduced:
+            return self.opaque(node)
+        new = axis if keepdim else axis - sum(d < axis for d in reduced)
+        if new >= len(meta.shape) or meta.shape[new] != src.shape[axis]:
+            return self.opaque(node)
+        if len(node.all_input_nodes) != 1:
+            return self.opaque(node)
+        return self.at(node, lay, new)
 
     def cat(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
         parts = _arg(node, 0, "tensors")
@@ -374,31 +530,107 @@ class _Walker:
         if not isinstance(parts, (list, tuple)) or not isinstance(dim, int):
             return self.opaque(node)
         layouts = [self.layout(p) for p in parts]
-        if any(lay is None for lay in layouts):
+        axes = {self.axis(p) for p in parts}
+        if any(lay is None for lay in layouts) or len(axes) != 1:
             return self.opaque(node)
-        if dim % len(meta.shape) == 1:  # channels side by side
-            return tuple(seg for lay in layouts for seg in lay)
+        axis = axes.pop()
+        if dim % len(meta.shape) == axis:  # channels side by side
+            return self.at(node, tuple(seg for lay in layouts for seg in lay), axis)
         for lay in layouts[1:]:  # batch or spatial cat: the same channels in every part
             self.spaces.unify(layouts[0], lay)
-        return layouts[0]
+        return self.at(node, layouts[0], axis)
 
     def flatten(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
-        """``[N, C, *S] -> [N, C*prod(S)]``: each channel becomes prod(S) consecutive features."""
+        """``flatten``/``view``/``reshape`` (see :meth:`flattened`)."""
         source = node.args[0] if node.args else None
         lay, src = self.layout(source), _meta(source)
         if lay is None or src is None:
             return self.opaque(node)
-        return self.flattened(node, lay, tuple(src.shape), tuple(meta.shape))
+        return self.flattened(node, lay, tuple(src.shape), tuple(meta.shape), self.axis(source))
 
     def flattened(
-        self, node: fx.Node, lay: tuple[Segment, ...], src: tuple[int, ...], out: tuple[int, ...]
+        self,
+        node: fx.Node,
+        lay: tuple[Segment, ...],
+        src: tuple[int, ...],
+        out: tuple[int, ...],
+        axis: int,
     ) -> tuple[Segment, ...] | None:
+        """A reshape from ``src`` to ``out`` of a value with channels along ``axis``:
+
+        - the channel axis and every axis after it kept as they are, the axes before it
+          regrouped (tokens ``(N, L, C) -> (N*L, C)``, ``(N, H, W, C) -> (N, H*W, C)``): the
+          layout is kept, the channel axis moves with the regrouping (not onto the batch axis);
+        - the channel axis merged with every axis after it (``[N, C, *S] -> [N, C*prod(S)]``):
+          each channel becomes ``prod(S)`` consecutive features.
+
+        Anything else is opaque."""
         if src == out:
-            return lay
-        if len(out) != 2 or out[0] != src[0] or len(src) < 2:
+            return self.at(node, lay, axis)
+        kept = len(src) - axis  # the channel axis and the axes after it
+        new = len(out) - kept
+        if new >= 1 and out[new:] == src[axis:]:
+            return self.at(node, lay, new)
+        if len(out) == axis + 1 and out[:axis] == src[:axis] and out[axis] == math.prod(src[axis:]):
+            spatial = math.prod(src[axis + 1 :])
+            return self.at(
+                node, tuple((space, size, repeat * spatial) for space, size, repeat in lay), axis
+            )
+        return self.opaque(node)
+
+    def permute(self, node: fx.Node, meta: TensorMetadata) -> tuple[Segment, ...] | None:
+        """``permute``/``transpose``/``swapaxes``: the channels move with their axis (not onto
+        the batch axis)."""
+        source = node.args[0] if node.args else None
+        lay, src, axis = self.layout(source), _meta(source), self.axis(source)
+        if lay is None or src is None or len(node.all_input_nodes) != 1:
             return self.opaque(node)
-        spatial = out[1] // src[1]
-        return tuple((space, size, repeat * spatial) for space, size, repeat in lay)
+        n = len(src.shape)
+        rest = [*node.args[1:], *node.kwargs.values()]
+        if node.target in ("permute", torch.permute):
+            dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+            if sorted(d % n for d in dims if isinstance(d, int)) != list(range(n)):
+                return self.opaque(node)
+            new = [d % n for d in dims].index(axis)
+        else:
+            if len(rest) != 2 or not all(isinstance(d, int) for d in rest):
+                return self.opaque(node)
+            a, b = (d % n for d in rest)
+            new = b if axis == a else a if axis == b else axis
+        if new == 0:
+            return self.opaque(node)
+        return self.at(node, lay, new)
+
+    def layer_norm_function(
+        self, node: fx.Node, meta: TensorMetadata, order: int
+    ) -> tuple[Segment, ...] | None:
+        """``F.layer_norm`` with the weight (and bias) of a LayerNorm module, as a LayerNorm
+        subclass such as torchvision's ``LayerNorm2d`` calls it: that module's LayerNorm."""
+        owner = _layer_norm_owner(node, self.modules)
+        if owner is None:
+            return self.opaque(node)
+        return self.layer_norm(node, owner, meta, order)
+
+    def layer_norm(
+        self, node: fx.Node, name: str, meta: TensorMetadata, order: int
+    ) -> tuple[Segment, ...] | None:
+        """A LayerNorm over the channels (the last axis), called once: it keeps the layout and
+        its weight and bias follow the channels."""
+        source = node.args[0] if node.args else None
+        lay, src, axis = self.layout(source), _meta(source), self.axis(source)
+        module = self.modules[name]
+        if (
+            lay is None
+            or src is None
+            or self.calls.get(name, 0) != 1
+            or axis != len(src.shape) - 1
+            or src.shape[axis] != module.normalized_shape[0]
+            or tuple(meta.shape) != tuple(src.shape)
+            or any(r != 1 for _, _, r in lay)
+        ):
+            return self.opaque(node)
+        self.spaces.add(lay, name, "layernorm", order)
+        return self.at(node, lay, axis)
 
     def visit_module(
         self, node: fx.Node, meta: TensorMetadata, order: int
@@ -406,30 +638,30 @@ class _Walker:
         name = node.target
         module = self.modules[name]
         source = node.args[0] if node.args else None
-        lay, src = self.layout(source), _meta(source)
+        lay, src, axis = self.layout(source), _meta(source), self.axis(source)
         if isinstance(module, SLICEABLE_TYPES):
             self.record(name, module, meta)
         # A module with per-channel state called more than once would need the same channels
         # kept at every call; such modules are opaque. Stateless ones (a shared ReLU) are fine.
-        stateful = isinstance(module, (*SLICEABLE_TYPES, nn.PReLU))
+        stateful = isinstance(module, (*SLICEABLE_TYPES, nn.LayerNorm, nn.PReLU))
         single = len(node.all_input_nodes) == 1 and not (stateful and self.calls[name] > 1)
         if lay is None or src is None or not single:
             return self.opaque(node)
         if isinstance(module, nn.Flatten):
-            if module.start_dim != 1 or module.end_dim != -1:
-                return self.opaque(node)
-            return self.flattened(node, lay, tuple(src.shape), tuple(meta.shape))
+            return self.flattened(node, lay, tuple(src.shape), tuple(meta.shape), axis)
         if isinstance(module, PRUNABLE_TYPES):
             return self.prunable(node, module, lay, src, order)
-        if is_batchnorm(module) and all(r == 1 for _, _, r in lay):
+        if is_batchnorm(module) and axis == 1 and all(r == 1 for _, _, r in lay):
             self.spaces.add(lay, name, "batchnorm", order)
             return lay
+        if is_layernorm(module) and name not in self.ignored:
+            return self.layer_norm(node, name, meta, order)
         per_channel_prelu = isinstance(module, nn.PReLU) and module.num_parameters > 1
-        if (
-            name not in self.ignored
-            and isinstance(module, (*ACTIVATION_MODULES, *_PASS_MODULES))
-            and not per_channel_prelu
-        ):
+        if name in self.ignored or per_channel_prelu:
+            return self.opaque(node)
+        if isinstance(module, _POOL_MODULES):
+            return self.passthrough(node, meta, channels_first=True)
+        if isinstance(module, (*ACTIVATION_MODULES, *_PASS_MODULES)):
             return self.passthrough(node, meta)
         return self.opaque(node)
 
@@ -442,24 +674,53 @@ class _Walker:
         order: int,
     ) -> tuple[Segment, ...] | None:
         name = node.target
-        if isinstance(module, nn.Linear):
-            if len(src.shape) != 2:
-                return self.opaque(node)
-            fresh = self.spaces.new(out_channels(module))
-            self.spaces.add(lay, name, "input", order)
-            self.spaces.add(fresh, name, "output", order)
-            return fresh
-        if len(src.shape) != module.weight.dim():  # unbatched conv input
+        axis = self.axis(node.args[0])
+        linear = isinstance(module, nn.Linear)
+        if not linear and len(src.shape) != module.weight.dim():  # unbatched conv input
             return self.opaque(node)
-        if groups(module) == 1:
-            fresh = self.spaces.new(out_channels(module))
-            self.spaces.add(lay, name, "input", order)
+        reads = len(src.shape) - 1 if linear else 1  # the axis the layer's in_channels are on
+        if linear or groups(module) == 1:
+            fresh = self.fresh(node, out_channels(module))
+            if axis == reads:
+                self.spaces.add(lay, name, "input", order)
+            else:  # its input channels are not the value's channels, which stay whole
+                self.spaces.block(lay)
             self.spaces.add(fresh, name, "output", order)
-            return fresh
+            return self.at(node, fresh, reads)
+        if axis != 1:
+            return self.opaque(node)
         if is_depthwise(module):
             self.spaces.add(lay, name, "depthwise", order)
             return lay
-        return self.opaque(node)  # grouped conv: channel groups cannot shrink independently
+        return self.grouped(node, module, lay, order)
+
+    def grouped(
+        self, node: fx.Node, module: nn.Module, lay: tuple[Segment, ...], order: int
+    ) -> tuple[Segment, ...] | None:
+        """A grouped conv of G groups, pruned *within* its groups: input position p of every
+        group is one unit (the input layout must be G equal tiles), and so is output position
+        q, so every group keeps the same positions and ``groups`` stays G. Otherwise opaque."""
+        count = groups(module)
+        if self.tiles is None:  # first walk: note what must be tiled
+            if len(lay) == 1 and lay[0][2] == 1:
+                self.needs.append((lay[0][0], count))
+            out = self.fresh(node, out_channels(module))
+            self.needs.append((out[0][0], count))
+            return out
+        period = len(lay) // count
+        roots = [(self.spaces.find(space), size, repeat) for space, size, repeat in lay]
+        out = self.fresh(node, out_channels(module))
+        if (
+            len(lay) % count
+            or roots != roots[:period] * count
+            or any(repeat != 1 for _, _, repeat in lay)
+            or len(out) % count
+        ):
+            self.spaces.block(out)
+            return self.opaque(node)
+        self.spaces.add(lay, node.target, "input", order)
+        self.spaces.add(out, node.target, "output", order)
+        return out
 
     def record(self, name: str, module: nn.Module, meta: TensorMetadata) -> None:
         """Add one call of a conv, linear or BatchNorm module to its :class:`LayerShape`."""
@@ -472,8 +733,59 @@ class _Walker:
         self.shapes[name] = _shape_of(name, module, positions)
 
 
+def _tiles(walker: _Walker) -> dict[fx.Node, int]:
+    """How many equal tiles each node's new space comes in for the second walk: the least
+    common multiple of the group counts of the grouped convs its union (from the first walk)
+    meets, where that divides the space's channels (else 1, and those convs stay opaque)."""
+    spaces = walker.spaces
+    need: dict[int, int] = {}
+    for space, count in walker.needs:
+        root = spaces.find(space)
+        need[root] = math.lcm(need.get(root, 1), count)
+    tiles = {}
+    for node, space in walker.created.items():
+        root = spaces.find(space)
+        if need.get(root, 1) > 1 and spaces.size[space] % need[root] == 0:
+            tiles[node] = need[root]
+    return tiles
+
+
+def _is_stochastic_depth(target: object) -> bool:
+    """torchvision's ``stochastic_depth`` (an fx-wrapped function): it scales whole samples,
+    so it keeps the layout (torchvision is not imported to recognise it)."""
+    return getattr(target, "__name__", None) == "stochastic_depth" and str(
+        getattr(target, "__module__", "")
+    ).startswith("torchvision.ops")
+
+
+def _layer_norm_owner(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The LayerNorm module (over one axis) whose weight and bias an ``F.layer_norm`` call
+    passes as ``get_attr`` nodes (a LayerNorm subclass traced into), or None."""
+    if node.op != "call_function" or node.target is not F.layer_norm:
+        return None
+    weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr":
+        return None
+    owner, _, attr = weight.target.rpartition(".")
+    module = modules.get(owner)
+    if attr != "weight" or module is None or not is_layernorm(module):
+        return None
+    if bias is not None and not (
+        isinstance(bias, fx.Node) and bias.op == "get_attr" and bias.target == f"{owner}.bias"
+    ):
+        return None
+    return owner
+
+
 def _shape_of(name: str, module: nn.Module, positions: int = 0) -> LayerShape:
-    """The :class:`LayerShape` of a conv, linear or BatchNorm module over ``positions``."""
+    """The :class:`LayerShape` of a conv, linear, BatchNorm or LayerNorm module over
+    ``positions``."""
+    if is_layernorm(module):
+        channels = module.normalized_shape[0]
+        return LayerShape(
+            name, "layernorm", channels, channels, 1, 0, 1, module.bias is not None,
+            module.weight is not None,
+        )  # fmt: skip
     if isinstance(module, nn.Linear):
         kind, kernel = "linear", 1
     elif is_conv(module):
@@ -547,8 +859,11 @@ def trace_dependencies(
                 f"{detail}); pass example_inputs the model accepts, with its input shape, dtype "
                 f"and device (e.g. torch.randn(1, 3, 224, 224))"
             ) from exc
-    walker = _Walker(modules, ignored)
+    walker = _Walker(modules, ignored, model)
     walker.run(graph)
+    if walker.needs:  # grouped convs: walk again with their spaces tiled
+        walker = _Walker(modules, ignored, model, _tiles(walker))
+        walker.run(graph)
     spaces = walker.spaces
     members: dict[int, list[tuple[int, Dependency]]] = {}
     for space in range(len(spaces.parent)):
@@ -565,8 +880,8 @@ def trace_dependencies(
     shapes = {
         name: walker.shapes.get(name) or _shape_of(name, m)
         for name, m in modules.items()
-        if isinstance(m, SLICEABLE_TYPES)
-    }
+        if isinstance(m, SLICEABLE_TYPES) or is_layernorm(m)
+    } | {name: shape for name, shape in walker.shapes.items() if shape.kind == "parameter"}
     return Dependencies(tuple(groups), shapes, counter.get_total_flops() // 2, count_params(model))
 
 

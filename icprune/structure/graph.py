@@ -55,12 +55,17 @@ class ReadPoint:
         read_at: the read point actually used: ``"output"``, ``"bn"`` or ``"activation"``.
         activation: out-of-place elementwise function applied to the hooked output
             (Tensor -> Tensor of the same shape), or None.
+        channel_axis: the dimension of the hooked output the layer's channels run along: 1 for
+            a conv (``[N, C, *spatial]``), -1 for a linear layer (its ``out_features`` are the
+            last dimension, ``[N, C]`` or over every leading position, ``[N, L, C]``,
+            ``[N, H, W, C]``).
     """
 
     layer: str
     module: str
     read_at: str
     activation: Callable[[torch.Tensor], torch.Tensor] | None = None
+    channel_axis: int = 1
 
 
 class _Tracer(fx.Tracer):
@@ -145,7 +150,9 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> di
     Args:
         model: the network.
         layers: qualified names to select; None selects every Conv1d/2d/3d and Linear module
-            except output layers (found by tracing the model, see :func:`output_layers`).
+            except output layers (found by tracing the model, see :func:`output_layers`) and
+            layers the model never calls as modules (``nn.MultiheadAttention``'s ``out_proj``,
+            whose weight it passes to a function: a hook on it would never see a sample).
 
     Returns:
         dict qualified name -> module.
@@ -156,11 +163,13 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> di
     """
     modules = dict(model.named_modules())
     if layers is None:
-        excluded = output_layers(trace(model), modules)
+        graph = trace(model)
+        excluded = output_layers(graph, modules)
+        called = {node.target for node in graph.nodes if node.op == "call_module"}
         return {
             name: m
             for name, m in modules.items()
-            if isinstance(m, PRUNABLE_TYPES) and name not in excluded
+            if isinstance(m, PRUNABLE_TYPES) and name not in excluded and name in called
         }
     if isinstance(layers, str):
         raise TypeError(f"layers must be a list of layer names, got the string {layers!r}")
@@ -223,8 +232,9 @@ def read_points(
     """
     if read_at not in READ_POINTS:
         raise ValueError(f"read_at must be one of {READ_POINTS}, got {read_at!r}")
+    axes = {name: -1 if isinstance(m, nn.Linear) else 1 for name, m in layers.items()}
     if read_at == "output":
-        return {name: ReadPoint(name, name, "output") for name in layers}
+        return {name: ReadPoint(name, name, "output", channel_axis=axes[name]) for name in layers}
     modules = dict(model.named_modules())
     graph = trace(model)
     calls: dict[str, list[fx.Node]] = {}
@@ -233,7 +243,7 @@ def read_points(
             calls.setdefault(node.target, []).append(node)
     points = {}
     for name in layers:
-        points[name] = ReadPoint(name, name, "output")
+        points[name] = ReadPoint(name, name, "output", channel_axis=axes[name])
         nodes = calls.get(name, [])
         if len(nodes) != 1:  # unused, or called more than once: only its own output is defined
             continue
@@ -246,10 +256,12 @@ def read_points(
             and len(calls[user.target]) == 1
         ):
             node, hooked = user, user.target
-            points[name] = ReadPoint(name, hooked, "bn")
+            points[name] = ReadPoint(name, hooked, "bn", channel_axis=axes[name])
         if read_at == "activation":
             user = _sole_user(node)
             activation = _activation_of(user, modules) if user is not None else None
             if activation is not None:
-                points[name] = ReadPoint(name, hooked, "activation", activation)
+                points[name] = ReadPoint(
+                    name, hooked, "activation", activation, channel_axis=axes[name]
+                )
     return points

@@ -8,11 +8,20 @@ Three kinds of modules carry channels icprune can cut:
   channel reads ``in_channels / g`` input channels of its own group, so its weight is
   ``(out_channels, in_channels / g, *kernel)``. A *depthwise* conv is the grouped conv with
   ``groups == in_channels == out_channels > 1``: output channel c reads input channel c alone,
-  so the two are pruned together. Any other grouped conv keeps its channels (dependency groups
-  treat it as opaque), since its groups cannot shrink independently;
+  so the two are pruned together. Any other grouped conv is pruned *within* its groups: every
+  group keeps the same positions of its input and of its output channels, so ``groups`` stays
+  (see :mod:`icprune.structure.dependency`);
 - linear layers: ``out_features`` and ``in_features`` (one group);
 - BatchNorms (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and the lazy ones): ``num_features``,
-  which are both their output and their input channels.
+  which are both their output and their input channels;
+- LayerNorms over one axis (``nn.LayerNorm`` and its subclasses with a 1-D
+  ``normalized_shape``): ``normalized_shape[0]`` channels on the last axis of their input, their
+  ``weight`` and ``bias`` sliced like a BatchNorm's. They are not part of a plan's recorded
+  structure (:func:`channel_structure`, which plans made before LayerNorms could be pruned
+  compare), but :func:`sizes`, :func:`tensor_shapes` and :func:`set_channels` know them;
+- per-channel parameters used as values by a module without channels of its own (ConvNeXt's
+  ``layer_scale``, ``(C, 1, 1)``): their one dimension of size > 1 (:func:`parameter_axis`,
+  :func:`owned_parameter`).
 
 *Prunable layers* - those whose output channels are scored and planned - are the
 ``Conv1d/2d/3d`` and ``Linear`` modules (:data:`PRUNABLE_TYPES`).
@@ -35,6 +44,8 @@ CHANNEL_TYPES = (*CONV_TYPES, nn.Linear, *BATCHNORM_TYPES)
 SLICEABLE_TYPES = (*PRUNABLE_TYPES, *BATCHNORM_TYPES)
 #: The tensors of a BatchNorm that hold one value per channel.
 BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+#: The tensors of a LayerNorm that hold one value per channel.
+LAYERNORM_TENSORS = ("weight", "bias")
 
 
 def is_conv(module: nn.Module) -> bool:
@@ -45,6 +56,12 @@ def is_conv(module: nn.Module) -> bool:
 def is_batchnorm(module: nn.Module) -> bool:
     """True for any BatchNorm module."""
     return isinstance(module, BATCHNORM_TYPES)
+
+
+def is_layernorm(module: nn.Module) -> bool:
+    """True for a LayerNorm (``nn.LayerNorm`` or a subclass) over one axis (a 1-D
+    ``normalized_shape``): the LayerNorms whose channels icprune can cut."""
+    return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
 
 
 def has_channels(module: nn.Module) -> bool:
@@ -113,7 +130,10 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def sizes(module: nn.Module) -> tuple[int, int] | None:
     """``(out, in)`` channels of a conv, linear or BatchNorm module (see :func:`out_channels`,
-    :func:`in_channels`), or None for any other module."""
+    :func:`in_channels`), ``(C, C)`` of a LayerNorm over one axis of C channels, or None for any
+    other module."""
+    if is_layernorm(module):
+        return module.normalized_shape[0], module.normalized_shape[0]
     if not has_channels(module):
         return None
     return out_channels(module), in_channels(module)
@@ -149,13 +169,16 @@ def tensor_shapes(
     """The shapes of a module's channel tensors at ``out`` output and ``inp`` input channels in
     ``group_count`` groups: a BatchNorm's four per-channel tensors ``(out,)``; a linear layer's
     weight ``(out, inp)`` and bias ``(out,)``; a conv's weight ``(out, inp / groups, *kernel)``
-    (its kernel as the module has it) and bias ``(out,)``.
+    (its kernel as the module has it) and bias ``(out,)``; a LayerNorm's weight and bias
+    ``(out,)``.
 
     Raises:
-        TypeError: a module that is neither a prunable layer nor a BatchNorm
-            (:data:`SLICEABLE_TYPES`).
+        TypeError: a module that is neither a prunable layer, a BatchNorm nor a LayerNorm over
+            one axis (:data:`SLICEABLE_TYPES`, :func:`is_layernorm`).
         ValueError: a conv whose ``group_count`` does not divide ``out`` and ``inp``.
     """
+    if is_layernorm(module):
+        return {name: (out,) for name in LAYERNORM_TENSORS}
     if not isinstance(module, SLICEABLE_TYPES):
         raise TypeError(
             f"tensor_shapes: {type(module).__name__} is neither a Conv1d/2d/3d, a Linear nor a "
@@ -174,12 +197,15 @@ def tensor_shapes(
 
 
 def set_channels(module: nn.Module, out: int, inp: int, group_count: int | None = None) -> None:
-    """Set the channel attributes of a conv, linear or BatchNorm module (not its tensors).
+    """Set the channel attributes of a conv, linear, BatchNorm or LayerNorm module (not its
+    tensors).
 
     Args:
         module: the module, changed in place.
-        out: its new output channels (a BatchNorm's ``num_features``).
-        inp: its new input channels (ignored for a BatchNorm, whose input is its output).
+        out: its new output channels (a BatchNorm's ``num_features``, a LayerNorm's
+            ``normalized_shape``).
+        inp: its new input channels (ignored for a BatchNorm or LayerNorm, whose input is its
+            output).
         group_count: a conv's new ``groups``; None keeps a depthwise conv depthwise (``groups``
             becomes ``out``) and any other conv's groups as they are.
 
@@ -188,6 +214,9 @@ def set_channels(module: nn.Module, out: int, inp: int, group_count: int | None 
         ValueError: a conv whose groups would not divide both channel counts (nothing is
             changed).
     """
+    if is_layernorm(module):
+        module.normalized_shape = (out,)
+        return
     _check(module, "set_channels")
     if is_conv(module):
         if group_count is None:
@@ -202,3 +231,27 @@ def set_channels(module: nn.Module, out: int, inp: int, group_count: int | None 
         module.out_features, module.in_features = out, inp
     else:
         module.num_features = out
+
+
+def parameter_axis(tensor: object) -> int | None:
+    """The channel axis of a per-channel parameter used as a value (ConvNeXt's ``layer_scale``
+    of shape ``(C, 1, 1)``, a ``(1, 1, C)`` scale): its one dimension of size > 1, or None when
+    it has none or several (or is not a floating-point ``nn.Parameter``)."""
+    if not isinstance(tensor, nn.Parameter) or not tensor.is_floating_point():
+        return None
+    wide = [axis for axis, size in enumerate(tensor.shape) if size > 1]
+    return wide[0] if len(wide) == 1 else None
+
+
+def owned_parameter(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
+    """``(owner module, attribute)`` of the parameter qualified ``name`` when it is a parameter
+    of a module without channels of its own (not a conv, linear or norm's weight or bias), else
+    None."""
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    if attr not in owner._parameters or has_channels(owner) or is_layernorm(owner):
+        return None
+    return owner, attr

@@ -188,3 +188,17 @@ def test_masked_equals_applied_for_any_plan(seed, ratio):
         soft = apply_masks(model, plan)(x)
         hard = icprune.apply(model, plan)(x)
     torch.testing.assert_close(soft, hard, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SENet", "ResNeXtNet"])
+def test_masks_of_gates_and_grouped_convs_compute_what_apply_computes(name):
+    from tests.structure import nets
+
+    torch.manual_seed(0)
+    model = getattr(nets, name)().eval()
+    _randomize_bn(model, 0)
+    x = torch.randn(3, 3, 8, 8)
+    plan = _plan(model, x[:1], ratio=0.4)
+    with torch.no_grad():
+        soft, hard = apply_masks(model, plan)(x), icprune.apply(model, plan)(x)
+    torch.testing.assert_close(soft, hard, rtol=1e-4, atol=1e-5)

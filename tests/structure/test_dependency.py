@@ -194,3 +194,179 @@ def test_example_inputs_the_model_rejects_are_named_without_a_traceback(example,
     with pytest.raises(ValueError, match=rf"the model fails on example_inputs \['{message}"):
         dependency_groups(resnet20(), example)
     assert "Traceback" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- gates, tokens, channels-last maps
+
+
+def _deps(group) -> set[tuple[str, str, int, int]]:
+    return {(d.module, d.kind, d.offset, d.repeat) for d in group.dependencies}
+
+
+@pytest.mark.parametrize("gate", [nn.Sigmoid, nn.Hardsigmoid], ids=["sigmoid", "hardsigmoid"])
+def test_squeeze_excitation_gate_couples_the_gated_map(gate):
+    from tests.structure.nets import SENet
+
+    groups = dependency_groups(SENet(gate), torch.randn(1, 3, 8, 8))
+    by_layer = {g.layers[0]: g for g in groups}
+    assert _deps(by_layer["expand"]) == {
+        ("expand", "output", 0, 1), ("expand_bn", "batchnorm", 0, 1), ("dw", "depthwise", 0, 1),
+        ("dw_bn", "batchnorm", 0, 1), ("se.fc1", "input", 0, 1), ("se.fc2", "output", 0, 1),
+        ("project", "input", 0, 1),
+    }  # fmt: skip
+    assert _deps(by_layer["se.fc1"]) == {("se.fc1", "output", 0, 1), ("se.fc2", "input", 0, 1)}
+    assert by_layer["stem"].layers == ("stem", "project")
+    assert set(by_layer) == {"stem", "expand", "se.fc1", "head"}
+
+
+class SpatialGate(nn.Module):
+    """A one-channel spatial gate (CBAM-style): it broadcasts over the channels, which stay
+    apart; a gate of another channel count than the map is opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.att = nn.Conv2d(8, 1, 1)
+        self.other = nn.Conv2d(8, 4, 1)
+        self.tail = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y = y * torch.sigmoid(self.att(y))
+        return self.tail(y), self.other(y).mean((2, 3), keepdim=True) * x.mean(1, keepdim=True)
+
+
+def test_a_one_channel_gate_broadcasts_and_stays_apart():
+    groups = dependency_groups(SpatialGate(), torch.randn(1, 3, 4, 4))
+    # att's one channel is a group of its own; other's gate (N, 4, 1, 1) times the (N, 1, 4, 4)
+    # map has no operand shaped like the result: opaque
+    assert [g.layers for g in groups] == [("conv",), ("att",)]
+    assert _deps(groups[1]) == {("att", "output", 0, 1)}
+    assert _deps(groups[0]) == {
+        ("conv", "output", 0, 1), ("att", "input", 0, 1), ("other", "input", 0, 1),
+        ("tail", "input", 0, 1),
+    }  # fmt: skip
+
+
+def test_channels_last_convnext_blocks_layernorm2d_and_layer_scale():
+    from tests.structure.nets import ConvNeXtNet
+
+    groups = dependency_groups(ConvNeXtNet(), torch.randn(1, 3, 16, 16))
+    by_layer = {g.layers[0]: g for g in groups}
+    block = lambda b: {  # noqa: E731
+        (f"{b}.dw", "depthwise", 0, 1), (f"{b}.norm", "layernorm", 0, 1),
+        (f"{b}.fc1", "input", 0, 1), (f"{b}.fc2", "output", 0, 1),
+        (f"{b}.layer_scale", "parameter", 0, 1),
+    }  # fmt: skip
+    assert _deps(by_layer["stem"]) == {
+        ("stem", "output", 0, 1), ("stem_norm", "layernorm", 0, 1),
+        ("down_norm", "layernorm", 0, 1), ("down", "input", 0, 1),
+    } | block("block1") | block("block2")  # fmt: skip
+    assert _deps(by_layer["down"]) == {
+        ("down", "output", 0, 1), ("norm", "layernorm", 0, 1), ("fc", "input", 0, 1),
+    } | block("block3")  # fmt: skip
+    for b, width in (("block1", 32), ("block2", 32), ("block3", 48)):
+        hidden = by_layer[f"{b}.fc1"]
+        assert hidden.channels == width
+        assert _deps(hidden) == {(f"{b}.fc1", "output", 0, 1), (f"{b}.fc2", "input", 0, 1)}
+    assert len(groups) == 5
+
+
+def test_token_linears_through_flatten_reshape_and_mean():
+    from tests.structure.nets import TokenMLP
+
+    groups = dependency_groups(TokenMLP(), torch.randn(2, 5, 6))
+    assert [(g.channels, _deps(g)) for g in groups] == [
+        (12, {("fc1", "output", 0, 1), ("fc2", "input", 0, 1)}),
+        (8, {("fc2", "output", 0, 1), ("fc3", "input", 0, 1)}),
+        (10, {("fc3", "output", 0, 1), ("head", "input", 0, 1)}),
+    ]
+
+
+def test_channels_read_along_another_axis_are_not_pruned():
+    from tests.structure.nets import ChannelsLastMisuse
+
+    groups = dependency_groups(ChannelsLastMisuse(), torch.randn(2, 5, 6))
+    # fc's features are the Conv1d's length and fc2's are max-pooled: neither is in a group
+    assert [_deps(g) for g in groups] == [{("conv", "output", 0, 1), ("head", "input", 0, 8)}]
+
+
+class SharedLayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 6), nn.Linear(4, 6)
+        self.norm = nn.LayerNorm(6)
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.norm(self.fc1(x)), self.norm(self.fc2(x))], -1))
+
+
+def test_a_layernorm_called_twice_is_opaque():
+    assert dependency_groups(SharedLayerNorm(), torch.randn(2, 3, 4)) == []
+
+
+class TwoScales(nn.Module):
+    """One per-channel scale applied to two maps that are then added (fx reads it once), and a
+    (4, 4) parameter with two wide axes over the spatial axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.conv2 = nn.Conv2d(3, 4, 1)
+        self.scale = nn.Parameter(torch.ones(4, 1, 1))
+        self.table = nn.Parameter(torch.ones(4, 4))
+        self.tail = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x) * self.scale + self.conv2(x) * self.scale
+        return self.tail(y * self.table)
+
+
+def test_a_shared_scale_couples_its_maps_and_a_spatial_table_stays_apart():
+    (group,) = dependency_groups(TwoScales(), torch.randn(1, 3, 4, 4))
+    assert _deps(group) == {
+        ("conv", "output", 0, 1), ("conv2", "output", 0, 1), ("scale", "parameter", 0, 1),
+        ("tail", "input", 0, 1),
+    }  # fmt: skip
+
+
+def test_grouped_convs_are_pruned_within_their_groups():
+    from tests.structure.nets import ResNeXtNet
+
+    groups = dependency_groups(ResNeXtNet(), torch.randn(1, 3, 8, 8))
+    by_layer = {g.layers[0]: g for g in groups}
+    # conv1a's 24 outputs feed 4 groups of 6: 6 units, position p of every group
+    assert by_layer["conv1a"].channels == 6
+    assert _deps(by_layer["conv1a"]) == {
+        (m, kind, 6 * g, 1) for m, kind in (("conv1a", "output"), ("bn1a", "batchnorm"),
+                                            ("conv1b", "input")) for g in range(4)
+    }  # fmt: skip
+    assert by_layer["conv1b"].channels == 8
+    assert _deps(by_layer["conv1b"]) == {
+        (m, kind, 8 * g, 1) for m, kind in (("conv1b", "output"), ("bn1b", "batchnorm"),
+                                            ("conv1c", "input")) for g in range(4)
+    }  # fmt: skip
+    # the squeeze-excitation gate of a grouped conv's output is tiled the same way
+    gated = by_layer["conv2b"]
+    assert {(m, o) for m, k, o, _ in _deps(gated) if m.startswith("se2")} == {
+        (m, 8 * g) for m in ("se2.fc1", "se2.fc2") for g in range(4)
+    }
+    assert by_layer["stem"].channels == 16 and len(groups) == 6
+
+
+class OddGroups(nn.Module):
+    """A grouped conv reading a cat of two spaces (its groups straddle them): opaque."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 2, 1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.tail = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.tail(self.grouped(torch.cat([self.a(x), self.b(x)], 1)))
+
+
+def test_a_grouped_conv_whose_groups_straddle_spaces_is_opaque():
+    assert dependency_groups(OddGroups(), torch.randn(1, 3, 4, 4)) == []

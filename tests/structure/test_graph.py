@@ -466,3 +466,19 @@ def test_a_layer_registered_under_two_names_is_selectable_by_either():
     model.b = model.a
     assert list(prunable_layers(model, layers=["b"])) == ["b"]
     assert prunable_layers(model, layers=["a", "b"]) == {"a": model.a, "b": model.a}
+
+
+def test_layers_never_called_as_modules_are_not_prunable_layers():
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return self.head(self.attn(y, y, y, need_weights=False)[0])
+
+    # attn.out_proj is a Linear whose weight F.multi_head_attention_forward reads directly
+    assert list(prunable_layers(Attention())) == ["fc"]

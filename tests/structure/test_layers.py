@@ -76,10 +76,22 @@ def test_modules_without_channels_are_refused_by_name():
         with pytest.raises(TypeError, match="ReLU is not a conv, linear or BatchNorm"):
             what(nn.ReLU())
     with pytest.raises(TypeError, match="set_channels: LayerNorm"):
-        layers.set_channels(nn.LayerNorm(4), 2, 2)
+        layers.set_channels(nn.LayerNorm((3, 4)), 2, 2)  # over two axes: not a channel norm
     assert layers.sizes(nn.ReLU()) is None
     assert layers.structure_entry(nn.ReLU()) is None
     assert not layers.is_depthwise(nn.Linear(3, 3))
+
+
+def test_layernorm_over_one_axis_has_channels_but_no_structure_entry():
+    norm, flat = nn.LayerNorm(6), nn.LayerNorm(6, bias=False)
+    assert layers.is_layernorm(norm) and not layers.is_layernorm(nn.LayerNorm((2, 3)))
+    assert layers.sizes(norm) == (6, 6) and layers.structure_entry(norm) is None
+    assert layers.tensor_shapes(norm, 4, 4, 1) == {"weight": (4,), "bias": (4,)}
+    layers.set_channels(flat, 4, 4)
+    assert flat.normalized_shape == (4,)
+    assert layers.channel_structure(nn.Sequential(nn.Linear(3, 6), norm)) == {
+        "0": ("Linear", 6, 3, 1)
+    }
 
 
 def test_channel_structure_lists_every_module_with_channels_in_order():

@@ -1,0 +1,164 @@
+"""Small handmade networks for the dependency kinds of issue 14 (imported by several tests).
+
+Each mirrors one block of a torchvision family without needing torchvision: a squeeze-excitation
+MBConv block (EfficientNet, MobileNetV3), a channels-last ConvNeXt block with a LayerNorm2d
+downsample, and a token MLP (ViT/Swin MLPs over ``[N, L, C]``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SqueezeExcitation(nn.Module):
+    """torchvision's: avgpool -> fc1 -> act -> fc2 -> gate; ``gate * x``."""
+
+    def __init__(self, channels: int, hidden: int, gate: type[nn.Module] = nn.Sigmoid) -> None:
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.activation = nn.SiLU()
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+        self.scale_activation = gate()
+
+    def forward(self, x):
+        scale = self.fc2(self.activation(self.fc1(self.avgpool(x))))
+        return self.scale_activation(scale) * x
+
+
+class SENet(nn.Module):
+    """stem -> MBConv (expand, depthwise, SE, project) with a residual -> head -> classifier."""
+
+    def __init__(self, gate: type[nn.Module] = nn.Sigmoid) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(8)
+        self.expand = nn.Conv2d(8, 24, 1, bias=False)
+        self.expand_bn = nn.BatchNorm2d(24)
+        self.dw = nn.Conv2d(24, 24, 3, padding=1, groups=24, bias=False)
+        self.dw_bn = nn.BatchNorm2d(24)
+        self.se = SqueezeExcitation(24, 6, gate)
+        self.project = nn.Conv2d(24, 8, 1, bias=False)
+        self.project_bn = nn.BatchNorm2d(8)
+        self.head = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = F.silu(self.stem_bn(self.stem(x)))
+        y = F.silu(self.dw_bn(self.dw(F.silu(self.expand_bn(self.expand(x))))))
+        x = x + self.project_bn(self.project(self.se(y)))
+        return self.fc(F.adaptive_avg_pool2d(F.silu(self.head(x)), 1).flatten(1))
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's: a LayerNorm over the channels of an ``[N, C, H, W]`` map, traced into
+    (permute -> ``F.layer_norm`` with the module's weight and bias -> permute)."""
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtBlock(nn.Module):
+    """depthwise 7x7 -> permute -> LayerNorm -> Linear(4C) -> GELU -> Linear(C) -> permute,
+    scaled by the parameter ``layer_scale`` ``(C, 1, 1)`` and added to the input."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.layer_scale = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+        self.dw = nn.Conv2d(channels, channels, 7, padding=3, groups=channels)
+        self.norm = nn.LayerNorm(channels)
+        self.fc1 = nn.Linear(channels, 4 * channels)
+        self.fc2 = nn.Linear(4 * channels, channels)
+
+    def forward(self, x):
+        y = torch.permute(self.dw(x), [0, 2, 3, 1])
+        y = self.fc2(F.gelu(self.fc1(self.norm(y))))
+        return x + self.layer_scale * y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtNet(nn.Module):
+    """stem -> LayerNorm2d -> 2 blocks -> LayerNorm2d -> 2x2 downsample -> block -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 2, stride=2)
+        self.stem_norm = LayerNorm2d(8)
+        self.block1 = ConvNeXtBlock(8)
+        self.block2 = ConvNeXtBlock(8)
+        self.down_norm = LayerNorm2d(8)
+        self.down = nn.Conv2d(8, 12, 2, stride=2)
+        self.block3 = ConvNeXtBlock(12)
+        self.norm = nn.LayerNorm(12)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.block2(self.block1(self.stem_norm(self.stem(x))))
+        x = self.block3(self.down(self.down_norm(x)))
+        return self.fc(self.norm(x.mean((2, 3))))
+
+
+class TokenMLP(nn.Module):
+    """Tokens ``[N, L, C]``: fc1 -> GELU -> fc2 over the tokens, ``flatten(0, 1)`` -> fc3 ->
+    ReLU over ``[N*L, C]``, reshaped back to ``[N, L, C]``, mean over the tokens -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 12)
+        self.fc2 = nn.Linear(12, 8)
+        self.fc3 = nn.Linear(8, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        n, length = x.shape[0], x.shape[1]
+        y = self.fc2(F.gelu(self.fc1(x))).flatten(0, 1)
+        y = torch.relu(self.fc3(y)).reshape(n, length, -1)
+        return self.head(y.mean(1))
+
+
+class ChannelsLastMisuse(nn.Module):
+    """A linear layer's tokens ``[N, L, C]`` read by a Conv1d as ``[N, channels=L, length=C]``,
+    and a max-pool over a channels-last map: neither may be pruned through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 8)
+        self.conv = nn.Conv1d(5, 4, 1)
+        self.fc2 = nn.Linear(6, 6)
+        self.head = nn.Linear(4 * 8 + 5 * 2, 3)
+
+    def forward(self, x):  # x: [N, 5, 6]
+        a = self.conv(self.fc(x)).flatten(1)
+        b = F.max_pool1d(self.fc2(x), 3).flatten(1)  # pools the last axis, the channels
+        return self.head(torch.cat([a, b], 1))
+
+
+class ResNeXtNet(nn.Module):
+    """stem -> two ResNeXt bottlenecks (1x1, grouped 3x3 with 4 groups, 1x1; the second with a
+    squeeze-excitation on the grouped conv's output, as RegNetY) -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.stem_bn = nn.BatchNorm2d(16)
+        for i, se in ((1, False), (2, True)):
+            setattr(self, f"conv{i}a", nn.Conv2d(16, 24, 1, bias=False))
+            setattr(self, f"bn{i}a", nn.BatchNorm2d(24))
+            setattr(self, f"conv{i}b", nn.Conv2d(24, 32, 3, padding=1, groups=4, bias=False))
+            setattr(self, f"bn{i}b", nn.BatchNorm2d(32))
+            setattr(self, f"se{i}", SqueezeExcitation(32, 4) if se else nn.Identity())
+            setattr(self, f"conv{i}c", nn.Conv2d(32, 16, 1, bias=False))
+            setattr(self, f"bn{i}c", nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem_bn(self.stem(x)))
+        for i in (1, 2):
+            y = torch.relu(getattr(self, f"bn{i}a")(getattr(self, f"conv{i}a")(x)))
+            y = torch.relu(getattr(self, f"bn{i}b")(getattr(self, f"conv{i}b")(y)))
+            y = getattr(self, f"bn{i}c")(getattr(self, f"conv{i}c")(getattr(self, f"se{i}")(y)))
+            x = torch.relu(x + y)
+        return self.fc(x.mean((2, 3)))
