@@ -83,26 +83,14 @@ TIMM_FAILURES = {
 }
 PHASES = ("data-free", "with-data")
 
-_LAYOUT = (
-    "Linear layers over channels-last maps / tokens are not grouped yet (issue 14 item 1, "
-    "branch i14s): data-free 'cannot be reached', with data 'expected a tensor of shape (N, C, "
-    "*spatial)'"
-)
-_SE = (
-    "squeeze-excitation gates and stochastic_depth are opaque (issue 14 item 2, branch i14s): "
-    "'flops_reduction=0.300 cannot be reached'"
-)
-#: Models icprune cannot prune yet, each phase with why. The one place to update when a fix
-#: lands: a listed model that passes fails the run (strict xfail).
-EXPECTED_FAILURES = {
-    **{name: {phase: _LAYOUT for phase in PHASES} for name in ALL if name.startswith("convnext")},
-    **{name: {phase: _LAYOUT for phase in PHASES} for name in ALL if name.startswith("vit_")},
-    **{name: {phase: _LAYOUT for phase in PHASES} for name in ALL if name.startswith("swin")},
-    "maxvit_t": {phase: _LAYOUT + "; SE gates" for phase in PHASES},
-    **{name: {phase: _SE for phase in PHASES} for name in ALL if name.startswith("efficientnet_b")},
-}
-#: Models the full run skips: their statistics do not fit this machine's memory (every layer's
-#: float64 C x C Gram and its compensation term held at once, r14 section 4 (vii)).
+#: Models icprune cannot prune yet, each phase with why: ``{name: {phase: reason}}``. The one
+#: place to update when a fix lands: a listed model that passes fails the run (strict xfail).
+#: Empty since squeeze-excitation gating, LayerNorm/layer_scale, token MLPs and grouped convs
+#: landed (issue 14): every torchvision classification model prunes, except TOO_BIG's.
+EXPECTED_FAILURES: dict[str, dict[str, str]] = {}
+#: Models the full run skips: their statistics did not fit this machine's memory (every layer's
+#: float64 C x C Gram and its compensation term held at once, r14 section 4 (vii)). Measured
+#: before the packed triangle (issue 15) halved that; not rerun since.
 TOO_BIG = {
     "regnet_y_128gf": "the statistics need about 13.4 GiB (16 * sum C^2 bytes)",
     "efficientnet_v2_l": "calibration statistics need about 11.9 GiB (16 * sum C^2 bytes)",
