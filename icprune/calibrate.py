@@ -17,6 +17,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
+from itertools import chain
 
 import torch
 from torch import nn
@@ -27,8 +28,9 @@ from icprune.files import exclusive, load_torch_file, save_atomically
 from icprune.modes import frozen
 from icprune.stats.channel_stats import ChannelStats
 from icprune.stats.distributed import all_reduce_stats, check_initialized
-from icprune.structure.graph import ReadPoint, prunable_layers, read_points
-from icprune.structure.layers import out_channels
+from icprune.structure.dependency import trace_dependencies
+from icprune.structure.graph import ReadPoint, prunable_layers, read_points, trace
+from icprune.structure.layers import in_channels, out_channels
 
 #: Format tag and version of calibration checkpoint files.
 CHECKPOINT_FORMAT = "icprune.calibration"
@@ -320,3 +322,157 @@ def _check_samples(stats: dict[str, ChannelStats]) -> None:
             "data yielded only empty batches (no sample reached any layer); pass batches with "
             "at least one sample"
         )
+
+
+class InputStats(dict):
+    """What every consumer layer reads, from one calibration pass (``read_at="input"``).
+
+    A dict consumer name -> :class:`ChannelStats` over the consumer's ``C_in`` input channels
+    (``read_at == "input"``): every conv and linear layer whose input channels follow a
+    dependency group, read after the activation, the pooling and the residual add - exactly what
+    it multiplies by its weights. Consumers that read the same tensor (e.g. a ResNet block's
+    first conv and its downsample conv) share one :class:`ChannelStats` object: it is computed
+    once. Scoring (:mod:`icprune.criteria`) and repair (:mod:`icprune.recovery.repair`) both use
+    it; see docs/quality.md.
+
+    Attributes:
+        spatial: consumer name -> spatial shape of its input, e.g. ``(H, W)`` (``()`` for a
+            linear layer), as last seen; repair needs it for the tap coverage under padding.
+    """
+
+    def __init__(self, stats: dict[str, ChannelStats], spatial: dict[str, tuple[int, ...]]):
+        super().__init__(stats)
+        self.spatial = dict(spatial)
+
+
+def input_layers(model: nn.Module, groups: Iterable) -> dict[str, str]:
+    """The consumers whose inputs :func:`calibrate_inputs` reads, and who reads for them.
+
+    Args:
+        model: the network.
+        groups: its :class:`icprune.Group` list (:func:`icprune.dependency_groups`).
+
+    Returns:
+        dict consumer name -> name of the consumer whose input it shares (itself when it is the
+        first to read that tensor), in the order the groups name them. A consumer that reads a
+        group flattened (``Dependency.repeat > 1``, e.g. a linear layer on a flattened feature
+        map: its Gram would be ``(C*H*W)^2``), or that is called more than once per forward, is
+        left out; scoring and repair treat it as documented in :mod:`icprune.criteria` and
+        :mod:`icprune.recovery.repair`.
+    """
+    flattened = {
+        d.module for g in groups for d in g.dependencies if d.kind == "input" and d.repeat != 1
+    }
+    names = [
+        d.module
+        for g in groups
+        for d in g.dependencies
+        if d.kind == "input" and d.module not in flattened
+    ]
+    names = list(dict.fromkeys(names))
+    graph = trace(model)
+    calls: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    owner: dict[str, str] = {}
+    first_reader: dict[object, str] = {}
+    for name in names:
+        nodes = calls.get(name, [])
+        if len(nodes) != 1 or not nodes[0].args:
+            continue
+        source = nodes[0].args[0]
+        owner[name] = first_reader.setdefault(source, name)
+    return owner
+
+
+def calibrate_inputs(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    ignored_layers: Iterable[str] = (),
+    bins: int = 64,
+    nan_policy: str = "raise",
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    backend: str = "auto",
+) -> InputStats:
+    """Statistics of what every consumer layer of a dependency group reads (see
+    :class:`InputStats`): forward pre-hooks, one :class:`ChannelStats` per distinct input
+    tensor, one pass in eval mode without gradients (the model is left as it was).
+
+    Args:
+        model: the unpruned network.
+        data: iterable of batches (Tensors ``[N, ...]`` or ``(input, target)`` tuples).
+        example_inputs: input for the dependency trace (shapes only); default: the first sample
+            of the first batch.
+        ignored_layers: as :func:`icprune.dependency_groups`.
+        bins, nan_policy, backend: see :class:`ChannelStats` (``backend="torch"``: float64).
+        max_batches, device, progress: as :func:`calibrate`.
+
+    Returns:
+        :class:`InputStats` (``count = sum(N * H * W)`` per consumer).
+
+    Raises:
+        ValueError: ``data`` yields no batch, the model is untraceable or has no consumer of a
+            prunable group, non-finite inputs (``nan_policy="raise"``), or as
+            :func:`icprune.dependency_groups`.
+        TypeError: ``data`` is not an iterable of batches.
+    """
+    batches = iter_batches(data, max_batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("data yielded no batches; pass at least one batch of model inputs")
+    batches = chain([first], batches)
+    if example_inputs is None:
+        example_inputs = batch_input(first)[:1]
+    groups = trace_dependencies(model, example_inputs, ignored_layers=ignored_layers).groups
+    owner = input_layers(model, groups)
+    if not owner:
+        raise ValueError(
+            f"{type(model).__name__} has no conv/linear layer that reads a prunable group's "
+            f"channels; there is nothing to calibrate at read_at='input'"
+        )
+    modules = dict(model.named_modules())
+    dev = model_device(model, device)
+    readers = {
+        name: ChannelStats(
+            in_channels(modules[name]),
+            bins=bins,
+            nan_policy=nan_policy,
+            name=name,
+            read_at="input",
+            device=dev,
+            backend=backend,
+        )
+        for name in dict.fromkeys(owner.values())
+    }
+    spatial: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        def read(_module, inputs):
+            x = inputs[0].detach()
+            readers[name].update(x)
+            spatial[name] = tuple(x.shape[2:])
+
+        return read
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in readers]
+    seen = 0
+    try:
+        with frozen(model):
+            for batch in progress_bar(batches, data, max_batches, "calibrate inputs", progress):
+                model(batch_input(batch).to(dev))
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    for stats in readers.values():
+        stats.sync()
+    _check_samples(readers)
+    return InputStats(
+        {name: readers[reader] for name, reader in owner.items()},
+        {name: spatial[reader] for name, reader in owner.items()},
+    )
