@@ -60,7 +60,7 @@ def test_choose_takes_the_best_candidate_of_the_selection_split_only():
 
 def test_quick_mode_runs_end_to_end(tmp_path):
     threads = torch.get_num_threads()
-    res = main(["--quick", "--out", str(tmp_path), "--no-progress", "--rows",
+    res = main(["--quick", "--no-cache", "--out", str(tmp_path), "--no-progress", "--rows",
                 str(tmp_path / "rows.json")])  # fmt: skip
     assert torch.get_num_threads() == threads
     text = (tmp_path / "quality.md").read_text()
