@@ -205,7 +205,11 @@ def calibrate(
             ``backend``); ``calibration_config=`` - how the data is run
             (:class:`icprune.CalibrationConfig`: ``read_at``, ``max_batches``, ``device``,
             ``progress``, ``checkpoint``, ``checkpoint_every``, ``distributed``). E.g.
-            ``calibrate(model, data, bins=32, read_at="output")``.
+            ``calibrate(model, data, bins=32, read_at="output")``. ``read_at="input"``: what
+            every consumer layer of a dependency group reads - the statistics the default
+            criterion scores from and repair re-fits from, one pass for both
+            (:func:`calibrate_inputs`; returns :class:`InputStats` keyed by consumer, and takes
+            no ``layers``, ``checkpoint`` or ``distributed``).
 
     Returns:
         dict qualified layer name -> :class:`ChannelStats` over all samples of all batches
@@ -229,6 +233,15 @@ def calibrate(
     stats_config, calibration_config = with_options(
         "calibrate", options, StatsConfig, CalibrationConfig
     )
+    if calibration_config.read_at == "input":
+        if layers is not None:
+            raise ValueError(
+                "read_at='input' reads every consumer of a prunable group in one pass and takes "
+                "no layers=; drop it (or read at 'bn')"
+            )
+        return calibrate_inputs(
+            model, data, stats_config=stats_config, calibration_config=calibration_config
+        )
     checkpoint_every, distributed = (
         calibration_config.checkpoint_every,
         calibration_config.distributed,
@@ -392,12 +405,7 @@ def calibrate_inputs(
     *,
     example_inputs: torch.Tensor | None = None,
     ignored_layers: Iterable[str] = (),
-    bins: int = 64,
-    nan_policy: str = "raise",
-    max_batches: int | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    backend: str = "auto",
+    **options,
 ) -> InputStats:
     """Statistics of what every consumer layer of a dependency group reads (see
     :class:`InputStats`): forward pre-hooks, one :class:`ChannelStats` per distinct input
@@ -409,8 +417,9 @@ def calibrate_inputs(
         example_inputs: input for the dependency trace (shapes only); default: the first sample
             of the first batch.
         ignored_layers: as :func:`icprune.dependency_groups`.
-        bins, nan_policy, backend: see :class:`ChannelStats` (``backend="torch"``: float64).
-        max_batches, device, progress: as :func:`calibrate`.
+        **options: ``stats_config=`` / ``calibration_config=`` or their fields, as
+            :func:`calibrate` (``backend="torch"``: float64 Gram matrices); ``read_at`` is
+            ``"input"`` here, and ``checkpoint`` and ``distributed`` are not supported.
 
     Returns:
         :class:`InputStats` (``count = sum(N * H * W)`` per consumer).
@@ -421,6 +430,21 @@ def calibrate_inputs(
             :func:`icprune.dependency_groups`.
         TypeError: ``data`` is not an iterable of batches.
     """
+    stats_config, calibration_config = with_options(
+        "calibrate_inputs", options, StatsConfig, CalibrationConfig
+    )
+    config = calibration_config
+    unsupported = [
+        k for k, on in (("checkpoint", config.checkpoint is not None),
+                        ("distributed", config.distributed)) if on
+    ]  # fmt: skip
+    if unsupported or config.read_at not in ("input", "bn"):
+        what = unsupported or [f"read_at={config.read_at!r}"]
+        raise ValueError(
+            f"read_at='input' calibration does not support {', '.join(what)}; drop it (the "
+            f"consumers' inputs are read in one pass)"
+        )
+    max_batches = config.max_batches
     batches = iter_batches(data, max_batches)
     first = next(batches, None)
     if first is None:
@@ -436,16 +460,17 @@ def calibrate_inputs(
             f"channels; there is nothing to calibrate at read_at='input'"
         )
     modules = dict(model.named_modules())
-    dev = model_device(model, device)
+    dev = model_device(model, config.device)
     readers = {
         name: ChannelStats(
             in_channels(modules[name]),
-            bins=bins,
-            nan_policy=nan_policy,
+            bins=stats_config.bins,
+            range_mode=stats_config.range_mode,
+            nan_policy=stats_config.nan_policy,
             name=name,
             read_at="input",
             device=dev,
-            backend=backend,
+            backend=stats_config.backend,
         )
         for name in dict.fromkeys(owner.values())
     }
@@ -463,7 +488,8 @@ def calibrate_inputs(
     seen = 0
     try:
         with frozen(model):
-            for batch in progress_bar(batches, data, max_batches, "calibrate inputs", progress):
+            bar = progress_bar(batches, data, max_batches, "calibrate inputs", config.progress)
+            for batch in bar:
                 model(batch_input(batch).to(dev))
                 seen += 1
     finally:

@@ -30,11 +30,11 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
 
 
 def _scores(kind: str, model: torch.nn.Module, shape) -> dict:
-    if kind == "weights":
-        return icprune.score(model)
+    if kind == "weights":  # the default before issue 13: the paper's criterion, by name
+        return icprune.score(model, criterion="icii")
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(2, *shape, generator=g, dtype=torch.float64) for _ in range(2)]
-    scores = icprune.score(model.double(), data, backend="torch", progress=False)
+    scores = icprune.score(model.double(), data, criterion="icii", backend="torch", progress=False)
     model.float()
     return scores
 

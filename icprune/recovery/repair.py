@@ -26,43 +26,34 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from icprune.applying import check_model
 from icprune.calibrate import InputStats
 from icprune.consumers import followers, moments, ridged, tap_coverage, taps
 from icprune.planning import PruningPlan
-from icprune.structure.layers import in_channels
+from icprune.structure.layers import in_channels, sizes
+
+#: One consumer's repair: (name, new weight in the pruned shape, output shift Tensor[O] or None).
+Fit = tuple[str, torch.Tensor, torch.Tensor | None]
 
 
-def repair(
+def fits(
     original: nn.Module,
-    pruned: nn.Module,
     plan: PruningPlan,
     stats: InputStats,
     *,
     ridge: float = 1e-2,
     lstsq: bool = True,
     bias: bool = True,
-) -> nn.Module:
-    """Repair ``pruned`` (``icprune.apply(original, plan)``) in place (see the module docstring).
+) -> list[Fit]:
+    """The repaired weight and output shift of every consumer of pruned channels, computed from
+    ``original`` alone (so that :func:`icprune.apply` can prune in place and repair after).
 
-    Args:
-        original: the unpruned network the plan and the statistics were made on; not modified.
-        pruned: the pruned network; the weights and biases of its consumers of pruned channels
-            (or the running means of the BatchNorms after them) are changed in place.
-        plan: the plan that made ``pruned``.
-        stats: :class:`icprune.calibrate.InputStats` of ``original``
-            (``icprune.calibrate(original, data, read_at="input")``).
-        ridge: relative ridge r (> 0) of the least-squares fit.
-        lstsq: re-fit the kept weights; False = mean compensation only.
-        bias: compensate the mean of what was removed (and of what the fit adds).
+    Args: as :func:`repair`.
 
     Returns:
-        ``pruned``.
+        list of :data:`Fit` (weights float64 on the CPU, in the pruned layer's shape).
 
     Raises:
-        TypeError: ``stats`` is not :class:`InputStats`.
-        ValueError: ``plan`` was not made for ``original``, a bad ``ridge``, or statistics
-            whose channel count is not the consumer's.
+        TypeError, ValueError: as :func:`repair`.
     """
     if not isinstance(stats, InputStats):
         raise TypeError(
@@ -72,17 +63,19 @@ def repair(
     ok = isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
     if not ok or not ridge > 0 or ridge == float("inf"):
         raise ValueError(f"repair: ridge must be a finite number > 0, got {ridge!r}")
-    check_model(original, plan, "repair")
     orig = dict(original.named_modules())
-    new = dict(pruned.named_modules())
     consumers = [d.module for g in plan.groups for d in g.dependencies if d.kind == "input"]
-    consumers = [name for name in dict.fromkeys(consumers) if name in stats]
-    follower = followers(pruned, consumers) if bias else {}
-    for name in consumers:
+    out = []
+    for name in dict.fromkeys(consumers):
+        module = orig.get(name)
+        if module is None or tuple(plan.sizes[name]) != sizes(module):
+            raise ValueError(
+                f"repair: the plan does not match the original model at {name!r}; pass the "
+                f"unpruned model the plan and the statistics were made on"
+            )
         kept = plan.indices(name, "in")
-        module = orig[name]
         c_in = in_channels(module)
-        if kept is None or len(kept) == c_in:
+        if name not in stats or kept is None or len(kept) == c_in:
             continue
         if stats[name].num_channels != c_in:
             raise ValueError(
@@ -105,15 +98,70 @@ def repair(
             residual = mean[gone] - t @ mean[kept]
         else:
             residual = mean[gone]
-        target = new[name]
-        with torch.no_grad():
-            fitted = w_k.permute(1, 2, 0).reshape(target.weight.shape)
-            target.weight.copy_(fitted.to(target.weight.dtype))
-            if bias:
-                cover = tap_coverage(module, stats.spatial[name])
-                shift = torch.einsum("t,top,p->o", cover, w_p, residual)
-                _shift_bias(new, name, shift, follower)
+        shape = (w_k.shape[1], w_k.shape[2], *module.weight.shape[2:])
+        weight = w_k.permute(1, 2, 0).reshape(shape)
+        shift = None
+        if bias:
+            cover = tap_coverage(module, stats.spatial[name])
+            shift = torch.einsum("t,top,p->o", cover, w_p, residual)
+        out.append((name, weight, shift))
+    return out
+
+
+def write(pruned: nn.Module, repaired: list[Fit]) -> nn.Module:
+    """Write :func:`fits` into ``pruned`` (in place; the shifts into the biases, the BatchNorm
+    after a layer without bias, or a new bias) and return it."""
+    modules = dict(pruned.named_modules())
+    shifted = [name for name, _, shift in repaired if shift is not None]
+    follower = followers(pruned, shifted) if shifted else {}
+    with torch.no_grad():
+        for name, weight, shift in repaired:
+            target = modules[name]
+            if tuple(target.weight.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"repair: {name!r} has weight shape {tuple(target.weight.shape)} in the "
+                    f"pruned model, the plan gives {tuple(weight.shape)}; pass the model "
+                    f"icprune.apply(original, plan) made"
+                )
+            target.weight.copy_(weight.to(target.weight.device, target.weight.dtype))
+            if shift is not None:
+                _shift_bias(modules, name, shift, follower)
     return pruned
+
+
+def repair(
+    original: nn.Module,
+    pruned: nn.Module,
+    plan: PruningPlan,
+    stats: InputStats,
+    *,
+    ridge: float = 1e-2,
+    lstsq: bool = True,
+    bias: bool = True,
+) -> nn.Module:
+    """Repair ``pruned`` (``icprune.apply(original, plan)``) in place (see the module docstring;
+    ``icprune.apply(original, plan, stats=stats)`` does both in one call).
+
+    Args:
+        original: the unpruned network the plan and the statistics were made on; not modified.
+        pruned: the pruned network; the weights and biases of its consumers of pruned channels
+            (or the running means of the BatchNorms after them) are changed in place.
+        plan: the plan that made ``pruned``.
+        stats: :class:`icprune.calibrate.InputStats` of ``original``
+            (``icprune.calibrate(original, data, read_at="input")``).
+        ridge: relative ridge r (> 0) of the least-squares fit.
+        lstsq: re-fit the kept weights; False = mean compensation only.
+        bias: compensate the mean of what was removed (and of what the fit adds).
+
+    Returns:
+        ``pruned``.
+
+    Raises:
+        TypeError: ``stats`` is not :class:`InputStats`.
+        ValueError: ``plan`` was not made for ``original`` (or ``pruned`` not by it), a bad
+            ``ridge``, or statistics whose channel count is not the consumer's.
+    """
+    return write(pruned, fits(original, plan, stats, ridge=ridge, lstsq=lstsq, bias=bias))
 
 
 def _shift_bias(modules: dict[str, nn.Module], name: str, shift: torch.Tensor, follower) -> None:
