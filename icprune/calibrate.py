@@ -351,11 +351,19 @@ class InputStats(dict):
     Attributes:
         spatial: consumer name -> spatial shape of its input, e.g. ``(H, W)`` (``()`` for a
             linear layer), as last seen; repair needs it for the tap coverage under padding.
+        example: zeros of the shape of the model input the dependency groups were traced on
+            (Tensor[1, ...]), so that scoring from these statistics needs no ``example_inputs``.
     """
 
-    def __init__(self, stats: dict[str, ChannelStats], spatial: dict[str, tuple[int, ...]]):
+    def __init__(
+        self,
+        stats: dict[str, ChannelStats],
+        spatial: dict[str, tuple[int, ...]],
+        example: torch.Tensor | None = None,
+    ):
         super().__init__(stats)
         self.spatial = dict(spatial)
+        self.example = example
 
 
 def input_layers(model: nn.Module, groups: Iterable) -> dict[str, str]:
@@ -501,4 +509,5 @@ def calibrate_inputs(
     return InputStats(
         {name: readers[reader] for name, reader in owner.items()},
         {name: spatial[reader] for name, reader in owner.items()},
+        torch.zeros_like(example_inputs),
     )

@@ -216,11 +216,21 @@ def score(
     )
     criterion = resolved_criterion(scoring_config, data, stats)
     if criterion != "icii":
-        if scoring_config.source is not None or layers is not None:
-            given = "source" if scoring_config.source is not None else "layers"
+        given = [k for k, v in (("source", scoring_config.source), ("layers", layers)) if v]
+        defaults = ScoringConfig()
+        given += [
+            f"{name}={getattr(scoring_config, name)!r}"
+            for name in ("lam", "independence", "normalization")
+            if getattr(scoring_config, name) != getattr(defaults, name)
+        ]
+        if calibration_config.read_at not in ("bn", "input"):  # "bn": the default, unset
+            given.append(f"read_at={calibration_config.read_at!r}")
+        if given:
+            given = ", ".join(given)
             raise ValueError(
-                f"criterion={criterion!r} scores whole dependency groups and does not take "
-                f"{given}= (that is the 'icii' criterion's); drop it or pass criterion='icii'"
+                f"criterion={criterion!r} scores whole dependency groups from what each consumer "
+                f"reads and does not take {given} (the 'icii' criterion's settings); drop it or "
+                f"pass criterion='icii'"
             )
         return _consumer_scores(
             model, data, stats, criterion, scoring_config.ridge, example_inputs,
