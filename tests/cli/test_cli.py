@@ -241,9 +241,8 @@ def test_prune_writes_a_loadable_model_and_its_report_and_nothing_else(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run1"]
     written = {p.name for p in out.iterdir()}
     assert {"model.pt", "plan.json", "scores.json", "report.json", "report.md"} <= written
-    assert {"channels_kept.png", "capacity_vs_independence.png", "score_distributions.png"} <= (
-        written
-    )
+    assert {"channels_kept.png", "score_distributions.png"} <= written
+    assert "capacity_vs_independence.png" not in written  # the default criterion has neither
     pruned = icprune.load(out / "model.pt", resnet20)
     plan = icprune.PruningPlan.from_json((out / "plan.json").read_text())
     assert 0.49 <= plan.flops_reduction <= 0.51
@@ -262,7 +261,7 @@ def test_prune_is_deterministic_and_data_free_without_data(capsys, tmp_path):
     plans = [(tmp_path / n / "plan.json").read_text() for n in "ab"]
     assert plans[0] == plans[1]
     settings = json.loads((tmp_path / "a" / "scores.json").read_text())["settings"]
-    assert settings["source"] == "weights"
+    assert settings["criterion"] == "wbn" and settings["repaired"] is False
 
 
 def test_score_writes_json_and_csv_with_the_same_values(capsys, tmp_path):
@@ -324,6 +323,8 @@ def test_interrupted_prune_resumes_from_its_calibration_checkpoint(capsys, tmp_p
         2,
         "--ratio",
         0.4,
+        "--criterion",
+        "icii",
         *FAST,
     ]
     assert run(capsys, *argv, "--out", tmp_path / "whole")[0] == ExitCode.OK
@@ -830,3 +831,40 @@ def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monke
     code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 10, "--out", tmp_path / "p")
     assert code == ExitCode.FAILURE and "fine-tuning diverged" in err and "lower --lr" in err
     assert not (tmp_path / "p" / "model.pt").exists()
+
+
+def test_repair_and_bn_recalibration_can_be_skipped_and_little_data_is_warned_about(
+    capsys, tmp_path
+):
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), data)
+    argv = ["prune", "resnet20", "--data", data, "--ratio", 0.3, *FAST]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "default")
+    assert code == ExitCode.OK
+    assert "icprune: warning: BatchNorm re-estimation: re-estimating" in err
+    assert "--no-bn-recalibration" in err and "Traceback" not in err
+    code, _, err = run(capsys, *argv, "--no-repair", "--no-bn-recalibration", "--out",
+                       tmp_path / "bare")  # fmt: skip
+    assert code == ExitCode.OK and "warning" not in err
+    settings = json.loads((tmp_path / "bare" / "scores.json").read_text())["settings"]
+    assert settings["repaired"] is False and settings["no_bn_recalibration"] is True
+    model = resnet20_seeded()
+    plan = icprune.PruningPlan.from_json((tmp_path / "bare" / "plan.json").read_text())
+    unrepaired = icprune.apply(model, plan)
+    bare = icprune.load(tmp_path / "bare" / "model.pt", resnet20)
+    assert all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(),
+                                                  unrepaired.state_dict().values()))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--criterion", "greedy"], "--criterion greedy scores from what each layer reads"),
+        (["--criterion", "wbn", "--source", "weights"], "--source chooses"),
+        (["--data", "synthetic", "--resume"], "--resume continues an interrupted"),
+    ],
+)
+def test_criterion_usage_errors_exit_2(capsys, tmp_path, extra, message):
+    argv = ["prune", "resnet20", "--input-shape", "3,32,32", "--ratio", 0.3, *extra, *FAST]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "run")
+    assert code == ExitCode.USAGE and message in err
