@@ -6,7 +6,8 @@ Trains a CIFAR-style ResNet-20 (one input channel) on scikit-learn's handwritten
 about half of its FLOPs (coupled residual channels together), repairs the layers that read the
 pruned channels from the same statistics, re-estimates BatchNorm statistics, fine-tunes briefly
 with distillation from the unpruned model, and prints test accuracy, MACs, parameters and
-measured CPU latency before and after. The pruned model, its plan, the scores and a report with plots go to ``--out``.
+measured CPU latency before and after. The pruned model, its plan, the scores and a report
+with plots go to ``--out``.
 
 Run: ``icprune demo [--out DIR] [--force] [--quiet]`` (or ``python -m icprune demo``).
 """

@@ -852,8 +852,8 @@ def test_repair_and_bn_recalibration_can_be_skipped_and_little_data_is_warned_ab
     plan = icprune.PruningPlan.from_json((tmp_path / "bare" / "plan.json").read_text())
     unrepaired = icprune.apply(model, plan)
     bare = icprune.load(tmp_path / "bare" / "model.pt", resnet20)
-    assert all(torch.equal(a, b) for a, b in zip(bare.state_dict().values(),
-                                                  unrepaired.state_dict().values()))  # fmt: skip
+    pairs = zip(bare.state_dict().values(), unrepaired.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
 
 
 @pytest.mark.parametrize(
