@@ -88,3 +88,32 @@ def test_quick_mode_runs_end_to_end(tmp_path):
 
     report.write(res, tmp_path, tmp_path / "t.md", "cmd")
     assert "kept words" in (tmp_path / "quality.md").read_text()
+
+
+def test_bench_and_package_agree_on_the_defaults_and_the_repair():
+    from bench.quality import defaults
+    from icprune.config import ScoringConfig
+    from icprune.scoring import resolved_criterion
+
+    torch.manual_seed(0)
+    model = models.build("resnet").eval()
+    ex = models.example_input()
+    calib = [torch.randn(16, 1, 16, 16, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    ctx = criteria.Context(model, icprune.dependency_groups(model, ex), calib, seed=0)
+    assert resolved_criterion(ScoringConfig(), calib, None) == defaults.DATA_DEFAULT
+    assert resolved_criterion(ScoringConfig(), None, None) == defaults.DATA_FREE_DEFAULT
+    package = {
+        "greedy": icprune.score(model, calib, backend="torch", progress=False),
+        "wbn": icprune.score(model, example_inputs=ex),
+    }
+    for name, scores in package.items():
+        bench = criteria.registry()[name][0](ctx)
+        assert set(bench) == set(scores)
+        assert all(torch.equal(bench[k], scores[k].score) for k in bench)
+    plan = pipeline.make_plan(ctx, criteria.registry()["greedy"][0](ctx), 0.5, ex)
+    repaired = pipeline.recover(ctx, plan, icprune.apply(model, plan), pipeline.PIPELINES["repair"])
+    stats = icprune.calibrate(model, calib, read_at="input", backend="torch", progress=False)
+    by_package = icprune.apply(model, plan, stats=stats)
+    x = torch.cat(calib)
+    with torch.no_grad():
+        assert torch.equal(repaired(x), by_package(x))
