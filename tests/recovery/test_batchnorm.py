@@ -151,7 +151,7 @@ def test_little_data_warns_and_enough_does_not():
     from icprune.recovery.batchnorm import MIN_SAMPLES, LittleDataWarning
 
     model = small_cnn()
-    with pytest.warns(LittleDataWarning, match="fewer than 1024"):
+    with pytest.warns(LittleDataWarning, match="fewer than 512"):
         recalibrate_bn(model, [torch.randn(8, 1, 8, 8)], progress=False)
     import warnings
 
