@@ -10,12 +10,13 @@ member of a group.
 Names (``data`` = reads calibration data; the others are data-free):
 
 - ``L1``, ``BN scale``, ``FPGM``, ``random``: :mod:`icprune.baselines`;
-- ``ICII wts``: ``icprune.score(model)`` (icprune's data-free default, the paper's form: entropy
-  of each filter's weights and its distance to the other filters); ``IC wts``: its capacity
-  term alone; ``ICII wts + L1``: z-scores of both added per layer;
-- ``ICII feat``: ``icprune.score(model, data)`` (feature maps after the BatchNorm); ``ICII feat,
-  act``: read after the activation; ``IC feat`` / ``II feat``: its capacity (entropy) /
-  independence (mean distance) term alone;
+- ``ICII wts``: ``icprune.score(model, criterion="icii")`` (icprune's data-free default before
+  issue 13, the paper's form: entropy of each filter's weights and its distance to the other
+  filters); ``IC wts``: its capacity term alone; ``ICII wts + L1``: z-scores of both added per
+  layer;
+- ``ICII feat``: ``icprune.score(model, data, criterion="icii")`` (feature maps after the
+  BatchNorm; the data default before issue 13); ``ICII feat, act``: read after the activation;
+  ``IC feat`` / ``II feat``: its capacity (entropy) / independence (mean distance) term alone;
 - ``wE2``, ``wvar``, ``wcondvar``, ``greedy``, ``wbn``: the consumer-side group criteria of
   :mod:`icprune.criteria` (``wcondvar``/``greedy`` with ridge 1e-2 unless the name says ``r=``);
 - ``E2``, ``var``, ``condvar``: experiment-only, the same without the consumer weight energy
@@ -130,10 +131,10 @@ def _random(ctx: Context) -> dict[str, torch.Tensor]:
 
 def _icii(ctx: Context, data: bool, term: str = "score", read_at: str = "bn") -> dict:
     if data:
-        scores = icprune.score(ctx.model, ctx.calib, layers=ctx.layers, read_at=read_at,
-                               progress=False)  # fmt: skip
+        scores = icprune.score(ctx.model, ctx.calib, criterion="icii", layers=ctx.layers,
+                               read_at=read_at, progress=False)  # fmt: skip
     else:
-        scores = icprune.score(ctx.model, layers=ctx.layers)
+        scores = icprune.score(ctx.model, criterion="icii", layers=ctx.layers)
     return {name: getattr(s, term) for name, s in scores.items()}
 
 
