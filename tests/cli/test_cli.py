@@ -562,7 +562,7 @@ def test_ctrl_c_leaves_no_empty_folder_and_suggests_resume(capsys, tmp_path, mon
     data = tmp_path / "x.pt"
     torch.save(torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(1)), data)
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--checkpoint-every", 2]
-    argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
+    argv += ["--ratio", 0.3, "--criterion", "icii", "--out", tmp_path / "o", *FAST]
 
     def interrupted(*args, **kwargs):
         data = load_data_spec(*args, **kwargs)
@@ -712,7 +712,7 @@ def test_messages_name_cli_flags_and_never_invite_an_unsafe_load(capsys, tmp_pat
         (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N"),
         (["--out", ""], "--out is empty"),
         (["--resume", "--force"], "pass one of them"),
-        (["--resume"], "data-free scoring (--source weights) has none to continue"),
+        (["--resume"], "--resume continues an interrupted feature-map calibration"),
         (["--min-channels", "0"], "--min-channels: must be an integer >= 1"),
         (["--nan-policy", "explode"], "--nan-policy: invalid choice: 'explode'"),
     ],
@@ -740,6 +740,7 @@ def test_resume_needs_a_sound_checkpoint_of_the_same_run(capsys, tmp_path):
     data = tmp_path / "x.pt"
     torch.save(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2)), data)
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    argv += ["--criterion", "icii"]  # the criterion whose calibration is checkpointed
     code, _, err = run(capsys, *argv, "--resume", "--out", tmp_path / "none")
     assert code == ExitCode.OUTPUT and "there is no" in err and "--out does not exist" in err
     done = tmp_path / "done"
@@ -762,7 +763,7 @@ def test_resume_with_another_model_is_refused_in_cli_words(capsys, tmp_path, mon
     data = tmp_path / "x.pt"
     torch.save(torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)), data)
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--checkpoint-every", 1]
-    argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
+    argv += ["--ratio", 0.3, "--criterion", "icii", "--out", tmp_path / "o", *FAST]
 
     def interrupted(*args, **kwargs):
         data = load_data_spec(*args, **kwargs)
@@ -809,7 +810,7 @@ def test_score_leaves_a_file_another_run_wrote_meanwhile(capsys, tmp_path, monke
     assert code == ExitCode.OUTPUT and "was created by someone else" in err
     assert out.read_text() == "the other run's" and sorted(tmp_path.iterdir()) == [out]
     assert run(capsys, "score", "resnet20", "--out", out, "--quiet", "--force")[0] == ExitCode.OK
-    assert json.loads(out.read_text())["settings"]["source"] == "weights"
+    assert json.loads(out.read_text())["settings"]["criterion"] == "wbn"
 
 
 def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monkeypatch):
@@ -817,6 +818,7 @@ def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monke
 
     data = labelled_file(tmp_path / "lab.pt", [0, 1, 2, 3, 4, 5, 6, 7])
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    argv += ["--criterion", "icii"]  # its calibration checkpoint is what --resume continues
     code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 1e30, "--out", tmp_path / "o")
     assert code == ExitCode.FAILURE and "the loss is nan" in err  # caught by finetune itself
     assert "lower --lr (given: 1e+30)" in err and " lr " not in err and "train_data" not in err
