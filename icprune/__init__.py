@@ -1,15 +1,19 @@
-"""icprune: CNN filter pruning by information capacity and independence.
+"""icprune: CNN filter pruning from channel statistics.
 
-Scores every output channel of every prunable layer by the entropy of its feature map
-(information capacity) and its correlation with the other channels of the layer (information
-independence), after Tang et al., arXiv:2303.03645. Exact definitions: docs/method.md.
+Scores every output channel of every prunable layer and prunes the lowest, coupled channels
+together. The default criteria score a channel by what the layers that read it would lose
+(``icprune.criteria``), and the pruned model is repaired from the same statistics; they were
+chosen by a measured comparison with a held-out confirmation split (docs/quality.md). The
+paper's criterion - information capacity (entropy) and independence, after Tang et al.,
+arXiv:2303.03645 (docs/method.md) - is ``criterion="icii"``.
 
     import icprune
-    scores = icprune.score(model, data)                     # from feature maps
-    scores = icprune.score(model, source="weights")         # data-free
-    stats = icprune.calibrate(model, data)                  # reusable statistics
-    result = icprune.prune(model, data, flops_reduction=0.5)  # score -> plan -> apply
-    scores = icprune.score(model, data, scoring_config=icprune.ScoringConfig(lam=0.5))
+    scores = icprune.score(model, data)                     # "greedy", from what layers read
+    scores = icprune.score(model, example_inputs=x)         # "wbn", data-free
+    scores = icprune.score(model, data, criterion="icii")   # the paper's, from feature maps
+    stats = icprune.calibrate(model, data, read_at="input")  # reusable: scoring and repair
+    pruned = icprune.apply(model, plan, stats=stats)        # prune and repair
+    result = icprune.prune(model, data, flops_reduction=0.5)  # score -> plan -> apply -> repair
     icprune.recalibrate_bn(pruned_model, data)              # re-estimate BN statistics
     tuned = icprune.finetune(pruned_model, train_data, 2, teacher=model)  # recover accuracy
 

@@ -25,7 +25,9 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from icprune.calibrate import InputStats
 from icprune.planning import PruningPlan
+from icprune.recovery.repair import fits, write
 from icprune.slicing import slice_channels
 from icprune.structure.layers import (
     BATCHNORM_TENSORS,
@@ -230,26 +232,43 @@ def _prune_module(module: nn.Module, out_idx: Tensor | None, in_idx: Tensor | No
     set_channels(module, out_n, in_n)
 
 
-def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -> nn.Module:
-    """Build the pruned model a plan describes.
+def apply(
+    model: nn.Module,
+    plan: PruningPlan,
+    *,
+    inplace: bool = False,
+    stats: InputStats | None = None,
+    ridge: float = 1e-2,
+) -> nn.Module:
+    """Build the pruned model a plan describes, and repair it when ``stats`` are given.
 
     Args:
         model: the network the plan was made for (from :func:`icprune.plan`).
         plan: which channels to keep.
         inplace: prune ``model`` itself; if False (default) a deep copy is pruned and ``model``
             is left bit-identical.
+        stats: :class:`icprune.calibrate.InputStats` of ``model``
+            (``icprune.calibrate(model, data, read_at="input")``, the same statistics the
+            default criterion scores from): every consumer of pruned channels is then repaired
+            - least-squares re-fit of its kept weights and bias compensation
+            (:func:`icprune.recovery.repair.repair`; evidence in docs/quality.md). None: the
+            pruned model computes exactly the original with the pruned channels zeroed.
+        ridge: relative ridge of the repair's least-squares fit (with ``stats``).
 
     Returns:
         the pruned model (``model`` itself when ``inplace=True``), on the same devices, with the
         same dtypes and ``requires_grad`` flags and the same train/eval mode.
 
     Raises:
-        TypeError: ``plan`` is not a :class:`PruningPlan`.
+        TypeError: ``plan`` is not a :class:`PruningPlan`, or ``stats`` not
+            :class:`InputStats`.
         ValueError: the plan was made for another model, or the model changed since (see
             :func:`check_model`: any conv, linear or BatchNorm module added, missing, of
-            another type or with other channel counts); nothing is changed then.
+            another type or with other channel counts), or bad ``stats``/``ridge`` (see
+            :func:`icprune.recovery.repair.fits`); nothing is changed then.
     """
     check_model(model, plan)
+    repaired = None if stats is None else fits(model, plan, stats, ridge=ridge)
     target = model if inplace else copy.deepcopy(model)
     modules = dict(target.named_modules())
     parameters = {d.module for g in plan.groups for d in g.dependencies if d.kind == "parameter"}
@@ -260,4 +279,6 @@ def apply(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -> nn.M
                 _prune_parameter(target, name, out_idx)
             else:
                 _prune_module(modules[name], out_idx, in_idx)
+    if repaired is not None:
+        write(target, repaired)
     return target

@@ -17,6 +17,7 @@ import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
+from itertools import chain
 
 import torch
 from torch import nn
@@ -27,8 +28,10 @@ from icprune.files import exclusive, load_torch_file, save_atomically
 from icprune.modes import frozen
 from icprune.stats.channel_stats import ChannelStats
 from icprune.stats.distributed import all_reduce_stats, check_initialized
-from icprune.structure.graph import ReadPoint, prunable_layers, read_points
-from icprune.structure.layers import out_channels
+from icprune.structure.dependency import trace_dependencies
+from icprune.structure.graph import ReadPoint, prunable_layers, read_points, trace
+from icprune.structure.layers import groups as groups_of
+from icprune.structure.layers import in_channels, out_channels
 
 #: Format tag and version of calibration checkpoint files.
 CHECKPOINT_FORMAT = "icprune.calibration"
@@ -210,7 +213,11 @@ def calibrate(
             ``backend``); ``calibration_config=`` - how the data is run
             (:class:`icprune.CalibrationConfig`: ``read_at``, ``max_batches``, ``device``,
             ``progress``, ``checkpoint``, ``checkpoint_every``, ``distributed``). E.g.
-            ``calibrate(model, data, bins=32, read_at="output")``.
+            ``calibrate(model, data, bins=32, read_at="output")``. ``read_at="input"``: what
+            every consumer layer of a dependency group reads - the statistics the default
+            criterion scores from and repair re-fits from, one pass for both
+            (:func:`calibrate_inputs`; returns :class:`InputStats` keyed by consumer, and takes
+            no ``layers``, ``checkpoint`` or ``distributed``).
 
     Returns:
         dict qualified layer name -> :class:`ChannelStats` over all samples of all batches
@@ -234,6 +241,15 @@ def calibrate(
     stats_config, calibration_config = with_options(
         "calibrate", options, StatsConfig, CalibrationConfig
     )
+    if calibration_config.read_at == "input":
+        if layers is not None:
+            raise ValueError(
+                "read_at='input' reads every consumer of a prunable group in one pass and takes "
+                "no layers=; drop it (or read at 'bn')"
+            )
+        return calibrate_inputs(
+            model, data, stats_config=stats_config, calibration_config=calibration_config
+        )
     checkpoint_every, distributed = (
         calibration_config.checkpoint_every,
         calibration_config.distributed,
@@ -327,3 +343,189 @@ def _check_samples(stats: dict[str, ChannelStats]) -> None:
             "data yielded only empty batches (no sample reached any layer); pass batches with "
             "at least one sample"
         )
+
+
+class InputStats(dict):
+    """What every consumer layer reads, from one calibration pass (``read_at="input"``).
+
+    A dict consumer name -> :class:`ChannelStats` over the consumer's ``C_in`` input channels
+    (``read_at == "input"``): every conv and linear layer whose input channels follow a
+    dependency group, read after the activation, the pooling and the residual add - exactly what
+    it multiplies by its weights. Consumers that read the same tensor (e.g. a ResNet block's
+    first conv and its downsample conv) share one :class:`ChannelStats` object: it is computed
+    once. Scoring (:mod:`icprune.criteria`) and repair (:mod:`icprune.recovery.repair`) both use
+    it; see docs/quality.md.
+
+    Attributes:
+        spatial: consumer name -> spatial shape of its input, e.g. ``(H, W)`` (``()`` for a
+            linear layer), as last seen; repair needs it for the tap coverage under padding.
+        example: zeros of the shape of the model input the dependency groups were traced on
+            (Tensor[1, ...]), so that scoring from these statistics needs no ``example_inputs``.
+    """
+
+    def __init__(
+        self,
+        stats: dict[str, ChannelStats],
+        spatial: dict[str, tuple[int, ...]],
+        example: torch.Tensor | None = None,
+    ):
+        super().__init__(stats)
+        self.spatial = dict(spatial)
+        self.example = example
+
+
+def input_layers(model: nn.Module, groups: Iterable) -> dict[str, str]:
+    """The consumers whose inputs :func:`calibrate_inputs` reads, and who reads for them.
+
+    Args:
+        model: the network.
+        groups: its :class:`icprune.Group` list (:func:`icprune.dependency_groups`).
+
+    Returns:
+        dict consumer name -> name of the consumer whose input it shares (itself when it is the
+        first to read that tensor), in the order the groups name them. A consumer that reads a
+        group flattened (``Dependency.repeat > 1``, e.g. a linear layer on a flattened feature
+        map: its Gram would be ``(C*H*W)^2``), a grouped conv (each output reads only its group's
+        channels, which one covariance of all inputs does not describe), or a layer called more
+        than once per forward, is left out; scoring and repair treat it as documented in
+        :mod:`icprune.criteria` and :mod:`icprune.recovery.repair`.
+    """
+    modules = dict(model.named_modules())
+    flattened = {
+        d.module
+        for g in groups
+        for d in g.dependencies
+        if d.kind == "input" and (d.repeat != 1 or groups_of(modules[d.module]) > 1)
+    }
+    names = [
+        d.module
+        for g in groups
+        for d in g.dependencies
+        if d.kind == "input" and d.module not in flattened
+    ]
+    names = list(dict.fromkeys(names))
+    graph = trace(model)
+    calls: dict[str, list] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    owner: dict[str, str] = {}
+    first_reader: dict[object, str] = {}
+    for name in names:
+        nodes = calls.get(name, [])
+        if len(nodes) != 1 or not nodes[0].args:
+            continue
+        source = nodes[0].args[0]
+        owner[name] = first_reader.setdefault(source, name)
+    return owner
+
+
+def calibrate_inputs(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    example_inputs: torch.Tensor | None = None,
+    ignored_layers: Iterable[str] = (),
+    **options,
+) -> InputStats:
+    """Statistics of what every consumer layer of a dependency group reads (see
+    :class:`InputStats`): forward pre-hooks, one :class:`ChannelStats` per distinct input
+    tensor, one pass in eval mode without gradients (the model is left as it was).
+
+    Args:
+        model: the unpruned network.
+        data: iterable of batches (Tensors ``[N, ...]`` or ``(input, target)`` tuples).
+        example_inputs: input for the dependency trace (shapes only); default: the first sample
+            of the first batch.
+        ignored_layers: as :func:`icprune.dependency_groups`.
+        **options: ``stats_config=`` / ``calibration_config=`` or their fields, as
+            :func:`calibrate` (``backend="torch"``: float64 Gram matrices); ``read_at`` is
+            ``"input"`` here, and ``checkpoint`` and ``distributed`` are not supported.
+
+    Returns:
+        :class:`InputStats` (``count = sum(N * H * W)`` per consumer).
+
+    Raises:
+        ValueError: ``data`` yields no batch, the model is untraceable or has no consumer of a
+            prunable group, non-finite inputs (``nan_policy="raise"``), or as
+            :func:`icprune.dependency_groups`.
+        TypeError: ``data`` is not an iterable of batches.
+    """
+    stats_config, calibration_config = with_options(
+        "calibrate_inputs", options, StatsConfig, CalibrationConfig
+    )
+    config = calibration_config
+    unsupported = [
+        k for k, on in (("checkpoint", config.checkpoint is not None),
+                        ("distributed", config.distributed)) if on
+    ]  # fmt: skip
+    if unsupported or config.read_at not in ("input", "bn"):
+        what = unsupported or [f"read_at={config.read_at!r}"]
+        raise ValueError(
+            f"read_at='input' calibration does not support {', '.join(what)}; drop it (the "
+            f"consumers' inputs are read in one pass)"
+        )
+    max_batches = config.max_batches
+    batches = iter_batches(data, max_batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("data yielded no batches; pass at least one batch of model inputs")
+    batches = chain([first], batches)
+    if example_inputs is None:
+        example_inputs = batch_input(first)[:1]
+    groups = trace_dependencies(model, example_inputs, ignored_layers=ignored_layers).groups
+    owner = input_layers(model, groups)
+    if not owner:
+        raise ValueError(
+            f"{type(model).__name__} has no conv/linear layer that reads a prunable group's "
+            f"channels; there is nothing to calibrate at read_at='input'"
+        )
+    modules = dict(model.named_modules())
+    dev = model_device(model, config.device)
+    readers = {
+        name: ChannelStats(
+            in_channels(modules[name]),
+            bins=stats_config.bins,
+            range_mode=stats_config.range_mode,
+            nan_policy=stats_config.nan_policy,
+            name=name,
+            read_at="input",
+            device=dev,
+            backend=stats_config.backend,
+            parts=("gram",),  # criteria and repair read means and covariances, no histogram
+        )
+        for name in dict.fromkeys(owner.values())
+    }
+    spatial: dict[str, tuple[int, ...]] = {}
+
+    def hook(name: str):
+        linear = isinstance(modules[name], nn.Linear)
+
+        def read(_module, inputs):
+            x = inputs[0].detach()
+            if linear and x.dim() > 2:  # [N, *leading, C] (tokens): every position a sample
+                x = x.movedim(-1, 1)
+            readers[name].update(x)
+            spatial[name] = () if linear else tuple(x.shape[2:])
+
+        return read
+
+    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in readers]
+    seen = 0
+    try:
+        with frozen(model):
+            bar = progress_bar(batches, data, max_batches, "calibrate inputs", config.progress)
+            for batch in bar:
+                model(batch_input(batch).to(dev))
+                seen += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    for stats in readers.values():
+        stats.sync()
+    _check_samples(readers)
+    return InputStats(
+        {name: readers[reader] for name, reader in owner.items()},
+        {name: spatial[reader] for name, reader in owner.items()},
+        torch.zeros_like(example_inputs),
+    )

@@ -62,7 +62,9 @@ class CalibrationConfig:
             ``"bn"`` (the BatchNorm that directly follows it) or ``"activation"`` (after the
             activation that follows that); the point actually used per layer, which can be an
             earlier one where the requested one does not exist, is stored in
-            ``ChannelStats.read_at``. ``"output"`` needs no fx trace.
+            ``ChannelStats.read_at``. ``"output"`` needs no fx trace. ``"input"``: what every
+            consumer layer of a dependency group reads (:func:`icprune.calibrate.calibrate_inputs`,
+            for the default criterion and for repair).
         max_batches: stop after this many batches (an int >= 1; None: the whole of the data).
         device: device to run on (batches are moved there); None: the model's device. The model
             itself is never moved.
@@ -106,10 +108,18 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class ScoringConfig:
-    """How each layer's statistics become one score per channel (see :func:`icprune.score`):
-    ``S_c = normalize(IC)_c + lam * normalize(II)_c`` within the layer, higher = keep.
+    """How channels are scored (see :func:`icprune.score`), higher = keep.
 
     Attributes:
+        criterion: ``"greedy"``, ``"wcondvar"``, ``"wvar"``, ``"wE2"`` or ``"wbn"`` - the
+            consumer-side criteria of :mod:`icprune.criteria` - or ``"icii"``, the paper's
+            ``S_c = normalize(IC)_c + lam * normalize(II)_c`` within the layer; None: the
+            measured defaults (docs/quality.md), ``"greedy"`` with data and ``"wbn"`` without,
+            or ``"icii"`` when ``source`` is set or the statistics are per-layer feature maps.
+        ridge: relative ridge (> 0) of the least-squares fits of ``"greedy"`` and
+            ``"wcondvar"`` (and of the repair :func:`icprune.prune` runs).
+
+    The other fields are ``"icii"``'s:
         source: where the statistics come from: ``"features"`` (feature maps over calibration
             data, or given statistics), ``"weights"`` (data-free: each layer's weights) or None
             (``"features"`` when data or statistics are given, else ``"weights"``).
@@ -121,6 +131,8 @@ class ScoringConfig:
             [0, 1]) or ``"none"``. The keyword ``norm=`` sets it too.
     """
 
+    criterion: str | None = None
+    ridge: float = 1e-2
     source: str | None = None
     lam: float = 1.0
     independence: str = "distance"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from torch import nn
 
 import icprune
 from icprune.applying import apply
-from icprune.models import mobilenet_v2, resnet18, resnet50, resnet56, vgg16_bn
+from icprune.models import mobilenet_v2, resnet18, resnet20, resnet50, resnet56, vgg16_bn
 from icprune.planning import PruningPlan, plan
 
 ZOO = [
@@ -311,3 +312,20 @@ def test_a_plan_keeping_other_positions_per_group_is_refused():
     edited = PruningPlan.from_json(json.dumps(data))
     with pytest.raises(ValueError, match="apply: the plan keeps input channels .* 'conv1b'"):
         apply(model, edited)
+
+
+def test_apply_with_stats_repairs_in_place_or_on_a_copy():
+    from icprune.calibrate import calibrate_inputs
+    from icprune.recovery.repair import repair
+
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    x = torch.randn(8, 3, 32, 32)
+    stats = calibrate_inputs(model, [x], progress=False)
+    chosen = plan(model, icprune.score(model, example_inputs=x[:1]), example_inputs=x, ratio=0.3)
+    expected = repair(model, apply(model, chosen), chosen, stats)
+    copied = apply(model, chosen, stats=stats)
+    inplace = apply(copy.deepcopy(model), chosen, stats=stats, inplace=True)
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x), expected(x))
+        torch.testing.assert_close(inplace(x), expected(x))

@@ -145,6 +145,7 @@ def test_keywords_and_configs_give_the_same_scores_bit_for_bit():
     by_keyword = score(
         model,
         data,
+        criterion="icii",
         lam=0.5,
         independence="correlation",
         norm="minmax",
@@ -158,13 +159,15 @@ def test_keywords_and_configs_give_the_same_scores_bit_for_bit():
     by_config = score(
         model,
         data,
-        scoring_config=ScoringConfig(lam=0.5, independence="correlation", normalization="minmax"),
+        scoring_config=ScoringConfig(
+            criterion="icii", lam=0.5, independence="correlation", normalization="minmax"
+        ),
         stats_config=StatsConfig(bins=16, range_mode="channel", backend="torch"),
         calibration_config=CalibrationConfig(read_at="output", max_batches=2, progress=False),
     )
     assert _equal(by_keyword, by_config)
     # The settings took effect: they differ from the defaults' scores.
-    assert not _equal(by_keyword, score(model, data, progress=False))
+    assert not _equal(by_keyword, score(model, data, criterion="icii", progress=False))
     stats = icprune.calibrate(model, data, bins=16, read_at="output", progress=False)
     assert all(s.bins == 16 and s.read_at == "output" for s in stats.values())
     weights = weight_stats(model, stats_config=StatsConfig(bins=8, range_mode="channel"))
@@ -182,7 +185,7 @@ def test_prune_and_plan_take_a_plan_config():
         torch.equal(by_keyword.plan.keep[k], by_config.plan.keep[k]) for k in by_keyword.plan.keep
     )
     assert by_config.plan.settings["round_to"] == 2
-    scores = score(model)
+    scores = score(model, example_inputs=x)
     direct = plan(model, scores, example_inputs=x, plan_config=PlanConfig(ratio=0.25), round_to=2)
     assert all(torch.equal(direct.keep[k], by_config.plan.keep[k]) for k in direct.keep)
 

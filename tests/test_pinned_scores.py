@@ -31,11 +31,11 @@ def _model(name: str) -> tuple[torch.nn.Module, tuple[int, int, int]]:
 
 
 def _scores(kind: str, model: torch.nn.Module, shape) -> dict:
-    if kind == "weights":  # the float64 reference; the default (float32 Gram) is tested apart
-        return icprune.score(model, backend="torch")
+    if kind == "weights":  # the default before issue 13: the paper's criterion, by name, on the
+        return icprune.score(model, criterion="icii", backend="torch")  # float64 reference
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(2, *shape, generator=g, dtype=torch.float64) for _ in range(2)]
-    scores = icprune.score(model.double(), data, backend="torch", progress=False)
+    scores = icprune.score(model.double(), data, criterion="icii", backend="torch", progress=False)
     model.float()
     return scores
 

@@ -33,3 +33,21 @@ def test_prune_needs_inputs_without_data():
         icprune.prune(resnet20(), ratio=0.2)
     with pytest.raises(ValueError, match="no batches"):
         icprune.prune(resnet20(), [], ratio=0.2)
+
+
+def test_prune_with_data_repairs_from_the_statistics_it_scored_from():
+    torch.manual_seed(0)
+    model = resnet20().eval()
+    data = [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in (1, 2)]
+    repaired = icprune.prune(model, data, flops_reduction=0.5, progress=False)
+    plain = icprune.prune(model, data, flops_reduction=0.5, repair=False, progress=False)
+    assert torch.equal(repaired.plan.kept[0], plain.plan.kept[0])  # same greedy plan
+    stats = icprune.calibrate(model, data, read_at="input", progress=False)
+    by_hand = icprune.apply(model, plain.plan, stats=stats)
+    x = data[0]
+    with torch.no_grad():
+        torch.testing.assert_close(repaired.model(x), by_hand(x))
+        want = model(x)
+        assert (repaired.model(x) - want).pow(2).mean() < (plain.model(x) - want).pow(2).mean()
+    with pytest.raises(ValueError, match="repair=True needs calibration data"):
+        icprune.prune(model, example_inputs=x[:1], flops_reduction=0.5, repair=True)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import icprune
+from icprune.criteria import group_scores
 from icprune.models import resnet20
 from icprune.scoring import independence_of, layer_scores, normalize
 from icprune.stats.channel_stats import ChannelStats
@@ -94,8 +95,8 @@ def _data():
 
 def test_score_from_data_equals_score_from_reused_stats_and_is_deterministic():
     model = _model()
-    first = icprune.score(model, _data(), progress=False)
-    again = icprune.score(model, _data(), progress=False)
+    first = icprune.score(model, _data(), criterion="icii", progress=False)
+    again = icprune.score(model, _data(), criterion="icii", progress=False)
     reused = icprune.score(model, stats=icprune.calibrate(model, _data(), progress=False))
     assert list(first) == list(reused)
     assert "fc" not in first and "conv1" in first
@@ -116,10 +117,10 @@ def test_data_free_scores_come_from_the_weights():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_defaults_are_the_measured_best_variant_data_free_without_data():
+def test_icii_weights_defaults_are_the_measured_best_variant_of_the_paper_criterion():
     # docs/quality.md: data-free, layer range, 64 bins, distance, lam=1, z-score.
     model = _model()
-    default = icprune.score(model)
+    default = icprune.score(model, criterion="icii")
     best = icprune.score(
         model,
         source="weights",
@@ -136,11 +137,60 @@ def test_defaults_are_the_measured_best_variant_data_free_without_data():
     assert torch.equal(layer_scores(stats).score, best["layer1.0.conv1"].score)
 
 
+def test_the_defaults_are_greedy_with_data_and_wbn_without():
+    # docs/quality.md: chosen on the selection split, confirmed on the confirmation split.
+    model = _model()
+    example = torch.zeros(1, 3, 32, 32)
+    groups = icprune.dependency_groups(model, example)
+    free = icprune.score(model, example_inputs=example)
+    expected = group_scores(model, groups, "wbn")
+    assert set(free) == set(expected)
+    assert all(torch.equal(free[k].score, v) for k, v in expected.items())
+    assert free["conv1"].capacity is None and free["conv1"].independence is None
+    stats = icprune.calibrate(model, _data(), read_at="input", progress=False)
+    with_data = icprune.score(model, _data(), progress=False)
+    expected = group_scores(model, groups, "greedy", stats)
+    assert all(torch.equal(with_data[k].score, v) for k, v in expected.items())
+    reused = icprune.score(model, stats=stats)  # the traced shape travels with the stats
+    assert all(torch.equal(reused[k].score, v) for k, v in expected.items())
+    # one vector per group: the members of a residual stream share it
+    assert torch.equal(with_data["conv1"].score, with_data["layer1.0.conv2"].score)
+
+
+def test_a_one_shot_iterator_is_read_once_by_the_default_criterion():
+    model = _model()
+    once = icprune.score(model, iter(_data()), progress=False)
+    twice = icprune.score(model, _data(), progress=False)
+    assert all(torch.equal(once[k].score, twice[k].score) for k in twice)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({}, "pass example_inputs"),
+        ({"criterion": "greedy"}, "needs calibration data"),
+        ({"criterion": "wbn", "data": _data()}, "data-free: pass neither"),
+        ({"criterion": "greedy", "data": _data(), "source": "features"}, "does not take source"),
+        ({"criterion": "greedy", "data": _data(), "read_at": "activation"}, "does not take"),
+        ({"criterion": "entropy"}, "criterion must be one of"),
+    ],
+)
+def test_consumer_criteria_refuse_what_they_cannot_use(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        icprune.score(_model(), **kwargs)
+
+
+def test_consumer_criteria_need_input_statistics():
+    stats = icprune.calibrate(_model(), _data(), progress=False)
+    with pytest.raises(TypeError, match="read_at='input'"):
+        icprune.score(_model(), stats=stats, criterion="greedy")
+
+
 def test_data_or_stats_select_feature_maps_by_default():
     model = _model()
     stats = icprune.calibrate(model, _data(), progress=False)
     for scores in (
-        icprune.score(model, _data(), progress=False),
+        icprune.score(model, _data(), source="features", progress=False),
         icprune.score(model, stats=stats),
     ):
         expected = layer_scores(stats["layer1.0.conv1"], independence="distance", norm="zscore")
@@ -151,7 +201,7 @@ def test_data_or_stats_select_feature_maps_by_default():
     ("kwargs", "pattern"),
     [
         ({"source": "features"}, "source='features' needs calibration data"),
-        ({"data": _data(), "stats": {}}, "either data or precomputed stats"),
+        ({"data": _data(), "stats": {}, "criterion": "icii"}, "either data or precomputed stats"),
         ({"source": "weights", "data": _data()}, "data-free: pass neither"),
         ({"source": "activations"}, "source must be one of"),
         ({"source": "weights", "independence": "mutual"}, "independence must be one of"),
@@ -169,12 +219,13 @@ def test_score_passes_checkpoint_and_backend_through_to_calibrate(tmp_path):
         torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)
     ]
     path = tmp_path / "calib.pt"
-    first = icprune.score(model, batches, checkpoint=path, checkpoint_every=1, progress=False)
+    icii = {"criterion": "icii", "progress": False}
+    first = icprune.score(model, batches, checkpoint=path, checkpoint_every=1, **icii)
     assert path.is_file()
-    again = icprune.score(model, batches, checkpoint=path, progress=False)  # resumed: no forward
+    again = icprune.score(model, batches, checkpoint=path, **icii)  # resumed: no forward
     with pytest.raises(ValueError, match="backend differ"):  # the backend reaches calibrate too
-        icprune.score(model, batches, checkpoint=path, backend="torch", progress=False)
-    reference = icprune.score(model, batches, backend="torch", progress=False)
+        icprune.score(model, batches, checkpoint=path, backend="torch", **icii)
+    reference = icprune.score(model, batches, backend="torch", **icii)
     for name, layer in first.items():
         assert torch.equal(layer.score, again[name].score)
         assert torch.allclose(layer.score, reference[name].score, atol=1e-6)

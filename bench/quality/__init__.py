@@ -29,7 +29,7 @@ Protocol (fixed before the confirmation split was run):
   the smallest that removes at least 30 / 50 / 70 % of the MACs, so every criterion keeps the
   same number of channels per group; then ``icprune.apply``.
 - Recovery, no training: nothing, BN re-estimation (``icprune.recalibrate_bn`` on the
-  calibration data), repair from the statistics (:mod:`bench.quality.prototypes`), or both.
+  calibration data), repair from the statistics (:mod:`icprune.recovery.repair`), or both.
 - Headline: test accuracy right after pruning and recovery, mean and standard deviation over
   seeds.
 """

@@ -1,24 +1,26 @@
-"""The criteria compared: icprune's scores, the consumer-side prototypes and the baselines.
+"""The criteria compared: icprune's scores (ICII and consumer-side) and the baselines.
 
 A criterion maps a trained model (with its calibration data) to ``layer -> Tensor[C]`` scores
 (float64, higher = keep) that :func:`icprune.plan` accepts. Per-layer criteria (L1, BN scale,
 FPGM, icprune's ICII scores) give one vector per layer and leave the aggregation of a group's
 members to :func:`icprune.plan` (mean of the members' min-max normalised scores), exactly what a
-user of icprune gets; the group criteria of :mod:`bench.quality.prototypes` give the same vector
-to every member of a group.
+user of icprune gets; the group criteria of :mod:`icprune.criteria` give the same vector to every
+member of a group.
 
 Names (``data`` = reads calibration data; the others are data-free):
 
 - ``L1``, ``BN scale``, ``FPGM``, ``random``: :mod:`icprune.baselines`;
-- ``ICII wts``: ``icprune.score(model)`` (icprune's data-free default, the paper's form: entropy
-  of each filter's weights and its distance to the other filters); ``IC wts``: its capacity
-  term alone; ``ICII wts + L1``: z-scores of both added per layer;
-- ``ICII feat``: ``icprune.score(model, data)`` (feature maps after the BatchNorm); ``ICII feat,
-  act``: read after the activation; ``IC feat`` / ``II feat``: its capacity (entropy) /
-  independence (mean distance) term alone;
-- ``E2``, ``var``, ``condvar``, ``wE2``, ``wvar``, ``wcondvar``, ``greedy``, ``wbn``: the
-  consumer-side group criteria of :mod:`bench.quality.prototypes` (``condvar``/``wcondvar``/
-  ``greedy`` with ridge 1e-2 unless the name says ``r=``).
+- ``ICII wts``: ``icprune.score(model, criterion="icii")`` (icprune's data-free default before
+  issue 13, the paper's form: entropy of each filter's weights and its distance to the other
+  filters); ``IC wts``: its capacity term alone; ``ICII wts + L1``: z-scores of both added per
+  layer;
+- ``ICII feat``: ``icprune.score(model, data, criterion="icii")`` (feature maps after the
+  BatchNorm; the data default before issue 13); ``ICII feat, act``: read after the activation;
+  ``IC feat`` / ``II feat``: its capacity (entropy) / independence (mean distance) term alone;
+- ``wE2``, ``wvar``, ``wcondvar``, ``greedy``, ``wbn``: the consumer-side group criteria of
+  :mod:`icprune.criteria` (``wcondvar``/``greedy`` with ridge 1e-2 unless the name says ``r=``);
+- ``E2``, ``var``, ``condvar``: experiment-only, the same without the consumer weight energy
+  (:func:`unweighted`).
 """
 
 from __future__ import annotations
@@ -30,8 +32,11 @@ import torch
 from torch import nn
 
 import icprune
-from bench.quality import models, prototypes
+from bench.quality import models
 from icprune.baselines import bn_scale, fpgm, l1_norm, random_scores
+from icprune.calibrate import InputStats, calibrate_inputs
+from icprune.consumers import followers, moments, ridged
+from icprune.criteria import DATA_CRITERIA, group_scores
 
 
 @dataclass
@@ -65,14 +70,30 @@ class Context:
     def modules(self) -> dict[str, nn.Module]:
         return dict(self.model.named_modules())
 
-    def input_stats(self) -> prototypes.InputStats:
-        """Consumer input statistics over the calibration data (computed once)."""
-        if "inputs" not in self.cache:
-            consumers = prototypes.consumers_of(self.groups)
-            self.cache["inputs"] = prototypes.input_stats(
-                self.model, self.calib, consumers, backend=self.backend
-            )
-        return self.cache["inputs"]
+    def input_stats(self, images: int | None = None) -> InputStats:
+        """Consumer input statistics (:func:`icprune.calibrate.calibrate_inputs`) over the
+        calibration data, or over its first ``images`` images (each computed once)."""
+        key = ("inputs", images)
+        if key not in self.cache:
+            example = self.example if self.example is not None else models.example_input()
+            self.cache[key] = calibrate_inputs(
+                self.model, subset(self.calib, images), example_inputs=example,
+                backend=self.backend, progress=False,
+            )  # fmt: skip
+        return self.cache[key]
+
+
+def subset(batches: list[torch.Tensor], images: int | None) -> list[torch.Tensor]:
+    """The first ``images`` images of ``batches`` (all of them for None)."""
+    if images is None:
+        return batches
+    out, left = [], images
+    for batch in batches:
+        if left <= 0:
+            break
+        out.append(batch[:left])
+        left -= len(out[-1])
+    return out
 
 
 Criterion = Callable[[Context], dict[str, torch.Tensor]]
@@ -87,7 +108,7 @@ def _per_layer(fn: Callable[[nn.Module], torch.Tensor]) -> Criterion:
 
 
 def _bn_after(ctx: Context) -> dict[str, str]:
-    return ctx.input_stats().follower
+    return followers(ctx.model, ctx.layers)
 
 
 def _bn_scale(ctx: Context) -> dict[str, torch.Tensor]:
@@ -110,10 +131,10 @@ def _random(ctx: Context) -> dict[str, torch.Tensor]:
 
 def _icii(ctx: Context, data: bool, term: str = "score", read_at: str = "bn") -> dict:
     if data:
-        scores = icprune.score(ctx.model, ctx.calib, layers=ctx.layers, read_at=read_at,
-                               progress=False)  # fmt: skip
+        scores = icprune.score(ctx.model, ctx.calib, criterion="icii", layers=ctx.layers,
+                               read_at=read_at, progress=False)  # fmt: skip
     else:
-        scores = icprune.score(ctx.model, layers=ctx.layers)
+        scores = icprune.score(ctx.model, criterion="icii", layers=ctx.layers)
     return {name: getattr(s, term) for name, s in scores.items()}
 
 
@@ -133,11 +154,34 @@ def _z(v: torch.Tensor) -> torch.Tensor:
 
 def _group(criterion: str, ridge: float = 1e-2) -> Criterion:
     def fn(ctx: Context) -> dict[str, torch.Tensor]:
-        stats = ctx.input_stats() if criterion in prototypes.DATA_CRITERIA else None
-        example = ctx.example if ctx.example is not None else models.example_input()
-        return prototypes.group_scores(
-            ctx.model, ctx.groups, criterion, stats, ridge=ridge, example=example
-        )
+        stats = ctx.input_stats() if criterion in DATA_CRITERIA else None
+        return group_scores(ctx.model, ctx.groups, criterion, stats, ridge=ridge)
+
+    return fn
+
+
+def unweighted(criterion: str, ridge: float = 1e-2) -> Criterion:
+    """Experiment-only group criteria without the consumer weight energy: ``"E2"``
+    (``E[x_c^2]``), ``"var"`` (``S_cc``) or ``"condvar"`` (``1 / (S + r I)^{-1}_cc``) of what
+    each consumer reads, summed over the group's consumers (see :mod:`icprune.criteria`)."""
+
+    def fn(ctx: Context) -> dict[str, torch.Tensor]:
+        stats, out = ctx.input_stats(), {}
+        for group in ctx.groups:
+            score = torch.zeros(group.channels, dtype=torch.float64)
+            for dep in group.dependencies:
+                if dep.kind != "input" or dep.module not in stats:
+                    continue
+                _, second, cov = moments(stats[dep.module])
+                if criterion == "E2":
+                    value = second.diagonal()
+                elif criterion == "var":
+                    value = cov.diagonal()
+                else:
+                    value = 1.0 / torch.linalg.inv(ridged(cov, ridge)).diagonal()
+                score += value[dep.offset : dep.offset + group.channels]
+            out.update({layer: score for layer in group.layers})
+        return out
 
     return fn
 
@@ -159,9 +203,9 @@ REGISTRY: dict[str, tuple[Criterion, bool]] = {
     "ICII feat, act": (lambda ctx: _icii(ctx, True, read_at="activation"), True),
     "IC feat": (lambda ctx: _icii(ctx, True, "capacity"), True),
     "II feat": (lambda ctx: _icii(ctx, True, "independence"), True),
-    "E2": (_group("E2"), True),
-    "var": (_group("var"), True),
-    "condvar": (_group("condvar"), True),
+    "E2": (unweighted("E2"), True),
+    "var": (unweighted("var"), True),
+    "condvar": (unweighted("condvar"), True),
     "wE2": (_group("wE2"), True),
     "wvar": (_group("wvar"), True),
     "wcondvar": (_group("wcondvar"), True),

@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 
 import icprune
-from bench.quality import criteria, data, models, prototypes
+from bench.quality import criteria, data, models
 from bench.quality.train import Recipe, trained
+from icprune.consumers import moments
 
 ORACLE_IMAGES = 256
 #: Criteria compared with the oracle (names of :func:`bench.quality.criteria.registry`, plus
@@ -121,7 +122,7 @@ def run(
                 scores = {}
                 for g in groups:
                     reader = next(d for d in g.dependencies if d.kind == "input")
-                    s = icprune.layer_scores(inputs.stats[reader.module]).score
+                    s = icprune.layer_scores(inputs[reader.module]).score
                     for layer in g.layers:
                         scores[layer] = s[reader.offset : reader.offset + g.channels]
             else:
@@ -140,7 +141,7 @@ def run(
                 continue
             for layer in g.layers:
                 s = bn_stats[layer]
-                _, _, cov = prototypes.moments(s)
+                _, _, cov = moments(s)
                 members.append({
                     "seed": seed,
                     "layer": layer,

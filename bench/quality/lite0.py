@@ -18,7 +18,7 @@ Protocol (fixed before any number was seen):
 - Pruning: ``icprune.plan`` with one fraction for every dependency group (the same per-group
   counts for every criterion, :mod:`bench.quality.pipeline`) at 10/30/50 % fewer MACs.
 - Recovery: ``none``; ``bn`` (``icprune.recalibrate_bn`` on the calibration crops); ``repair``
-  (:func:`bench.quality.prototypes.repair`, statistics of the unpruned model on the calibration
+  (:func:`icprune.recovery.repair.repair`, statistics of the unpruned model on the calibration
   crops); ``repair+bn``; ``repair+distill``: repair, then a distillation fine-tune on the
   unlabelled calibration crops (KL to the unpruned model's outputs, :data:`DISTILL_EPOCHS`
   epoch(s), Adam at :data:`DISTILL_LR`, BatchNorm statistics frozen), at -30 % only, for the
@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import icprune
-from bench.quality import criteria, pipeline, prototypes
+from bench.quality import criteria, pipeline
 
 CALIB_PHOTOS = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
                 "china", "camera", "coins", "grass")  # fmt: skip
@@ -197,7 +197,7 @@ def run(quick: bool = False, progress: bool = True, rows: Path | None = None) ->
         result["seconds"][f"score {name}"] = time.perf_counter() - t0
         for target in targets:
             plan = pipeline.make_plan(ctx, scores, target, example)
-            pruned = prototypes.pruned_copy(model, plan)
+            pruned = icprune.apply(model, plan)
             for rec in recoveries:
                 label = "default" if name == _criteria_names(quick)[0] else name
                 if rec == "repair+distill" and (

@@ -5,7 +5,7 @@ Pruning is icprune's own: :func:`icprune.plan` with ``global_ranking=False`` and
 keeps the same number of channels per group at a given target and only *which* channels
 differs), the smallest ratio that removes at least the target fraction of the MACs, then
 :func:`icprune.apply`. Recovery steps (a :class:`Pipeline`):
-repair from statistics (:func:`bench.quality.prototypes.repair`) and/or
+repair from statistics (:func:`icprune.recovery.repair.repair`) and/or
 :func:`icprune.recalibrate_bn`; none of them trains.
 """
 
@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 import icprune
-from bench.quality import prototypes
-from bench.quality.criteria import Context
+from bench.quality.criteria import Context, subset
 from bench.quality.train import accuracy
+from icprune.recovery.repair import repair
 
 
 @dataclass(frozen=True)
@@ -60,19 +60,6 @@ PIPELINES = {
         Pipeline("repair+bn, 64 img", repair="lstsq", bn=True, images=64),
     )
 }
-
-
-def subset(batches: Sequence[torch.Tensor], images: int | None) -> list[torch.Tensor]:
-    """The first ``images`` images of ``batches`` (all if None), as batches."""
-    if images is None:
-        return list(batches)
-    out, left = [], images
-    for b in batches:
-        if left <= 0:
-            break
-        out.append(b[:left])
-        left -= len(out[-1])
-    return out
 
 
 def uniform_ratio(ctx: Context, target: float, example: torch.Tensor) -> float:
@@ -118,17 +105,8 @@ def recover(
     model = copy.deepcopy(pruned)
     data = subset(ctx.calib, pipeline.images)
     if pipeline.repair is not None:
-        key = ("inputs", pipeline.images)
-        if pipeline.images is None:
-            stats = ctx.input_stats()
-        else:
-            if key not in ctx.cache:
-                consumers = prototypes.consumers_of(ctx.groups)
-                ctx.cache[key] = prototypes.input_stats(
-                    ctx.model, data, consumers, backend=ctx.backend
-                )
-            stats = ctx.cache[key]
-        prototypes.repair(
+        stats = ctx.input_stats(pipeline.images)
+        repair(
             ctx.model, model, plan, stats, ridge=pipeline.ridge, lstsq=pipeline.repair == "lstsq"
         )
     if pipeline.bn:
@@ -151,6 +129,6 @@ def measure(
         (MAC reduction reached, ``pipeline name -> accuracy`` in [0, 1]).
     """
     plan = make_plan(ctx, scores, target, example)
-    pruned = prototypes.pruned_copy(ctx.model, plan)
+    pruned = icprune.apply(ctx.model, plan)
     accs = {p.name: accuracy(recover(ctx, plan, pruned, p), test_x, test_y) for p in pipelines}
     return plan.flops_reduction, accs

@@ -301,8 +301,8 @@ def write(results: Results, out: Path, results_file: Path, command: str) -> None
     pipes_doc = (
         "Pipelines: `none` - pruned only; `bn` - `icprune.recalibrate_bn` on the calibration "
         "images; `repair` - bias compensation and least-squares re-fit of every consumer from "
-        "the unpruned model's input statistics ([bench/quality/prototypes.py]"
-        "(../bench/quality/prototypes.py)); `repair+bn` - both; `, 64 img` - with only the "
+        "the unpruned model's input statistics ([icprune/recovery/repair.py]"
+        "(../icprune/recovery/repair.py)); `repair+bn` - both; `, 64 img` - with only the "
         "first 64 calibration images; `r=` - the ridge of the fit (default 1e-2)."
     )
     for split in ("confirmation", "selection"):

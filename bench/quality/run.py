@@ -1,19 +1,21 @@
 """Run the comparison and write its report.
 
     python -m bench.quality [--quick] [--out DIR] [--results FILE] [--rows FILE]
-        [--cache DIR] [--split both|selection] [--criteria 'A;B'|all] [--pipelines 'A;B']
-        [--no-progress] [--threads N]
+        [--cache DIR | --no-cache] [--split both|selection] [--criteria 'A;B'|all]
+        [--pipelines 'A;B'] [--no-progress] [--threads N] [--reuse FILE]
 
 ``make quality`` runs the full comparison (both splits, the diagnosis, the report). The protocol
 is in :mod:`bench.quality`. ``--quick`` is a smoke test (two selection nets and one confirmation
 net, one seed each, one target, one training epoch on 256 images). ``--split selection`` with
 ``--criteria``/``--pipelines`` is how candidates are explored without touching the
-confirmation split; ``--cache`` keeps trained networks between runs.
+confirmation split. Trained networks are kept between runs in a user cache folder
+(:func:`default_cache`; ``--cache DIR`` elsewhere, ``--no-cache`` none).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -219,6 +221,14 @@ def run(
     return results
 
 
+def default_cache() -> Path:
+    """Where trained nets are kept between runs: ``$XDG_CACHE_HOME/icprune/bench-quality``
+    (``~/.cache/icprune/bench-quality`` without it). A net is keyed by its architecture, seed,
+    training recipe and training data (:func:`bench.quality.train.trained`)."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "icprune" / "bench-quality"
+
+
 def main(argv: Sequence[str] | None = None) -> Results:
     """Command line entry point; returns the results (for tests)."""
     parser = argparse.ArgumentParser(
@@ -232,7 +242,15 @@ def main(argv: Sequence[str] | None = None) -> Results:
                         help="timings file (default bench/results/cpu-quality.md; with --quick "
                              "or a partial run, in --out)")  # fmt: skip
     parser.add_argument("--rows", type=Path, default=None, help="also save all rows as JSON")
-    parser.add_argument("--cache", type=Path, default=None, help="keep trained nets here")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=default_cache(),
+        help=f"keep trained nets here (default {default_cache()}: a rerun trains nothing)",
+    )
+    parser.add_argument(
+        "--no-cache", action="store_true", help="train every net, keep none (ignores --cache)"
+    )
     parser.add_argument("--split", choices=("both", "selection", "confirmation"), default="both")
     parser.add_argument(
         "--criteria", default=None, help="criteria names separated by ';' (or 'all')"
@@ -283,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> Results:
     torch.set_num_threads(args.threads)
     try:
         reuse = Results.load(args.reuse) if args.reuse is not None else None
-        results = run(config, splits, names, pipes, args.cache, not args.no_progress, reuse)
+        cache = None if args.no_cache else args.cache
+        results = run(config, splits, names, pipes, cache, not args.no_progress, reuse)
     finally:
         torch.set_num_threads(threads)
     args.out.mkdir(parents=True, exist_ok=True)

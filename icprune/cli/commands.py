@@ -14,6 +14,7 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import nn
 
 from icprune.applying import apply
 from icprune.batches import batch_input
+from icprune.calibrate import InputStats, calibrate
 from icprune.cli.data_specs import (
     IMAGE_EXTENSIONS,
     SYNTHETIC,
@@ -44,10 +46,11 @@ from icprune.cli.output import (
     write_scores,
 )
 from icprune.cli.zoo import build_model
+from icprune.criteria import DATA_CRITERIA
 from icprune.evaluation import accuracy, latency
 from icprune.files import FileReadError, load_torch_file
 from icprune.planning import PruningPlan, plan
-from icprune.recovery.batchnorm import recalibrate_bn
+from icprune.recovery.batchnorm import LittleDataWarning, recalibrate_bn
 from icprune.recovery.finetune import finetune
 from icprune.report import ModelSummary, comparison_table
 from icprune.scoring import LayerScores, score
@@ -253,7 +256,8 @@ def _settings(args: argparse.Namespace, **extra) -> dict[str, object]:
 
 
 def _score(model, batches, source, args, launch, checkpoint=None) -> dict[str, LayerScores]:
-    """:func:`icprune.score` with the command's options; its errors in the command's words."""
+    """:func:`icprune.score` with the command's options (``--criterion icii``: ``source``
+    is ``"features"`` or ``"weights"``); its errors in the command's words."""
     options = {}
     if checkpoint is not None:
         options = {"checkpoint": checkpoint, "checkpoint_every": args.checkpoint_every}
@@ -261,6 +265,7 @@ def _score(model, batches, source, args, launch, checkpoint=None) -> dict[str, L
         return score(
             model,
             batches,
+            criterion="icii",
             source=source,
             lam=args.lam,
             nan_policy=args.nan_policy,
@@ -282,9 +287,30 @@ def _score(model, batches, source, args, launch, checkpoint=None) -> dict[str, L
         raise ValueError(message) from None
 
 
+def _input_stats(model, batches, args) -> InputStats:
+    """``icprune.calibrate(read_at="input")``: what every consumer layer reads, for the
+    consumer-side criteria and for repair."""
+    with _reworded():
+        return calibrate(
+            model, batches, read_at="input", nan_policy=args.nan_policy, progress=not args.quiet
+        )
+
+
+def _consumer_scores(model, data, criterion, args, example) -> tuple[dict, InputStats | None]:
+    """Scores of a consumer-side criterion, and the input statistics they came from (None for
+    the data-free ``wbn``)."""
+    stats = None
+    with _reworded():
+        if criterion in DATA_CRITERIA:
+            stats = _input_stats(model, data.batches, args)
+            return score(model, stats=stats, criterion=criterion), stats
+        return score(model, criterion=criterion, example_inputs=example), stats
+
+
 def _scores(model, data, source, args, folder: RunFolder, launch) -> dict[str, LayerScores]:
-    """Scores of every prunable layer: calibrated on ``data`` (this process's shard under
-    torchrun) with a resumable checkpoint in the folder (features), or data-free (weights)."""
+    """Scores of every prunable layer under ``--criterion icii``: calibrated on ``data`` (this
+    process's shard under torchrun) with a resumable checkpoint in the folder (features), or
+    data-free (weights)."""
     if source == "weights":
         return _score(model, None, "weights", args, launch)
     checkpoint = folder.path / _checkpoint_name(launch.rank, launch.world_size)
@@ -292,6 +318,29 @@ def _scores(model, data, source, args, folder: RunFolder, launch) -> dict[str, L
         checkpoint.unlink(missing_ok=True)
     batches = data.shard(launch.rank, launch.world_size).batches
     return _score(model, batches, "features", args, launch, checkpoint)
+
+
+def _criterion(args: argparse.Namespace) -> str:
+    """``--criterion``, by default ``icii`` with ``--source``, else ``greedy`` with ``--data`` and
+    ``wbn`` without (docs/quality.md)."""
+    criterion = args.criterion
+    if criterion is None:
+        if args.source is not None:
+            return "icii"
+        return "greedy" if args.data is not None else "wbn"
+    if criterion != "icii" and args.source is not None:
+        raise CommandError(
+            f"--source chooses the feature maps or the weights of --criterion icii; drop it "
+            f"with --criterion {criterion}",
+            ExitCode.USAGE,
+        )
+    if criterion in DATA_CRITERIA and args.data is None:
+        raise CommandError(
+            f"--criterion {criterion} scores from what each layer reads over --data: pass "
+            f"--data, or use --criterion wbn (data-free)",
+            ExitCode.USAGE,
+        )
+    return criterion
 
 
 def _source(args: argparse.Namespace) -> str:
@@ -304,9 +353,11 @@ def _source(args: argparse.Namespace) -> str:
     return source
 
 
-def _check_prune_args(args: argparse.Namespace) -> str:
-    """The scoring source, after checking the options that must combine."""
-    source = _source(args)
+def _check_prune_args(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The criterion and, for ``icii``, the scoring source, after checking the options that
+    must combine."""
+    criterion = _criterion(args)
+    source = _source(args) if criterion == "icii" else None
     if args.finetune_epochs and args.data is None:
         raise CommandError("--finetune-epochs needs labelled --data", ExitCode.USAGE)
     if args.resume and args.force:
@@ -315,13 +366,14 @@ def _check_prune_args(args: argparse.Namespace) -> str:
             "pass one of them",
             ExitCode.USAGE,
         )
-    if args.resume and source == "weights":
+    if args.resume and source != "features":
         raise CommandError(
-            "--resume continues an interrupted calibration on --data; data-free scoring "
-            "(--source weights) has none to continue",
+            "--resume continues an interrupted feature-map calibration of --criterion icii "
+            "--source features; the other criteria calibrate in one pass without a checkpoint "
+            "(rerun without --resume)",
             ExitCode.USAGE,
         )
-    return source
+    return criterion, source
 
 
 def _check_resume(checkpoint: Path) -> None:
@@ -354,8 +406,9 @@ def run_prune(args: argparse.Namespace) -> int:
     ``--resume`` continues from); it is removed once the run has succeeded. ``--out`` is
     locked while the run writes it (see :class:`icprune.cli.output.RunFolder`).
     """
-    source = _check_prune_args(args)
+    criterion, source = _check_prune_args(args)
     launch = start(args.device)
+    _check_single_process(criterion, launch)
     features = source == "features"
     own = _checkpoint_name(launch.rank, launch.world_size)
     resumable = [own] if features else []
@@ -367,7 +420,7 @@ def run_prune(args: argparse.Namespace) -> int:
     folder = RunFolder(out, checkpoints=names if features else (), primary=launch.rank == 0)
     with folder:
         launch.barrier()  # process 0 has created and locked --out
-        return _prune(args, source, launch, folder, names if features else [])
+        return _prune(args, criterion, source, launch, folder, names if features else [])
 
 
 def _target(args: argparse.Namespace) -> tuple[str, float]:
@@ -405,7 +458,19 @@ def _plan(model, scores, example, args) -> PruningPlan:
     return chosen
 
 
-def _prune(args, source: str, launch: Launch, folder: RunFolder, checkpoints) -> int:
+def _check_single_process(criterion: str, launch: Launch) -> None:
+    """Only ``--criterion icii`` combines the statistics of several processes."""
+    if criterion != "icii" and launch.distributed:
+        raise CommandError(
+            f"--criterion {criterion} runs in one process; under torchrun use --criterion icii "
+            f"(its statistics are combined across processes), or run without torchrun",
+            ExitCode.USAGE,
+        )
+
+
+def _prune(
+    args, criterion: str, source: str | None, launch: Launch, folder: RunFolder, checkpoints
+) -> int:
     model, shape = _model(args)
     model.to(launch.device)
     data = _data(args.data, shape, args, "--data")
@@ -418,19 +483,41 @@ def _prune(args, source: str, launch: Launch, folder: RunFolder, checkpoints) ->
     example = _check_inputs(model, args, data, val, shape, launch)
     progress = not args.quiet
     timings = {}
+    stats = None
     with timed(timings, "score_s"):
-        scores = _scores(model, data, source, args, folder, launch)
+        if criterion == "icii":
+            scores = _scores(model, data, source, args, folder, launch)
+        else:
+            scores, stats = _consumer_scores(model, data, criterion, args, example)
     # Process 0 plans, prunes, measures and writes; under torchrun every process fine-tunes
-    # (DistributedDataParallel), so each first makes the same plan from the same scores.
+    # (DistributedDataParallel), so each first makes the same plan from the same scores, and
+    # repairs and re-estimates BatchNorm from all of the data: the same in every process.
     if launch.rank != 0 and not args.finetune_epochs:
         return ExitCode.OK
     progress = progress and launch.rank == 0
+    real_data = data is not None and args.data != SYNTHETIC
+    repair = real_data and not args.no_repair
+    if repair and stats is None:
+        with timed(timings, "repair_calibrate_s"):
+            stats = _input_stats(model, data.batches, args)
     with timed(timings, "plan_apply_s"):
         chosen = _plan(model, scores, example, args)
-        pruned = apply(model, chosen)
-    if data is not None and args.data != SYNTHETIC:
-        with timed(timings, "recalibrate_bn_s"):  # all of the data: the same in every process
+        with _reworded():
+            pruned = apply(model, chosen, stats=stats if repair else None)
+    if real_data and not args.no_bn_recalibration:
+        with timed(timings, "recalibrate_bn_s"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", LittleDataWarning)
             recalibrate_bn(pruned, data.batches, progress=progress)
+        for warning in caught:
+            if issubclass(warning.category, LittleDataWarning):
+                message = str(warning.message).replace(
+                    "recalibrate_bn: ", "BatchNorm re-estimation: "
+                )
+                print(f"icprune: warning: {message}", file=sys.stderr)
+            else:
+                warnings.warn_explicit(
+                    warning.message, warning.category, warning.filename, warning.lineno
+                )
     if args.finetune_epochs:
         train = data.batches
         if launch.distributed:  # complete rounds of full batches: the same steps everywhere
@@ -449,7 +536,13 @@ def _prune(args, source: str, launch: Launch, folder: RunFolder, checkpoints) ->
     if launch.rank != 0:
         return ExitCode.OK
     _check_finite(model, pruned, example, args)
-    settings = _settings(args, source=source, data_description=data and data.description)
+    settings = _settings(
+        args,
+        criterion=criterion,
+        source=source,
+        repaired=repair,
+        data_description=data and data.description,
+    )
     folder.write_results(pruned=pruned, plan=chosen, scores=scores, settings=settings)
     before, after, failure = _measure(model, pruned, example, val, args.latency_batch)
     if failure is not None:
@@ -523,23 +616,36 @@ def run_score(args: argparse.Namespace) -> int:
     (``.json`` or ``.csv``, see :func:`icprune.cli.output.write_scores`), atomically; without
     ``--force`` a file another run wrote meanwhile is left alone (OUTPUT)."""
     check_scores_path(args.out)
-    source = _source(args)
+    criterion = _criterion(args)
+    source = _source(args) if criterion == "icii" else None
     if source == "weights" and args.data is not None:
         raise CommandError("--source weights is data-free: drop --data", ExitCode.USAGE)
+    if criterion == "wbn" and args.data is not None:
+        raise CommandError("--criterion wbn is data-free: drop --data", ExitCode.USAGE)
     launch = start(args.device)
+    _check_single_process(criterion, launch)
     out = claim(args.out, force=args.force, is_dir=False)
     launch.barrier()
     model, shape = _model(args)
     model.to(launch.device)
     data = _data(args.data, shape, args, "--data")
+    example = None
     if data is not None:
-        _check_inputs(model, args, data, None, shape, launch)
-    batches = data.shard(launch.rank, launch.world_size).batches if data is not None else None
-    scores = _score(model, batches, source, args, launch)
+        example = _check_inputs(model, args, data, None, shape, launch)
+    if criterion == "icii":
+        batches = data.shard(launch.rank, launch.world_size).batches if data is not None else None
+        scores = _score(model, batches, source, args, launch)
+    else:
+        if example is None:
+            example = _example(None, shape).to(launch.device)
+        scores, _ = _consumer_scores(model, data, criterion, args, example)
     if launch.rank != 0:
         return ExitCode.OK  # process 0 writes
-    settings = _settings(args, source=source, data_description=data and data.description)
+    settings = _settings(
+        args, criterion=criterion, source=source, data_description=data and data.description
+    )
     write_scores(scores, out, settings, replace=args.force)
     channels = sum(s.score.numel() for s in scores.values())
-    print(f"scored {len(scores)} layers, {channels} channels ({source}); wrote {out}")
+    what = criterion if source is None else f"{criterion}, {source}"
+    print(f"scored {len(scores)} layers, {channels} channels ({what}); wrote {out}")
     return ExitCode.OK

@@ -1,11 +1,13 @@
 """``icprune demo`` (``make demo``): the whole job on bundled data, no downloads, no arguments.
 
 Trains a CIFAR-style ResNet-20 (one input channel) on scikit-learn's handwritten digits
-(upsampled to 16 x 16, 1347 training and 450 test images), scores its channels from feature
-maps of 512 training images, prunes about half of its FLOPs (coupled residual channels
-together), re-estimates BatchNorm statistics, fine-tunes briefly with distillation from the
-unpruned model, and prints test accuracy, MACs, parameters and measured CPU latency before
-and after. The pruned model, its plan, the scores and a report with plots go to ``--out``.
+(upsampled to 16 x 16, 1347 training and 450 test images), scores its channels with
+:func:`icprune.prune`'s defaults from what each layer reads over 512 training images, prunes
+about half of its FLOPs (coupled residual channels together), repairs the layers that read the
+pruned channels from the same statistics, re-estimates BatchNorm statistics, fine-tunes briefly
+with distillation from the unpruned model, and prints test accuracy, MACs, parameters and
+measured CPU latency before and after. The pruned model, its plan, the scores and a report
+with plots go to ``--out``.
 
 Run: ``icprune demo [--out DIR] [--force] [--quiet]`` (or ``python -m icprune demo``).
 """
@@ -136,8 +138,7 @@ def _demo(folder: RunFolder, progress: bool, config: DemoConfig) -> int:
         )
     settings = {
         "demo": asdict(config),
-        "source": "features",
-        "score": "icprune.score defaults",
+        "criterion": "icprune.prune defaults (greedy scores from the consumers' inputs, repair)",
         "accuracy_after_recalibration_only": recalibrated_accuracy,
     }
     folder.write_results(pruned=pruned, plan=result.plan, scores=result.scores, settings=settings)

@@ -309,7 +309,10 @@ def _rows(scores: Mapping[str, LayerScores]) -> list[dict[str, object]]:
     """One row per channel, in layer order then channel order."""
     rows = []
     for layer, s in scores.items():
-        columns = zip(s.capacity.tolist(), s.independence.tolist(), s.score.tolist(), strict=True)
+        n = s.score.numel()
+        capacity = s.capacity.tolist() if s.capacity is not None else [None] * n
+        independence = s.independence.tolist() if s.independence is not None else [None] * n
+        columns = zip(capacity, independence, s.score.tolist(), strict=True)
         for channel, (cap, ind, fused) in enumerate(columns):
             rows.append(
                 {
@@ -336,12 +339,17 @@ def check_scores_path(path: str | os.PathLike) -> None:
         )
 
 
+def _cell(value: float | None) -> str:
+    """A CSV cell: the float's repr, empty for None (a criterion without that part)."""
+    return "" if value is None else repr(value)
+
+
 def _scores_text(scores: Mapping[str, LayerScores], suffix: str, settings) -> str:
     if suffix == ".json":
         layers = {
             name: {
-                "capacity": s.capacity.tolist(),
-                "independence": s.independence.tolist(),
+                "capacity": None if s.capacity is None else s.capacity.tolist(),
+                "independence": None if s.independence is None else s.independence.tolist(),
                 "score": s.score.tolist(),
             }
             for name, s in scores.items()
@@ -349,7 +357,8 @@ def _scores_text(scores: Mapping[str, LayerScores], suffix: str, settings) -> st
         return json.dumps({"settings": dict(settings), "layers": layers}, indent=1)
     lines = ["layer,channel,capacity,independence,score"]
     lines += [
-        f"{r['layer']},{r['channel']},{r['capacity']!r},{r['independence']!r},{r['score']!r}"
+        f"{r['layer']},{r['channel']},{_cell(r['capacity'])},{_cell(r['independence'])},"
+        f"{r['score']!r}"
         for r in _rows(scores)
     ]
     return "\n".join(lines) + "\n"

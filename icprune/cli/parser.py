@@ -10,6 +10,7 @@ import argparse
 import math
 
 from icprune.cli.zoo import ZOO
+from icprune.scoring import CRITERIA
 
 EPILOG = (
     "exit codes: 0 ok, 1 the run failed, 2 bad arguments, 3 model cannot be loaded, "
@@ -121,18 +122,27 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _scoring_options(parser: argparse.ArgumentParser) -> None:
-    """How channels are scored: --source, --lam, --nan-policy."""
+    """How channels are scored: --criterion, --source, --lam, --nan-policy."""
+    parser.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        help="how channels are scored (docs/quality.md): greedy (default with --data: what the "
+        "layers reading a channel lose after a least-squares re-fit), wbn (default without "
+        "--data: consumer weight energy x BatchNorm second moment), wcondvar, wvar, wE2, or "
+        "icii (the paper's capacity + independence; default when --source is given)",
+    )
     parser.add_argument(
         "--source",
         choices=("features", "weights"),
-        help="score from feature maps over --data, or data-free from the weights "
-        "(default: features with --data, else weights)",
+        help="--criterion icii: score from feature maps over --data, or data-free from the "
+        "weights (default: features with --data, else weights)",
     )
     parser.add_argument(
         "--lam",
         type=_lam,
         default=1.0,
-        help=f"weight of independence against capacity, in [0, {MAX_LAM:g}] (default 1)",
+        help=f"--criterion icii: weight of independence against capacity, in [0, {MAX_LAM:g}] "
+        f"(default 1)",
     )
     parser.add_argument(
         "--nan-policy",
@@ -236,8 +246,22 @@ def _limit_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _recovery_options(parser: argparse.ArgumentParser) -> None:
-    """Fine-tuning and the measurements after it: --finetune-epochs, --lr, --no-distill,
-    --val-data, --latency-batch."""
+    """Repair, BatchNorm re-estimation, fine-tuning and the measurements after them:
+    --no-repair, --no-bn-recalibration, --finetune-epochs, --lr, --no-distill, --val-data,
+    --latency-batch."""
+    parser.add_argument(
+        "--no-repair",
+        action="store_true",
+        help="do not repair the layers that read pruned channels (default with --data: "
+        "least-squares re-fit of their kept weights and bias compensation from the "
+        "statistics of their inputs)",
+    )
+    parser.add_argument(
+        "--no-bn-recalibration",
+        action="store_true",
+        help="do not re-estimate the BatchNorm statistics on --data after pruning (advised "
+        "when --data is small or unrepresentative: it can hurt then)",
+    )
     parser.add_argument(
         "--finetune-epochs",
         type=_count,

@@ -99,15 +99,19 @@ def _layers(plan: PruningPlan, scores: Mapping[str, LayerScores]) -> list[dict]:
                 f"write_report: scores[{name!r}] is a {type(value).__name__}; pass the "
                 f"LayerScores of icprune.score"
             )
-        parts = (value.capacity, value.independence, value.score)
+        # capacity and independence are None for the consumer-side criteria
+        parts = [p for p in (value.capacity, value.independence, value.score) if p is not None]
         c = value.score.numel()
         if any(p.dim() != 1 or p.numel() != c for p in parts):
             raise ValueError(
                 f"write_report: scores[{name!r}] has capacity, independence and score of shapes "
                 f"{[tuple(p.shape) for p in parts]}; all must be Tensor[C]"
             )
-        capacity, independence, score = (p.detach().to("cpu", torch.float64) for p in parts)
-        if not all(torch.isfinite(p).all() for p in (capacity, independence, score)):
+        capacity, independence, score = (
+            None if p is None else p.detach().to("cpu", torch.float64)
+            for p in (value.capacity, value.independence, value.score)
+        )
+        if not all(torch.isfinite(p).all() for p in parts):
             raise ValueError(f"write_report: scores[{name!r}] holds NaN or Inf")
         if name in plan.sizes and plan.sizes[name][0] != c:
             raise ValueError(
@@ -259,6 +263,9 @@ def write_report(
                 f"{step!r}: {seconds!r}"
             )
     rows = _layers(plan, scores)
+    # capacity vs independence exists for the paper's criterion ("icii") only
+    icii = all(r["_scores"][0] is not None for r in rows if r["_scores"] is not None)
+    plots = {k: v for k, v in PLOTS.items() if icii or k != "capacity_vs_independence.png"}
     report = {
         "title": title,
         "versions": {"icprune": version("icprune"), "torch": torch.__version__},
@@ -283,10 +290,10 @@ def write_report(
         },
         "layers": [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows],
         "timings": timings,
-        "plots": list(PLOTS),
+        "plots": list(plots),
     }
     text = json.dumps(report, indent=2, allow_nan=False) + "\n"
-    for name, content in (("report.json", text), ("report.md", markdown(report, PLOTS))):
+    for name, content in (("report.json", text), ("report.md", markdown(report, plots))):
         with atomic_write(out / name) as tmp:
             tmp.write_text(content)
     _plot(out, rows)
@@ -303,11 +310,13 @@ def _plot(out: Path, rows: list[dict]) -> None:
     layers = [r["layer"] for r in scored]
     masks = [r["_mask"] for r in scored]
     capacity, independence, normalised = (
-        [r["_scores"][i].numpy() for r in scored] for i in range(3)
+        [None if r["_scores"][i] is None else r["_scores"][i].numpy() for r in scored]
+        for i in range(3)
     )
     with atomic_write(out / "channels_kept.png") as tmp:
         plots.channels_kept(tmp, names, [r["channels"] for r in rows], [r["kept"] for r in rows])
-    with atomic_write(out / "capacity_vs_independence.png") as tmp:
-        plots.capacity_vs_independence(tmp, layers, capacity, independence, masks)
+    if all(r["_scores"][0] is not None for r in scored):  # "icii" scores only
+        with atomic_write(out / "capacity_vs_independence.png") as tmp:
+            plots.capacity_vs_independence(tmp, layers, capacity, independence, masks)
     with atomic_write(out / "score_distributions.png") as tmp:
         plots.score_distributions(tmp, layers, normalised, masks)

@@ -241,9 +241,8 @@ def test_prune_writes_a_loadable_model_and_its_report_and_nothing_else(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run1"]
     written = {p.name for p in out.iterdir()}
     assert {"model.pt", "plan.json", "scores.json", "report.json", "report.md"} <= written
-    assert {"channels_kept.png", "capacity_vs_independence.png", "score_distributions.png"} <= (
-        written
-    )
+    assert {"channels_kept.png", "score_distributions.png"} <= written
+    assert "capacity_vs_independence.png" not in written  # the default criterion has neither
     pruned = icprune.load(out / "model.pt", resnet20)
     plan = icprune.PruningPlan.from_json((out / "plan.json").read_text())
     assert 0.49 <= plan.flops_reduction <= 0.51
@@ -262,7 +261,7 @@ def test_prune_is_deterministic_and_data_free_without_data(capsys, tmp_path):
     plans = [(tmp_path / n / "plan.json").read_text() for n in "ab"]
     assert plans[0] == plans[1]
     settings = json.loads((tmp_path / "a" / "scores.json").read_text())["settings"]
-    assert settings["source"] == "weights"
+    assert settings["criterion"] == "wbn" and settings["repaired"] is False
 
 
 def test_score_writes_json_and_csv_with_the_same_values(capsys, tmp_path):
@@ -324,6 +323,8 @@ def test_interrupted_prune_resumes_from_its_calibration_checkpoint(capsys, tmp_p
         2,
         "--ratio",
         0.4,
+        "--criterion",
+        "icii",
         *FAST,
     ]
     assert run(capsys, *argv, "--out", tmp_path / "whole")[0] == ExitCode.OK
@@ -561,7 +562,7 @@ def test_ctrl_c_leaves_no_empty_folder_and_suggests_resume(capsys, tmp_path, mon
     data = tmp_path / "x.pt"
     torch.save(torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(1)), data)
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--checkpoint-every", 2]
-    argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
+    argv += ["--ratio", 0.3, "--criterion", "icii", "--out", tmp_path / "o", *FAST]
 
     def interrupted(*args, **kwargs):
         data = load_data_spec(*args, **kwargs)
@@ -711,7 +712,7 @@ def test_messages_name_cli_flags_and_never_invite_an_unsafe_load(capsys, tmp_pat
         (["--device", "meta"], "--device 'meta': expected auto, cpu, cuda or cuda:N"),
         (["--out", ""], "--out is empty"),
         (["--resume", "--force"], "pass one of them"),
-        (["--resume"], "data-free scoring (--source weights) has none to continue"),
+        (["--resume"], "--resume continues an interrupted feature-map calibration"),
         (["--min-channels", "0"], "--min-channels: must be an integer >= 1"),
         (["--nan-policy", "explode"], "--nan-policy: invalid choice: 'explode'"),
     ],
@@ -739,6 +740,7 @@ def test_resume_needs_a_sound_checkpoint_of_the_same_run(capsys, tmp_path):
     data = tmp_path / "x.pt"
     torch.save(torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2)), data)
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    argv += ["--criterion", "icii"]  # the criterion whose calibration is checkpointed
     code, _, err = run(capsys, *argv, "--resume", "--out", tmp_path / "none")
     assert code == ExitCode.OUTPUT and "there is no" in err and "--out does not exist" in err
     done = tmp_path / "done"
@@ -761,7 +763,7 @@ def test_resume_with_another_model_is_refused_in_cli_words(capsys, tmp_path, mon
     data = tmp_path / "x.pt"
     torch.save(torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(3)), data)
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--checkpoint-every", 1]
-    argv += ["--ratio", 0.3, "--out", tmp_path / "o", *FAST]
+    argv += ["--ratio", 0.3, "--criterion", "icii", "--out", tmp_path / "o", *FAST]
 
     def interrupted(*args, **kwargs):
         data = load_data_spec(*args, **kwargs)
@@ -808,7 +810,7 @@ def test_score_leaves_a_file_another_run_wrote_meanwhile(capsys, tmp_path, monke
     assert code == ExitCode.OUTPUT and "was created by someone else" in err
     assert out.read_text() == "the other run's" and sorted(tmp_path.iterdir()) == [out]
     assert run(capsys, "score", "resnet20", "--out", out, "--quiet", "--force")[0] == ExitCode.OK
-    assert json.loads(out.read_text())["settings"]["source"] == "weights"
+    assert json.loads(out.read_text())["settings"]["criterion"] == "wbn"
 
 
 def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monkeypatch):
@@ -816,6 +818,7 @@ def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monke
 
     data = labelled_file(tmp_path / "lab.pt", [0, 1, 2, 3, 4, 5, 6, 7])
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--ratio", 0.3, *FAST]
+    argv += ["--criterion", "icii"]  # its calibration checkpoint is what --resume continues
     code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 1e30, "--out", tmp_path / "o")
     assert code == ExitCode.FAILURE and "the loss is nan" in err  # caught by finetune itself
     assert "lower --lr (given: 1e+30)" in err and " lr " not in err and "train_data" not in err
@@ -830,3 +833,40 @@ def test_a_diverged_fine_tuning_is_an_error_not_a_result(capsys, tmp_path, monke
     code, _, err = run(capsys, *argv, "--finetune-epochs", 1, "--lr", 10, "--out", tmp_path / "p")
     assert code == ExitCode.FAILURE and "fine-tuning diverged" in err and "lower --lr" in err
     assert not (tmp_path / "p" / "model.pt").exists()
+
+
+def test_repair_and_bn_recalibration_can_be_skipped_and_little_data_is_warned_about(
+    capsys, tmp_path
+):
+    data = tmp_path / "x.pt"
+    torch.save(torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), data)
+    argv = ["prune", "resnet20", "--data", data, "--ratio", 0.3, *FAST]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "default")
+    assert code == ExitCode.OK
+    assert "icprune: warning: BatchNorm re-estimation: re-estimating" in err
+    assert "--no-bn-recalibration" in err and "Traceback" not in err
+    code, _, err = run(capsys, *argv, "--no-repair", "--no-bn-recalibration", "--out",
+                       tmp_path / "bare")  # fmt: skip
+    assert code == ExitCode.OK and "warning" not in err
+    settings = json.loads((tmp_path / "bare" / "scores.json").read_text())["settings"]
+    assert settings["repaired"] is False and settings["no_bn_recalibration"] is True
+    model = resnet20_seeded()
+    plan = icprune.PruningPlan.from_json((tmp_path / "bare" / "plan.json").read_text())
+    unrepaired = icprune.apply(model, plan)
+    bare = icprune.load(tmp_path / "bare" / "model.pt", resnet20)
+    pairs = zip(bare.state_dict().values(), unrepaired.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--criterion", "greedy"], "--criterion greedy scores from what each layer reads"),
+        (["--criterion", "wbn", "--source", "weights"], "--source chooses"),
+        (["--data", "synthetic", "--resume"], "--resume continues an interrupted"),
+    ],
+)
+def test_criterion_usage_errors_exit_2(capsys, tmp_path, extra, message):
+    argv = ["prune", "resnet20", "--input-shape", "3,32,32", "--ratio", 0.3, *extra, *FAST]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "run")
+    assert code == ExitCode.USAGE and message in err

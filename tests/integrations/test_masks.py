@@ -45,7 +45,9 @@ def _randomize_bn(model: nn.Module, seed: int) -> None:
 
 
 def _plan(model: nn.Module, example: torch.Tensor, **target) -> icprune.PruningPlan:
-    return icprune.plan(model, icprune.score(model), example_inputs=example, **target)
+    return icprune.plan(
+        model, icprune.score(model, criterion="icii"), example_inputs=example, **target
+    )
 
 
 def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -79,7 +79,7 @@ def test_group_scores_are_the_plan_group_scores(model, batches, source):
     icprune.plan ranks by (mean of the members' min-max normalised scores)."""
     before = {k: v.clone() for k, v in model.state_dict().items()}
     if source == "weights":
-        importance, scores = InformationImportance(model), icprune.score(model)
+        importance, scores = InformationImportance(model), icprune.score(model, criterion="icii")
     else:
         stats = icprune.calibrate(model, batches, progress=False)
         importance = InformationImportance(model, stats=stats)
@@ -103,7 +103,7 @@ def test_cat_group_maps_members_to_root_channels():
     net = CatNet().eval()
     example = torch.randn(1, 3, 8, 8)
     (group,) = [g for g in _groups(net, example, net.fc) if len(g[0].idxs) == 8]
-    scores = {k: _minmax(v.score) for k, v in icprune.score(net).items()}
+    scores = {k: _minmax(v.score) for k, v in icprune.score(net, criterion="icii").items()}
     imp = InformationImportance(net)(group)
     expected = scores["d"] + torch.cat([scores["a"], scores["b"]])
     torch.testing.assert_close(imp, expected / 2, rtol=1e-12, atol=1e-12)
@@ -155,7 +155,7 @@ def test_end_to_end_resnet20_matches_icprune_plan(model, batches, source):
     pruner.step()
     macs_after = icprune.count(tp_model, EXAMPLE)[0]
 
-    scores = icprune.score(model, data, progress=False)
+    scores = icprune.score(model, data, criterion="icii", progress=False)
     plan = icprune.plan(
         model,
         scores,
@@ -199,7 +199,9 @@ def test_iterative_steps_rescore_the_pruned_model(model, batches):
     assert pruned.layer1[0].conv1.out_channels == 8
     second = pruner.pruning_history()[-12:]  # one entry per group and step
     removed = {n: sorted(i) for n, out, i in second if out}["layer1.0.conv1"]
-    assert removed == _lowest(icprune.score(after_first)["layer1.0.conv1"].score, 4)
+    assert removed == _lowest(
+        icprune.score(after_first, criterion="icii")["layer1.0.conv1"].score, 4
+    )
 
     pruned = copy.deepcopy(model)
     layers = iter(prunable_layers(pruned))  # a one-shot iterable of names is kept as a list

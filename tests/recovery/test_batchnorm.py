@@ -145,3 +145,16 @@ def test_a_tensor_is_not_taken_for_a_list_of_batches():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
     with pytest.raises(TypeError, match=r"data is one Tensor of shape \(8, 2\); pass an iterable"):
         recalibrate_bn(model, torch.randn(8, 2), progress=False)
+
+
+def test_little_data_warns_and_enough_does_not():
+    from icprune.recovery.batchnorm import MIN_SAMPLES, LittleDataWarning
+
+    model = small_cnn()
+    with pytest.warns(LittleDataWarning, match="fewer than 512"):
+        recalibrate_bn(model, [torch.randn(8, 1, 8, 8)], progress=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LittleDataWarning)
+        recalibrate_bn(model, [torch.randn(MIN_SAMPLES, 1, 8, 8)], progress=False)

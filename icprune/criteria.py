@@ -1,0 +1,207 @@
+"""Consumer-side channel criteria: score a group's channels by what its consumers would lose.
+
+A pruned channel disappears from the input of every *consumer* of its group (the conv and linear
+layers that read it, see :mod:`icprune.consumers`). These criteria score channel c of a group
+by the damage its removal does to the consumers' normalised outputs, summed over the group's
+consumers k (channel c is input ``offset_k + c`` of consumer k), from the statistics of what the
+consumers read (:func:`icprune.calibrate.calibrate_inputs`) or, data-free, from weights and
+BatchNorm parameters alone. Higher = keep. Definitions with the evidence that chose them (a
+selection split of nets and seeds, verdict on a confirmation split): docs/quality.md.
+
+- ``"greedy"`` (the default with data): backward elimination with the least-squares downdate.
+  Starting from all channels, repeatedly remove the channel whose removal - with the consumers'
+  kept weights optimally re-fitted, as :func:`icprune.recovery.repair.repair` does - adds the
+  least normalised output error ``sum_k tr(B_k^T A_k^{-1} B_k)`` lost; the score is the step at
+  which a channel goes (0 = first). ThiNet/CP channel selection in closed form from the Gram
+  matrix. Ridge ``r`` (relative to the mean variance) regularises the fit.
+- ``"wcondvar"``: ``M_c / (S + r I)^{-1}_cc``: the output error of removing c alone with
+  least-squares compensation by the consumer's other inputs (exact for 1x1 convs and linear).
+- ``"wvar"``: ``M_c S_cc`` (removal with mean compensation); ``"wE2"``: ``M_c E[x_c^2]``
+  (removal without compensation).
+- ``"wbn"`` (the default data-free): ``M_c * sum_n (gamma_nc^2 + beta_nc^2)`` over the group's
+  BatchNorms that feed consumer k since the group's last depthwise conv (a BatchNorm output's
+  second moment is ``gamma^2 + beta^2`` when its input matches its running statistics); where no
+  BatchNorm precedes the consumer in the group that factor is 1.
+
+Consumers without input statistics (one that reads the group flattened into a linear layer, or
+is called more than once per forward, see :func:`icprune.calibrate.input_layers`) do not enter the
+data criteria; a group none of whose consumers has statistics is scored by ``"wbn"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from icprune.consumers import (
+    followers,
+    moments,
+    output_scale,
+    ridged,
+    taps,
+    weight_energy,
+)
+from icprune.stats.channel_stats import ChannelStats
+from icprune.structure.dependency import Group
+
+#: Criteria that need the statistics of the consumers' inputs.
+DATA_CRITERIA = ("greedy", "wcondvar", "wvar", "wE2")
+#: Criteria computed from weights and BatchNorm parameters alone.
+DATA_FREE_CRITERIA = ("wbn",)
+CRITERIA = DATA_CRITERIA + DATA_FREE_CRITERIA
+
+
+def greedy_order(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Backward elimination over the C channels of a group shared by several consumers.
+
+    Args:
+        parts: per consumer ``(A, B, idx)``: A = ridged input covariance Tensor[C_in, C_in]
+            float64, B = ``S @ V`` Tensor[C_in, R] where the columns of V are the consumer's
+            per-tap, output-scaled weights (so the explained output energy of a kept input set
+            K is ``tr(B_K^T A_KK^{-1} B_K)``), idx = LongTensor[C]: the consumer's input index
+            of each group channel.
+
+    Returns:
+        Tensor[C] float64: the step at which each channel is removed (0 = first; the last one
+        left gets C - 1). Ties go to the lower channel index.
+    """
+    c = len(parts[0][2])
+    state = []
+    for a, b, idx in parts:
+        inv = torch.linalg.inv(a)
+        state.append((inv, inv @ b, idx))  # downdated in place; removed rows/columns become 0
+    alive = torch.ones(c, dtype=torch.bool)
+    order = torch.zeros(c, dtype=torch.float64)
+    for step in range(c):
+        loss = torch.zeros(c, dtype=torch.float64)
+        for inv, beta, idx in state:
+            diag = inv.diagonal()[idx].clamp(min=1e-300)
+            loss += (beta[idx] ** 2).sum(1) / diag
+        loss[~alive] = float("inf")
+        ch = int(torch.argmin(loss))  # the first minimum: ties go to the lower channel index
+        alive[ch] = False
+        order[ch] = step
+        for inv, beta, idx in state:
+            p = int(idx[ch])
+            col = inv[:, p].clone()
+            pivot = col[p].clamp(min=1e-300)
+            beta -= torch.outer(col, beta[p]) / pivot
+            inv -= torch.outer(col, col) / pivot
+            inv[p, :] = 0.0
+            inv[:, p] = 0.0
+            beta[p] = 0.0
+    return order
+
+
+def _bn_energy(model: nn.Module, group: Group, follower: Mapping[str, str]) -> torch.Tensor:
+    """The ``"wbn"`` score of one group (Tensor[C] float64)."""
+    modules = dict(model.named_modules())
+    c = group.channels
+    acc, seen = torch.zeros(c, dtype=torch.float64), False
+    total = torch.zeros(c, dtype=torch.float64)
+    for dep in group.dependencies:
+        module = modules[dep.module]
+        if dep.kind == "depthwise":
+            acc, seen = torch.zeros(c, dtype=torch.float64), False
+        elif dep.kind == "batchnorm":
+            part = slice(dep.offset, dep.offset + c)
+            gamma = module.weight.detach().double()[part] if module.weight is not None else 1.0
+            beta = module.bias.detach().double()[part] if module.bias is not None else 0.0
+            acc, seen = acc + gamma**2 + beta**2, True
+        elif dep.kind == "input":
+            energy = weight_energy(model, dep.module, follower)
+            energy = energy[dep.offset : dep.offset + c * dep.repeat].reshape(c, dep.repeat)
+            total += (acc if seen else 1.0) * energy.sum(1)
+    return total
+
+
+def _consumer_score(
+    model: nn.Module, name: str, stats: ChannelStats, criterion: str, ridge: float, follower
+) -> torch.Tensor:
+    """``wcondvar``/``wvar``/``wE2`` of every input channel of one consumer (Tensor[C_in])."""
+    _, second, cov = moments(stats)
+    if criterion == "wE2":
+        value = second.diagonal()
+    elif criterion == "wvar":
+        value = cov.diagonal()
+    else:
+        value = 1.0 / torch.linalg.inv(ridged(cov, ridge)).diagonal()
+    return value * weight_energy(model, name, follower)
+
+
+def group_scores(
+    model: nn.Module,
+    groups: Sequence[Group],
+    criterion: str,
+    stats: Mapping[str, ChannelStats] | None = None,
+    *,
+    ridge: float = 1e-2,
+) -> dict[str, torch.Tensor]:
+    """Score every group's channels by a consumer-side criterion (see the module docstring).
+
+    Args:
+        model: the unpruned network; not modified.
+        groups: its groups (:func:`icprune.dependency_groups`).
+        criterion: one of :data:`CRITERIA`.
+        stats: consumer name -> statistics of its input
+            (:func:`icprune.calibrate.calibrate_inputs`); needed by :data:`DATA_CRITERIA`.
+        ridge: relative ridge r (> 0) of the least-squares fits (``"greedy"``, ``"wcondvar"``).
+
+    Returns:
+        dict layer name -> Tensor[C] float64 (higher = keep): the group's vector, the same for
+        every output layer of the group (``Group.layers``), so :func:`icprune.plan` ranks by it.
+
+    Raises:
+        ValueError: an unknown criterion, a data criterion without ``stats``, a bad ``ridge``,
+            or statistics whose channel count is not the consumer's input channel count.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if criterion in DATA_CRITERIA and stats is None:
+        raise ValueError(
+            f"criterion {criterion!r} needs the statistics of the consumers' inputs "
+            f"(icprune.calibrate(model, data, read_at='input')); without data use 'wbn'"
+        )
+    ok = isinstance(ridge, (int, float)) and not isinstance(ridge, bool)
+    if not ok or not ridge > 0 or ridge == float("inf"):
+        raise ValueError(f"ridge must be a finite number > 0, got {ridge!r}")
+    modules = dict(model.named_modules())
+    stats = dict(stats or {})
+    consumers = {d.module for g in groups for d in g.dependencies if d.kind == "input"}
+    follower = followers(model, sorted(consumers))
+    out: dict[str, torch.Tensor] = {}
+    for group in groups:
+        reads = [
+            (d.module, d.offset)
+            for d in group.dependencies
+            if d.kind == "input" and d.repeat == 1 and d.module in stats
+        ]
+        for name, _ in reads:
+            expected = modules[name].weight.shape[1]
+            if stats[name].num_channels != expected:
+                raise ValueError(
+                    f"stats['{name}'] has {stats[name].num_channels} channels but the layer "
+                    f"reads {expected}; pass the input statistics of this model"
+                )
+        idx = torch.arange(group.channels)
+        if criterion == "wbn" or not reads:
+            vector = _bn_energy(model, group, follower)
+        elif criterion == "greedy":
+            parts = []
+            for name, offset in reads:
+                _, _, cov = moments(stats[name])
+                w = taps(modules[name].weight)  # T, O, C_in
+                d = output_scale(model, name, follower).sqrt()
+                v = (w * d[None, :, None]).reshape(-1, w.shape[2]).T  # C_in x (T * O)
+                parts.append((ridged(cov, ridge), cov @ v, idx + offset))
+            vector = greedy_order(parts)
+        else:
+            vector = torch.zeros(group.channels, dtype=torch.float64)
+            for name, offset in reads:
+                value = _consumer_score(model, name, stats[name], criterion, ridge, follower)
+                vector += value[idx + offset]
+        for layer in group.layers:
+            out[layer] = vector
+    return out

@@ -1,0 +1,108 @@
+"""Consumer-side criteria (icprune.criteria): formulas against direct computations."""
+
+import pytest
+import torch
+from torch import nn
+
+from icprune import models
+from icprune.calibrate import calibrate_inputs
+from icprune.criteria import CRITERIA, greedy_order, group_scores
+from icprune.structure import dependency_groups
+from tests.test_calibrate_inputs import chain
+
+
+def test_wcondvar_is_the_output_error_left_after_least_squares_compensation():
+    torch.manual_seed(0)
+    model = chain()
+    x = torch.randn(200, 3, 5, 5)
+    groups = dependency_groups(model, x[:1])
+    stats = calibrate_inputs(model, [x], backend="torch", progress=False)
+    score = group_scores(model, groups, "wcondvar", stats, ridge=1e-12)["0"]
+    with torch.no_grad():
+        a = model[1](model[0](x)).double().permute(0, 2, 3, 1).reshape(-1, 6)
+    a = a - a.mean(0)
+    w = model[2].weight.detach().double()[:, :, 0, 0]
+    for c in range(6):
+        rest = [j for j in range(6) if j != c]
+        coef = torch.linalg.lstsq(a[:, rest], a[:, c : c + 1]).solution
+        resid = a[:, c : c + 1] - a[:, rest] @ coef
+        expected = (resid.pow(2).mean() * w[:, c].pow(2).sum()).item()
+        assert score[c].item() == pytest.approx(expected, rel=1e-6)
+
+
+def _explained(cov, v, keep):
+    a, b = cov[keep][:, keep], (cov @ v)[keep]
+    return torch.trace(b.T @ torch.linalg.solve(a, b)).item()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_steps_equal_brute_force(seed):
+    torch.manual_seed(seed)
+    cov = torch.randn(6, 40, dtype=torch.float64)
+    cov = cov @ cov.T / 40
+    v = torch.randn(6, 3, dtype=torch.float64)
+    order = greedy_order([(cov, cov @ v, torch.arange(6))])
+    assert sorted(order.tolist()) == list(range(6))
+    alive = list(range(6))
+    for step in range(5):  # each step removes the channel whose removal loses the least
+        base = _explained(cov, v, alive)
+        loss = {c: base - _explained(cov, v, [j for j in alive if j != c]) for c in alive}
+        chosen = int((order == step).nonzero())
+        assert loss[chosen] == pytest.approx(min(loss.values()), rel=1e-9, abs=1e-12)
+        alive.remove(chosen)
+
+
+def test_greedy_ties_go_to_the_lower_channel_index():
+    eye = torch.eye(4, dtype=torch.float64)
+    order = greedy_order([(eye, eye, torch.arange(4))])
+    assert order.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_wbn_is_consumer_energy_times_the_batchnorm_second_moment():
+    torch.manual_seed(0)
+    model = chain()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 2.0), model[1].bias.uniform_(-1.0, 1.0)
+    groups = dependency_groups(model, torch.zeros(1, 3, 5, 5))
+    score = group_scores(model, groups, "wbn")["0"]
+    bn = model[1]
+    moment = bn.weight.detach().double() ** 2 + bn.bias.detach().double() ** 2
+    energy = model[2].weight.detach().double().pow(2).sum((0, 2, 3))  # no BatchNorm after it
+    torch.testing.assert_close(score, moment * energy)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_every_criterion_scores_every_group_of_a_resnet(criterion):
+    torch.manual_seed(0)
+    model = models.resnet20().eval()
+    x = torch.randn(4, 3, 32, 32)
+    groups = dependency_groups(model, x[:1])
+    stats = calibrate_inputs(model, [x], progress=False)
+    scores = group_scores(model, groups, criterion, stats)
+    for group in groups:
+        vectors = [scores[layer] for layer in group.layers]
+        assert all(torch.equal(v, vectors[0]) for v in vectors)  # one vector per group
+        assert vectors[0].shape == (group.channels,) and torch.isfinite(vectors[0]).all()
+
+
+def test_a_group_read_only_flattened_falls_back_to_wbn():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(1), nn.Linear(4 * 6 * 6, 3)
+    ).eval()
+    x = torch.randn(3, 1, 8, 8)
+    groups = dependency_groups(model, x[:1])
+    stats = {}  # the linear layer reads the group flattened: no input statistics exist
+    torch.testing.assert_close(
+        group_scores(model, groups, "greedy", stats)["0"], group_scores(model, groups, "wbn")["0"]
+    )
+
+
+def test_bad_arguments_are_clear_errors():
+    model = chain()
+    groups = dependency_groups(model, torch.zeros(1, 3, 5, 5))
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        group_scores(model, groups, "entropy")
+    with pytest.raises(ValueError, match="needs the statistics"):
+        group_scores(model, groups, "greedy")
+    with pytest.raises(ValueError, match="ridge"):
+        group_scores(model, groups, "wbn", ridge=0.0)
