@@ -492,7 +492,7 @@ def calibrate_inputs(
             read_at="input",
             device=dev,
             backend=stats_config.backend,
-            parts=("gram",),  # criteria and repair read means and covariances, no histogram
+            parts=stats_config.parts,
         )
         for name in dict.fromkeys(owner.values())
     }

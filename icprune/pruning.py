@@ -112,7 +112,9 @@ def prune(
         inputs = dataclasses.replace(calibration_config, read_at="input")
         stats = calibrate_inputs(
             model, data, example_inputs=example_inputs, ignored_layers=ignored,
-            stats_config=stats_config, calibration_config=inputs,
+            # criteria and repair read means and covariances only: no histograms
+            stats_config=dataclasses.replace(stats_config, parts=("gram",)),
+            calibration_config=inputs,
         )  # fmt: skip
     if criterion == "icii":
         data_free = scoring_config.source == "weights" or (

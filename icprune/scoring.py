@@ -342,7 +342,8 @@ def _consumer_scores(
                 data = chain([first], batches)
         stats = calibrate_inputs(
             model, data, example_inputs=example_inputs, ignored_layers=ignored_layers,
-            stats_config=stats_config,
+            # the consumer criteria read means and covariances only: no histograms
+            stats_config=dataclasses.replace(stats_config, parts=("gram",)),
             calibration_config=dataclasses.replace(calibration_config, read_at="input"),
         )  # fmt: skip
     if example_inputs is None and isinstance(stats, InputStats):

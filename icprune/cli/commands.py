@@ -292,7 +292,12 @@ def _input_stats(model, batches, args) -> InputStats:
     consumer-side criteria and for repair."""
     with _reworded():
         return calibrate(
-            model, batches, read_at="input", nan_policy=args.nan_policy, progress=not args.quiet
+            model,
+            batches,
+            read_at="input",
+            parts=("gram",),  # criteria and repair read means and covariances only
+            nan_policy=args.nan_policy,
+            progress=not args.quiet,
         )
 
 
