@@ -98,10 +98,13 @@ def output_scale(model: nn.Module, name: str, follower: Mapping[str, str]) -> to
 
 def weight_energy(model: nn.Module, name: str, follower: Mapping[str, str]) -> torch.Tensor:
     """``M_i = sum_{o,t} d_o W[t, o, i]^2`` of layer ``name`` per input channel (Tensor[C_in]
-    float64): how strongly its normalised output depends on input i."""
+    float64): how strongly its normalised output depends on input i. A grouped conv's input i
+    of group g is read by that group's outputs only."""
     module = dict(model.named_modules())[name]
     d = output_scale(model, name, follower)
-    return (taps(module.weight) ** 2 * d[None, :, None]).sum((0, 1))
+    energy = (taps(module.weight) ** 2 * d[None, :, None]).sum(0)  # O x C_in/groups
+    g = getattr(module, "groups", 1)
+    return energy.reshape(g, energy.shape[0] // g, energy.shape[1]).sum(1).flatten()
 
 
 def tap_coverage(module: nn.Module, spatial: tuple[int, ...]) -> torch.Tensor:

@@ -45,6 +45,7 @@ from icprune.consumers import (
 )
 from icprune.stats.channel_stats import ChannelStats
 from icprune.structure.dependency import Group
+from icprune.structure.layers import out_channels
 
 #: Criteria that need the statistics of the consumers' inputs.
 DATA_CRITERIA = ("greedy", "wcondvar", "wvar", "wE2")
@@ -151,7 +152,8 @@ def group_scores(
 
     Returns:
         dict layer name -> Tensor[C] float64 (higher = keep): the group's vector, the same for
-        every output layer of the group (``Group.layers``), so :func:`icprune.plan` ranks by it.
+        every output layer of the group (``Group.layers``), so :func:`icprune.plan` ranks by it
+        (a grouped conv's layer holds it once per group: Tensor[its output channels]).
 
     Raises:
         ValueError: an unknown criterion, a data criterion without ``stats``, a bad ``ridge``,
@@ -202,6 +204,10 @@ def group_scores(
             for name, offset in reads:
                 value = _consumer_score(model, name, stats[name], criterion, ridge, follower)
                 vector += value[idx + offset]
-        for layer in group.layers:
-            out[layer] = vector
+        for dep in group.dependencies:  # each layer's vector over all its output channels:
+            if dep.kind in ("output", "depthwise"):  # a grouped conv holds one tile per group
+                full = out.setdefault(
+                    dep.module, torch.zeros(out_channels(modules[dep.module]), dtype=vector.dtype)
+                )
+                full[dep.offset : dep.offset + group.channels] = vector
     return out
