@@ -48,6 +48,7 @@ def test_torchrun_processes_give_the_single_process_plan_and_scores_exactly(tmp_
     data = tmp_path / "x.pt"
     torch.save(torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(0)), data)
     common = ["resnet20", "--data", data, "--batch-size", 4, "--quiet", "--device", "cpu"]
+    common += ["--criterion", "icii"]  # the criterion whose statistics processes combine
     prune = ["prune", *common, "--ratio", 0.4, "--latency-batch", 0]
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     runs = {
@@ -84,6 +85,7 @@ def test_torchrun_fine_tunes_in_every_process_and_process_0_writes(tmp_path):
     torch.save({"inputs": inputs, "targets": targets}, data)
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     argv = ["prune", "resnet20", "--data", data, "--batch-size", 4, "--quiet", "--device", "cpu"]
+    argv += ["--criterion", "icii"]  # the criterion whose statistics processes combine
     argv += ["--ratio", 0.4, "--latency-batch", 0, "--finetune-epochs", 1, "--lr", 0.05]
     done = _icprune(*argv, "--out", tmp_path / "multi", launcher=torchrun)
     assert done.returncode == 0, done.stderr[-2000:]

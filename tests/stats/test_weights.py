@@ -89,8 +89,8 @@ def test_default_scores_equal_the_float64_reference_within_the_documented_tolera
         assert float((ref[name].gram - new[name].gram).abs().max()) <= 1e-5 * scale, name
         assert torch.equal(ref[name].counts, new[name].counts), name
         torch.testing.assert_close(new[name].sums, ref[name].sums, rtol=1e-12, atol=1e-12)
-    s_ref = icprune.score(model, backend="torch", independence=independence)
-    s_new = icprune.score(model, independence=independence)
+    s_ref = icprune.score(model, criterion="icii", backend="torch", independence=independence)
+    s_new = icprune.score(model, criterion="icii", independence=independence)
     for name in s_ref:
         assert torch.equal(s_ref[name].capacity, s_new[name].capacity), name
         scale = float(s_ref[name].score.abs().max())
@@ -101,7 +101,8 @@ def test_default_scores_equal_the_float64_reference_within_the_documented_tolera
 
 def test_default_scores_are_deterministic():
     model = _wide_classifier()
-    first, second = icprune.score(model), icprune.score(model)
+    first = icprune.score(model, criterion="icii")
+    second = icprune.score(model, criterion="icii")
     for name in first:
         assert torch.equal(first[name].score, second[name].score), name
         assert torch.equal(first[name].independence, second[name].independence), name
