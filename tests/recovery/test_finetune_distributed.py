@@ -19,9 +19,6 @@ target, unequal shards, unequal numbers of batches) raises in both, instead of a
 from __future__ import annotations
 
 import copy
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -31,6 +28,7 @@ import torch
 from torch import nn
 
 from icprune.recovery.finetune import finetune
+from tests.workers import run_ranks
 
 WORLD = 2
 TIMEOUT_S = 300
@@ -124,39 +122,9 @@ def _worker(rank: int, port: int, out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s (hang?)")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(__file__, WORLD, tmp_path_factory.mktemp("ranks"), TIMEOUT_S)
 
 
 class _GhostBatches(nn.Module):

@@ -7,9 +7,6 @@ compares every statistics tensor and every score with single-process calibration
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -23,6 +20,7 @@ from icprune.models import resnet20
 from icprune.scoring import score
 from icprune.stats.channel_stats import ChannelStats
 from icprune.stats.distributed import all_reduce_stats
+from tests.workers import run_ranks
 
 WORLD = 2
 #: Batch indices (of 4) per rank, per scenario: even, uneven, interleaved, one rank empty.
@@ -86,39 +84,9 @@ def _worker(rank: int, port: int, out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def gathered(tmp_path_factory) -> list[dict]:
-    out = tmp_path_factory.mktemp("ranks")
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(WORLD)
-    ]
-    logs = []
-    try:
-        for proc in procs:
-            logs.append(proc.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s (hang?)")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, log in zip(procs, logs, strict=True):
-        assert proc.returncode == 0, log[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    return run_ranks(__file__, WORLD, tmp_path_factory.mktemp("ranks"), TIMEOUT_S)
 
 
 def _single_process(**kwargs) -> dict[str, ChannelStats]:
