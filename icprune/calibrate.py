@@ -374,6 +374,11 @@ class InputStats(dict):
         self.example = example
 
 
+#: What the consumer criteria and repair read of the consumers' inputs: means and covariances
+#: (sums and Gram matrices), no histograms (``ChannelStats(parts=...)``).
+CONSUMER_PARTS = ("gram",)
+
+
 def input_layers(model: nn.Module, groups: Iterable) -> dict[str, str]:
     """The consumers whose inputs :func:`calibrate_inputs` reads, and who reads for them.
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from icprune.applying import apply
 from icprune.batches import batch_input
-from icprune.calibrate import calibrate_inputs
+from icprune.calibrate import CONSUMER_PARTS, calibrate_inputs
 from icprune.config import CalibrationConfig, PlanConfig, ScoringConfig, StatsConfig, with_options
 from icprune.criteria import DATA_CRITERIA
 from icprune.planning import PruningPlan, plan
@@ -112,8 +112,7 @@ def prune(
         inputs = dataclasses.replace(calibration_config, read_at="input")
         stats = calibrate_inputs(
             model, data, example_inputs=example_inputs, ignored_layers=ignored,
-            # criteria and repair read means and covariances only: no histograms
-            stats_config=dataclasses.replace(stats_config, parts=("gram",)),
+            stats_config=dataclasses.replace(stats_config, parts=CONSUMER_PARTS),
             calibration_config=inputs,
         )  # fmt: skip
     if criterion == "icii":

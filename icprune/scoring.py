@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from icprune.batches import batch_input, iter_batches
-from icprune.calibrate import InputStats, calibrate, calibrate_inputs
+from icprune.calibrate import CONSUMER_PARTS, InputStats, calibrate, calibrate_inputs
 from icprune.config import CalibrationConfig, ScoringConfig, StatsConfig, with_options
 from icprune.criteria import CRITERIA as CONSUMER_CRITERIA
 from icprune.criteria import DATA_CRITERIA, group_scores
@@ -342,8 +342,7 @@ def _consumer_scores(
                 data = chain([first], batches)
         stats = calibrate_inputs(
             model, data, example_inputs=example_inputs, ignored_layers=ignored_layers,
-            # the consumer criteria read means and covariances only: no histograms
-            stats_config=dataclasses.replace(stats_config, parts=("gram",)),
+            stats_config=dataclasses.replace(stats_config, parts=CONSUMER_PARTS),
             calibration_config=dataclasses.replace(calibration_config, read_at="input"),
         )  # fmt: skip
     if example_inputs is None and isinstance(stats, InputStats):

@@ -24,7 +24,7 @@ from torch import nn
 
 from icprune.applying import apply
 from icprune.batches import batch_input
-from icprune.calibrate import InputStats, calibrate
+from icprune.calibrate import CONSUMER_PARTS, InputStats, calibrate
 from icprune.cli.data_specs import (
     IMAGE_EXTENSIONS,
     SYNTHETIC,
@@ -295,7 +295,7 @@ def _input_stats(model, batches, args) -> InputStats:
             model,
             batches,
             read_at="input",
-            parts=("gram",),  # criteria and repair read means and covariances only
+            parts=CONSUMER_PARTS,
             nan_policy=args.nan_policy,
             progress=not args.quiet,
         )
