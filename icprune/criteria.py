@@ -20,8 +20,10 @@ selection split of nets and seeds, verdict on a confirmation split): docs/qualit
   (removal without compensation).
 - ``"wbn"`` (the default data-free): ``M_c * sum_n (gamma_nc^2 + beta_nc^2)`` over the group's
   BatchNorms that feed consumer k since the group's last depthwise conv (a BatchNorm output's
-  second moment is ``gamma^2 + beta^2`` when its input matches its running statistics); where no
-  BatchNorm precedes the consumer in the group that factor is 1.
+  second moment is ``gamma^2 + beta^2`` when its input matches its running statistics), and
+  likewise over its LayerNorms (ConvNeXt, transformers: a LayerNorm's normalised input has unit
+  second moment over the channels); where no norm precedes the consumer in the group that factor
+  is 1. Per-channel parameters (ConvNeXt's layer scale) do not enter.
 
 Consumers without input statistics (one that reads the group flattened into a linear layer, or
 is called more than once per forward, see :func:`icprune.calibrate.input_layers`) do not enter the
@@ -54,7 +56,92 @@ DATA_FREE_CRITERIA = ("wbn",)
 CRITERIA = DATA_CRITERIA + DATA_FREE_CRITERIA
 
 
-def greedy_order(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+#: Steps between two folds of the deferred downdates into the full matrices (see
+#: :class:`_Elimination`): a larger block makes fewer matrix-matrix folds but longer per-step
+#: matrix-vector products. The order does not depend on it beyond rounding.
+GREEDY_BLOCK = 64
+
+
+class _Elimination:
+    """One consumer's state during backward elimination, with the downdates deferred.
+
+    Removing input p with the kept weights re-fitted downdates the inverse ridged covariance
+    ``Ainv <- Ainv - u u^T`` (``u = Ainv[:, p] / sqrt(Ainv[p, p])``) and the Gram of the fitted
+    coefficients ``P = beta beta^T`` (``beta = Ainv B``) by a symmetric rank-2 term
+    ``P <- P - a h^T - h a^T``. The criterion reads only their diagonals and one row per step,
+    so the updates are kept as factors (``Ainv = Ainv0 - U U^T``, ``P = P0 - A H^T - H A^T``)
+    and folded into the matrices every :data:`GREEDY_BLOCK` steps by matrix products (the
+    removed rows are dropped once they are a quarter): a step costs O(C k) instead of O(C^2)
+    and the folds run as BLAS-3 (C = 2048: seconds instead of minutes).
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, block: int) -> None:
+        self.inv = torch.linalg.inv(a)
+        beta = self.inv @ b
+        self.gram = beta @ beta.T
+        self.pos = idx.clone()  # each group channel's row in the (compacted) matrices
+        self.rows = self.inv.shape[0]
+        self.dead = torch.zeros(self.rows, dtype=torch.bool)
+        self.d_inv = self.inv.diagonal().clone()
+        self.d_gram = self.gram.diagonal().clone()
+        self.u = torch.zeros(block, self.rows, dtype=torch.float64)  # factors as rows
+        self.a = torch.zeros_like(self.u)
+        self.h = torch.zeros_like(self.u)
+        self.k = 0
+
+    def loss(self) -> torch.Tensor:
+        """Tensor[C]: the explained energy each group channel's removal would lose now."""
+        return self.d_gram[self.pos] / self.d_inv[self.pos].clamp(min=1e-300)
+
+    def remove(self, channel: int) -> None:
+        """Downdate by removing group channel ``channel`` (its row, refit of the others)."""
+        p, k = int(self.pos[channel]), self.k
+        u, a, h = self.u[:k], self.a[:k], self.h[:k]
+        col = self.inv[p] - torch.mv(u.T, u[:, p].contiguous())  # symmetric: row p = column p
+        q = self.gram[p] - torch.mv(a.T, h[:, p].contiguous()) - torch.mv(h.T, a[:, p].contiguous())
+        col.masked_fill_(self.dead, 0.0)  # removed rows: exactly 0 (rounding aside) in updates
+        q.masked_fill_(self.dead, 0.0)
+        pivot = col[p].clamp(min=1e-300)
+        u = col / pivot.sqrt()
+        a = col / pivot
+        h = q - (q[p] / 2) * a
+        self.d_inv -= u * u
+        self.d_gram -= 2 * a * h
+        self.dead[p] = True
+        self.u[k], self.a[k], self.h[k] = u, a, h
+        self.k += 1
+        if self.k == self.u.shape[0]:
+            self._fold()
+
+    def _fold(self) -> None:
+        k = self.k
+        u, a, h = self.u[:k], self.a[:k], self.h[:k]
+        self.inv.addmm_(u.T, u, alpha=-1.0)
+        self.gram.addmm_(a.T, h, alpha=-1.0).addmm_(h.T, a, alpha=-1.0)
+        self.u.zero_(), self.a.zero_(), self.h.zero_()
+        self.k = 0
+        if 4 * int(self.dead.sum()) >= self.rows:  # drop removed rows once they are a quarter
+            self._compact()
+
+    def _compact(self) -> None:
+        keep = (~self.dead).nonzero().squeeze(1)
+        new_row = torch.zeros(self.rows, dtype=torch.long)
+        new_row[keep] = torch.arange(len(keep))
+        self.pos = new_row[self.pos]  # a removed channel's row (now 0) is never read
+        self.inv = self.inv.index_select(0, keep).index_select(1, keep)
+        self.gram = self.gram.index_select(0, keep).index_select(1, keep)
+        self.d_inv, self.d_gram = self.d_inv[keep], self.d_gram[keep]
+        self.rows = len(keep)
+        self.dead = torch.zeros(self.rows, dtype=torch.bool)
+        self.u = self.u.new_zeros(self.u.shape[0], self.rows)
+        self.a, self.h = torch.zeros_like(self.u), torch.zeros_like(self.u)
+
+
+def greedy_order(
+    parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    block: int = GREEDY_BLOCK,
+) -> torch.Tensor:
     """Backward elimination over the C channels of a group shared by several consumers.
 
     Args:
@@ -63,36 +150,25 @@ def greedy_order(parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
             per-tap, output-scaled weights (so the explained output energy of a kept input set
             K is ``tr(B_K^T A_KK^{-1} B_K)``), idx = LongTensor[C]: the consumer's input index
             of each group channel.
+        block: steps between folds of the deferred downdates (>= 1; speed only).
 
     Returns:
         Tensor[C] float64: the step at which each channel is removed (0 = first; the last one
         left gets C - 1). Ties go to the lower channel index.
     """
     c = len(parts[0][2])
-    state = []
-    for a, b, idx in parts:
-        inv = torch.linalg.inv(a)
-        state.append((inv, inv @ b, idx))  # downdated in place; removed rows/columns become 0
+    state = [_Elimination(a, b, idx, block) for a, b, idx in parts]
     alive = torch.ones(c, dtype=torch.bool)
     order = torch.zeros(c, dtype=torch.float64)
     for step in range(c):
-        loss = torch.zeros(c, dtype=torch.float64)
-        for inv, beta, idx in state:
-            diag = inv.diagonal()[idx].clamp(min=1e-300)
-            loss += (beta[idx] ** 2).sum(1) / diag
+        loss = sum(s.loss() for s in state)
         loss[~alive] = float("inf")
         ch = int(torch.argmin(loss))  # the first minimum: ties go to the lower channel index
         alive[ch] = False
         order[ch] = step
-        for inv, beta, idx in state:
-            p = int(idx[ch])
-            col = inv[:, p].clone()
-            pivot = col[p].clamp(min=1e-300)
-            beta -= torch.outer(col, beta[p]) / pivot
-            inv -= torch.outer(col, col) / pivot
-            inv[p, :] = 0.0
-            inv[:, p] = 0.0
-            beta[p] = 0.0
+        if step < c - 1:
+            for s in state:
+                s.remove(ch)
     return order
 
 
@@ -102,11 +178,11 @@ def _bn_energy(model: nn.Module, group: Group, follower: Mapping[str, str]) -> t
     c = group.channels
     acc, seen = torch.zeros(c, dtype=torch.float64), False
     total = torch.zeros(c, dtype=torch.float64)
-    for dep in group.dependencies:
-        module = modules[dep.module]
+    for dep in group.dependencies:  # other kinds (a per-channel parameter: not a module) pass
         if dep.kind == "depthwise":
             acc, seen = torch.zeros(c, dtype=torch.float64), False
-        elif dep.kind == "batchnorm":
+        elif dep.kind in ("batchnorm", "layernorm"):
+            module = modules[dep.module]
             part = slice(dep.offset, dep.offset + c)
             gamma = module.weight.detach().double()[part] if module.weight is not None else 1.0
             beta = module.bias.detach().double()[part] if module.bias is not None else 0.0

@@ -8,6 +8,7 @@ from icprune import models
 from icprune.calibrate import calibrate_inputs
 from icprune.criteria import CRITERIA, greedy_order, group_scores
 from icprune.structure import dependency_groups
+from tests.structure.nets import ConvNeXtNet
 from tests.test_calibrate_inputs import chain
 
 
@@ -52,6 +53,43 @@ def test_greedy_steps_equal_brute_force(seed):
         alive.remove(chosen)
 
 
+def _reference_order(parts):
+    """Backward elimination by explicit solves on the kept set (no downdates): the definition.
+
+    Every part reads the group's channels at the same inputs ``idx``; its other inputs stay.
+    """
+    idx = parts[0][2].tolist()
+    c = len(idx)
+
+    def explained(alive):
+        total = 0.0
+        for a, b, _ in parts:
+            rows = [i for i in range(a.shape[0]) if i not in idx] + [idx[j] for j in alive]
+            aa, bb = a[rows][:, rows], b[rows]
+            total += torch.trace(bb.T @ torch.linalg.solve(aa, bb)).item()
+        return total
+
+    alive, order = list(range(c)), torch.zeros(c, dtype=torch.float64)
+    for step in range(c):
+        base = explained(alive)
+        _, ch = min((base - explained([j for j in alive if j != ch]), ch) for ch in alive)
+        order[ch] = step
+        alive.remove(ch)
+    return order
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+def test_deferred_downdates_give_the_order_of_explicit_solves_for_any_block(block):
+    torch.manual_seed(5)
+    parts = []
+    for rows, r in ((11, 4), (11, 7)):  # two consumers; 2 extra inputs outside the group
+        x = torch.randn(rows, 60, dtype=torch.float64)
+        cov = x @ x.T / 60 + 1e-2 * torch.eye(rows, dtype=torch.float64)
+        parts.append((cov, cov @ torch.randn(rows, r, dtype=torch.float64), torch.arange(9) + 1))
+    expected = _reference_order(parts)
+    assert torch.equal(greedy_order(parts, block=block), expected)
+
+
 def test_greedy_ties_go_to_the_lower_channel_index():
     eye = torch.eye(4, dtype=torch.float64)
     order = greedy_order([(eye, eye, torch.arange(4))])
@@ -69,6 +107,20 @@ def test_wbn_is_consumer_energy_times_the_batchnorm_second_moment():
     moment = bn.weight.detach().double() ** 2 + bn.bias.detach().double() ** 2
     energy = model[2].weight.detach().double().pow(2).sum((0, 2, 3))  # no BatchNorm after it
     torch.testing.assert_close(score, moment * energy)
+
+
+def test_wbn_takes_a_layernorm_like_a_batchnorm_and_passes_layer_scale():
+    torch.manual_seed(0)
+    model = ConvNeXtNet().eval()
+    groups = dependency_groups(model, torch.zeros(1, 3, 16, 16))
+    stream = next(g for g in groups if "block1.layer_scale" in {d.module for d in g.dependencies})
+    before = group_scores(model, [stream], "wbn")["stem"]
+    with torch.no_grad():  # channel 3's LayerNorm gain feeds block1.fc1: only its score grows
+        model.block1.norm.weight[3] *= 2.0
+    after = group_scores(model, [stream], "wbn")["stem"]
+    assert after[3] > before[3]
+    others = [c for c in range(8) if c != 3]
+    torch.testing.assert_close(after[others], before[others])
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
