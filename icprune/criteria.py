@@ -23,11 +23,16 @@ selection split of nets and seeds, verdict on a confirmation split): docs/qualit
   second moment is ``gamma^2 + beta^2`` when its input matches its running statistics), and
   likewise over its LayerNorms (ConvNeXt, transformers: a LayerNorm's normalised input has unit
   second moment over the channels); where no norm precedes the consumer in the group that factor
-  is 1. Per-channel parameters (ConvNeXt's layer scale) do not enter.
+  is 1. Per-channel parameters (ConvNeXt's layer scale) do not enter. An attention block's heads
+  (a group of kind ``"heads"``) are read by its ``out_proj`` alone, ``head_dim`` input columns
+  per head, and no norm lies between: head h scores the energy of those columns,
+  ``sum_{o, j in head h} W_oj^2``.
 
 Consumers without input statistics (one that reads the group flattened into a linear layer, or
-is called more than once per forward, see :func:`icprune.calibrate.input_layers`) do not enter the
-data criteria; a group none of whose consumers has statistics is scored by ``"wbn"``.
+an attention's heads - ``head_dim`` features each, like a flattened map -, or is called more than
+once per forward, see :func:`icprune.calibrate.input_layers`) do not enter the data criteria; a
+group none of whose consumers has statistics is scored by ``"wbn"``: with data too, attention
+heads are scored by their ``out_proj`` column energy.
 """
 
 from __future__ import annotations
@@ -46,8 +51,8 @@ from icprune.consumers import (
     weight_energy,
 )
 from icprune.stats.channel_stats import ChannelStats
-from icprune.structure.dependency import Group
-from icprune.structure.layers import out_channels
+from icprune.structure.dependency import SCORED_KINDS, Group
+from icprune.structure.layers import sizes
 
 #: Criteria that need the statistics of the consumers' inputs.
 DATA_CRITERIA = ("greedy", "wcondvar", "wvar", "wE2")
@@ -281,9 +286,9 @@ def group_scores(
                 value = _consumer_score(model, name, stats[name], criterion, ridge, follower)
                 vector += value[idx + offset]
         for dep in group.dependencies:  # each layer's vector over all its output channels:
-            if dep.kind in ("output", "depthwise"):  # a grouped conv holds one tile per group
+            if dep.kind in SCORED_KINDS:  # a grouped conv holds one tile per group
                 full = out.setdefault(
-                    dep.module, torch.zeros(out_channels(modules[dep.module]), dtype=vector.dtype)
+                    dep.module, torch.zeros(sizes(modules[dep.module])[0], dtype=vector.dtype)
                 )
                 full[dep.offset : dep.offset + group.channels] = vector
     return out

@@ -4,10 +4,13 @@
 ``{"format": "icprune.pruned", "version": 1, "channels": {module: [out, in, groups]},
 "state_dict": ...}``, where ``channels`` lists every conv, linear and BatchNorm module,
 every LayerNorm over one axis and every per-channel parameter of a module without channels
-(ConvNeXt's ``layer_scale``, by its qualified name, ``[C, C, 1]``).
-``load`` builds a fresh model, gives those modules the stored channel counts (with empty
-tensors of the stored shapes) and loads the state_dict strictly, reading the file with
-``torch.load(..., weights_only=True)``.
+(ConvNeXt's ``layer_scale``, by its qualified name, ``[C, C, 1]``), and
+``"heads": {module: [num_heads, head_dim]}`` for every attention block
+(:func:`icprune.structure.layers.is_attention`; files without it, from before, hold none).
+``load`` builds a fresh model, replaces each attention block whose stored heads differ from its
+own by an :class:`icprune.attention.PrunedMultiheadAttention` of the stored heads, gives the
+other modules the stored channel counts (with empty tensors of the stored shapes) and loads the
+state_dict strictly, reading the file with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from icprune.attention import PrunedMultiheadAttention
 from icprune.files import load_torch_file, save_atomically
 from icprune.structure.layers import (
     SLICEABLE_TYPES,
     channel_structure,
+    is_attention,
     is_layernorm,
     owned_parameter,
     parameter_axis,
@@ -62,6 +67,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "format": FORMAT,
             "version": VERSION,
             "channels": channels,
+            "heads": {
+                name: [module.num_heads, module.head_dim]
+                for name, module in modules.items()
+                if is_attention(module)
+            },
             "state_dict": model.state_dict(),
         },
         path,
@@ -128,12 +138,24 @@ def load(
         raise ValueError(
             f"load: {name!r}: 'channels' must map module names to [out, in, groups] ints >= 1"
         )
+    heads = data.get("heads", {})
+    if not isinstance(heads, dict) or not all(
+        isinstance(row, list) and len(row) == 2 and all(_is_count(v) for v in row)
+        for row in heads.values()
+    ):
+        raise ValueError(
+            f"load: {name!r}: 'heads' must map attention modules to [num_heads, head_dim] ints >= 1"
+        )
     model = model_fn()
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: model_fn() returned a {type(model).__name__}, not an nn.Module")
+    for module_name, (count, dim) in heads.items():
+        _load_heads(name, model, module_name, count, dim, state)
     modules = dict(model.named_modules())
     for module_name, (out_ch, in_ch, groups) in channels.items():
         module = modules.get(module_name)
+        if module is None and is_attention(modules.get(module_name.rpartition(".")[0])):
+            continue  # files from before heads were pruned listed in_proj_bias; "heads" shapes it
         if module is None and owned_parameter(model, module_name) is not None:
             _load_parameter(name, model, module_name, out_ch, state)
             continue
@@ -162,6 +184,50 @@ def load(
     except RuntimeError as exc:
         raise ValueError(f"load: the saved weights do not fit model_fn()'s model: {exc}") from exc
     return model
+
+
+def _load_heads(path: str, model: nn.Module, name: str, count: int, dim: int, state: dict) -> None:
+    """Give the attention block ``name`` of ``model`` ``count`` heads of ``dim`` features:
+    left as it is when it has them, else replaced by a
+    :class:`~icprune.attention.PrunedMultiheadAttention` of that many heads (its tensors'
+    values are then loaded from ``state``)."""
+    try:
+        module = model.get_submodule(name) if name else model
+    except AttributeError:
+        module = None
+    if module is None or not is_attention(module) or module.head_dim != dim:
+        found = "no such module" if module is None else type(module).__name__
+        if module is not None and is_attention(module):
+            found += f" with head_dim {module.head_dim}"
+        raise ValueError(
+            f"load: {path!r}: the saved model has an attention block {name!r} of {count} heads "
+            f"of {dim} features, model_fn()'s model has {found}; pass the same architecture"
+        )
+    if count == module.num_heads and not isinstance(module, PrunedMultiheadAttention):
+        return
+    prefix = f"{name}." if name else ""
+    weight = state.get(f"{prefix}in_proj_weight")
+    expected = (3 * count * dim, module.embed_dim)
+    if weight is None or tuple(weight.shape) != expected or not name:
+        found = None if weight is None else tuple(weight.shape)
+        raise ValueError(
+            f"load: {path!r}: '{prefix}in_proj_weight' is stored as {found}, but {count} heads "
+            f"of {dim} features over embed_dim {module.embed_dim} make it {expected}; the file "
+            f"is damaged or does not fit model_fn()'s model"
+        )
+    new = PrunedMultiheadAttention(
+        module.embed_dim, count, dim, dropout=module.dropout,
+        bias=module.in_proj_bias is not None, batch_first=module.batch_first,
+        device=module.in_proj_weight.device, dtype=module.in_proj_weight.dtype,
+    )  # fmt: skip
+    for attr in ("in_proj_weight", "in_proj_bias"):
+        old, fresh = getattr(module, attr), getattr(new, attr)
+        if old is not None:
+            fresh.requires_grad_(old.requires_grad)
+    for old, fresh in zip(module.out_proj.parameters(), new.out_proj.parameters(), strict=True):
+        fresh.requires_grad_(old.requires_grad)
+    new.train(module.training)
+    model.set_submodule(name, new, strict=True)
 
 
 def _channels_of(tensor: torch.Tensor) -> int | None:

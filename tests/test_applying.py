@@ -329,3 +329,79 @@ def test_apply_with_stats_repairs_in_place_or_on_a_copy():
     with torch.no_grad():
         torch.testing.assert_close(copied(x), expected(x))
         torch.testing.assert_close(inplace(x), expected(x))
+
+
+def _heads_and_channels_zeroed(model: nn.Module, chosen: PruningPlan) -> nn.Module:
+    """The reference for a ViT plan: a copy of ``model`` with the pruned heads' value rows and
+    the pruned MLP channels' fc1 rows zeroed (their outputs are then exactly 0)."""
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for group, kept in zip(chosen.groups, chosen.kept, strict=True):
+            gone = torch.ones(group.channels, dtype=torch.bool)
+            gone[kept] = False
+            layer = modules[group.layers[0]]
+            if isinstance(layer, nn.MultiheadAttention):
+                d, e = layer.head_dim, layer.embed_dim
+                for h in gone.nonzero().flatten().tolist():
+                    layer.in_proj_weight[2 * e + h * d : 2 * e + (h + 1) * d] = 0
+                    layer.in_proj_bias[2 * e + h * d : 2 * e + (h + 1) * d] = 0
+            else:
+                layer.weight[gone] = 0
+                layer.bias[gone] = 0
+    return ref
+
+
+@pytest.mark.parametrize("target", [{"flops_reduction": 0.3}, {"params_reduction": 0.25}])
+def test_vit_heads_prune_to_the_head_masked_model_with_exact_macs(target):
+    from icprune.attention import PrunedMultiheadAttention
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    x = torch.randn(3, 3, 16, 16)
+    result = icprune.prune(model, example_inputs=x[:1], **target)  # data-free: wbn
+    chosen, pruned = result.plan, result.model
+    kept = {
+        name: len(chosen.keep[name]) for name in ("block1.self_attention", "block2.self_attention")
+    }
+    assert min(kept.values()) < 4  # heads are pruned
+    for name, count in kept.items():
+        attention = pruned.get_submodule(name)
+        if count < 4:
+            assert isinstance(attention, PrunedMultiheadAttention)
+        assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (count, 6, 24)
+        assert attention.out_proj.in_features == 6 * count
+        assert attention.in_proj_weight.shape == (18 * count, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(x), _heads_and_channels_zeroed(model, chosen)(x), rtol=1e-4, atol=1e-5
+        )
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+    assert icprune.count(model, x[:1]) == (chosen.macs[0], chosen.params[0])
+    again = PruningPlan.from_json(chosen.to_json())
+    assert again.to_json() == chosen.to_json()
+    state, again_state = pruned.state_dict(), apply(model, again).state_dict()
+    assert list(state) == list(again_state)
+    assert all(torch.equal(state[k], again_state[k]) for k in state)
+    # a pruned model prunes again: its attention blocks are known blocks too
+    twice = icprune.prune(pruned, example_inputs=x[:1], ratio=0.2)
+    assert icprune.count(twice.model, x[:1]) == (twice.plan.macs[1], twice.plan.params[1])
+
+
+def test_head_scores_are_the_out_proj_column_energy():
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    scores = icprune.score(model, example_inputs=torch.randn(1, 3, 16, 16))
+    weight = model.block1.self_attention.out_proj.weight.detach().double()
+    want = (weight**2).reshape(24, 4, 6).sum((0, 2))
+    torch.testing.assert_close(scores["block1.self_attention"].score, want)
+    with pytest.raises(ValueError, match=r"has 3 values but the layer has 4 output channels"):
+        plan(
+            model,
+            {"block1.self_attention": torch.rand(3)},
+            example_inputs=torch.randn(1, 3, 16, 16),
+            ratio=0.2,
+        )

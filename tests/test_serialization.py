@@ -156,3 +156,39 @@ def test_load_checks_model_fn(tmp_path):
         icprune.load(path, resnet20())  # the model, not its factory
     with pytest.raises(TypeError, match=r"model_fn\(\) returned a NoneType"):
         icprune.load(path, lambda: None)
+
+
+def test_round_trip_of_pruned_attention_heads(tmp_path):
+    from icprune.attention import PrunedMultiheadAttention
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    pruned = icprune.prune(model, example_inputs=x[:1], flops_reduction=0.3).model
+    assert any(isinstance(m, PrunedMultiheadAttention) for m in pruned.modules())
+    path = tmp_path / "vit.pt"
+    icprune.save(pruned, path)
+    loaded = icprune.load(path, ViTNet).eval()
+    for name, module in pruned.named_modules():
+        assert type(loaded.get_submodule(name)) is type(module)
+    for (k, a), (k2, b) in zip(
+        pruned.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), loaded(x))
+    assert icprune.count(loaded, x) == icprune.count(pruned, x)
+    # the heads table is validated, and must fit the architecture
+    data = torch.load(path, weights_only=True)
+    assert data["heads"]["block1.self_attention"][1] == 6
+    for heads, message in (
+        ({"block1.self_attention": [2, 0]}, "'heads' must map attention modules"),
+        ({"block1.fc1": [2, 6]}, "model_fn\\(\\)'s model has Linear"),
+        ({"block1.self_attention": [2, 4]}, "with head_dim 6"),
+        ({"block1.self_attention": [1, 6]}, "in_proj_weight' is stored as"),
+    ):
+        edited = dict(data, heads=dict(data["heads"], **heads))
+        torch.save(edited, tmp_path / "edited.pt")
+        with pytest.raises(ValueError, match=message):
+            icprune.load(tmp_path / "edited.pt", ViTNet)

@@ -9,7 +9,14 @@ prunes, with ``torch.nn.utils.prune.custom_from_mask`` (each masked parameter ``
   fed to a linear layer masks all ``prod(spatial)`` features of a pruned channel). A depthwise
   conv's single input channel per group follows its output channel;
 - BatchNorm: weight and bias of the pruned channels (affine BatchNorms only; running statistics
-  are buffers and stay).
+  are buffers and stay);
+- attention block: the q, k and v rows of the pruned heads in ``in_proj_weight`` and
+  ``in_proj_bias`` (:func:`icprune.attention.head_rows`), and their ``out_proj`` input columns
+  (as any consumer's). A masked head's value rows are 0, so its output is exactly 0 (its zero
+  query and key rows give it uniform weights over zeros). ``nn.MultiheadAttention`` reads
+  ``out_proj.weight`` without calling ``out_proj``, so that mask is applied once, here, and not
+  recomputed before each forward: after training ``out_proj.weight_orig`` it is stale (the
+  head is 0 anyway).
 
 With weight *and* bias zero, a pruned channel is exactly 0 after its conv and after an affine
 BatchNorm (``0 * x_hat + 0``), so it stays 0 through activations and residual adds, and the
@@ -32,9 +39,11 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from icprune.applying import check_model
+from icprune.attention import head_rows
 from icprune.planning import PruningPlan
 from icprune.structure.layers import (
     groups,
+    is_attention,
     is_batchnorm,
     is_depthwise,
     is_layernorm,
@@ -125,6 +134,13 @@ def apply_masks(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -
                 prune.custom_from_mask(owner, attr, mask)
             continue
         module = modules[name]
+        if is_attention(module):
+            if rows is not None:
+                kept = head_rows(out_size, module.head_dim, rows.nonzero().flatten())
+                keep = _keep(module.in_proj_weight.shape[0], kept)
+                _mask(module, "in_proj_weight", keep, None)
+                _mask(module, "in_proj_bias", keep, None)
+            continue
         if is_batchnorm(module) or is_layernorm(module):
             _mask(module, "weight", rows, None)
             _mask(module, "bias", rows, None)

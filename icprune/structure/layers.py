@@ -19,6 +19,13 @@ Three kinds of modules carry channels icprune can cut:
   ``weight`` and ``bias`` sliced like a BatchNorm's. They are not part of a plan's recorded
   structure (:func:`channel_structure`, which plans made before LayerNorms could be pruned
   compare), but :func:`sizes`, :func:`tensor_shapes` and :func:`set_channels` know them;
+- attention blocks (:data:`ATTENTION_TYPES`: ``nn.MultiheadAttention`` with packed projections,
+  no ``bias_k``/``bias_v`` and no zero attention, and :class:`icprune.attention.
+  PrunedMultiheadAttention`): their ``num_heads`` heads are their channels, both output and
+  input (:func:`sizes` ``(H, H)``), pruned as units: head i is ``head_dim`` rows of each of the
+  query, key and value projections and the same ``head_dim`` input columns of ``out_proj``
+  (:func:`icprune.attention.head_rows`). Their embedding dimension (the residual stream) and
+  ``head_dim`` never change. Like LayerNorms they are not part of a plan's recorded structure;
 - per-channel parameters used as values by a module without channels of its own (ConvNeXt's
   ``layer_scale``, ``(C, 1, 1)``): their one dimension of size > 1 (:func:`parameter_axis`,
   :func:`owned_parameter`).
@@ -30,6 +37,8 @@ Three kinds of modules carry channels icprune can cut:
 from __future__ import annotations
 
 from torch import nn
+
+from icprune.attention import PrunedMultiheadAttention
 
 #: Layers whose output channels icprune scores and prunes.
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -46,6 +55,10 @@ SLICEABLE_TYPES = (*PRUNABLE_TYPES, *BATCHNORM_TYPES)
 BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 #: The tensors of a LayerNorm that hold one value per channel.
 LAYERNORM_TENSORS = ("weight", "bias")
+#: Attention blocks whose heads icprune prunes (see :func:`is_attention`).
+ATTENTION_TYPES = (nn.MultiheadAttention, PrunedMultiheadAttention)
+#: The tensors of an attention block that hold ``head_dim`` rows per head in each of q, k, v.
+ATTENTION_TENSORS = ("in_proj_weight", "in_proj_bias")
 
 
 def is_conv(module: nn.Module) -> bool:
@@ -62,6 +75,36 @@ def is_layernorm(module: nn.Module) -> bool:
     """True for a LayerNorm (``nn.LayerNorm`` or a subclass) over one axis (a 1-D
     ``normalized_shape``): the LayerNorms whose channels icprune can cut."""
     return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+def is_attention(module: nn.Module) -> bool:
+    """True for an attention block whose heads icprune can prune: a
+    :class:`icprune.attention.PrunedMultiheadAttention`, or an ``nn.MultiheadAttention`` (or
+    subclass) with packed projections (``kdim == vdim == embed_dim``), no ``bias_k``/``bias_v``
+    and ``add_zero_attn=False``."""
+    if isinstance(module, PrunedMultiheadAttention):
+        return True
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and module.bias_v is None
+        and not module.add_zero_attn
+    )
+
+
+def heads(module: nn.Module) -> int:
+    """Heads (``num_heads``) of an attention block (:func:`is_attention`).
+
+    Raises:
+        TypeError: any other module.
+    """
+    if not is_attention(module):
+        raise TypeError(
+            f"heads: {type(module).__name__} is not an attention block icprune knows "
+            f"(nn.MultiheadAttention with packed projections, or PrunedMultiheadAttention)"
+        )
+    return module.num_heads
 
 
 def has_channels(module: nn.Module) -> bool:
@@ -130,8 +173,10 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def sizes(module: nn.Module) -> tuple[int, int] | None:
     """``(out, in)`` channels of a conv, linear or BatchNorm module (see :func:`out_channels`,
-    :func:`in_channels`), ``(C, C)`` of a LayerNorm over one axis of C channels, or None for any
-    other module."""
+    :func:`in_channels`), ``(C, C)`` of a LayerNorm over one axis of C channels, ``(H, H)`` of
+    an attention block of H heads, or None for any other module."""
+    if is_attention(module):
+        return module.num_heads, module.num_heads
     if is_layernorm(module):
         return module.normalized_shape[0], module.normalized_shape[0]
     if not has_channels(module):
@@ -170,15 +215,20 @@ def tensor_shapes(
     ``group_count`` groups: a BatchNorm's four per-channel tensors ``(out,)``; a linear layer's
     weight ``(out, inp)`` and bias ``(out,)``; a conv's weight ``(out, inp / groups, *kernel)``
     (its kernel as the module has it) and bias ``(out,)``; a LayerNorm's weight and bias
-    ``(out,)``.
+    ``(out,)``; an attention block's ``in_proj_weight`` ``(3 * out * head_dim, embed_dim)`` and
+    ``in_proj_bias`` ``(3 * out * head_dim,)`` at ``out`` heads.
 
     Raises:
-        TypeError: a module that is neither a prunable layer, a BatchNorm nor a LayerNorm over
-            one axis (:data:`SLICEABLE_TYPES`, :func:`is_layernorm`).
+        TypeError: a module that is neither a prunable layer, a BatchNorm, a LayerNorm over
+            one axis nor an attention block (:data:`SLICEABLE_TYPES`, :func:`is_layernorm`,
+            :func:`is_attention`).
         ValueError: a conv whose ``group_count`` does not divide ``out`` and ``inp``.
     """
     if is_layernorm(module):
         return {name: (out,) for name in LAYERNORM_TENSORS}
+    if is_attention(module):
+        rows = 3 * out * module.head_dim
+        return {"in_proj_weight": (rows, module.embed_dim), "in_proj_bias": (rows,)}
     if not isinstance(module, SLICEABLE_TYPES):
         raise TypeError(
             f"tensor_shapes: {type(module).__name__} is neither a Conv1d/2d/3d, a Linear nor a "
@@ -245,13 +295,15 @@ def parameter_axis(tensor: object) -> int | None:
 
 def owned_parameter(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
     """``(owner module, attribute)`` of the parameter qualified ``name`` when it is a parameter
-    of a module without channels of its own (not a conv, linear or norm's weight or bias), else
-    None."""
+    of a module without channels of its own (not a conv, linear or norm's weight or bias, nor
+    an attention block's projection), else None."""
     owner_name, _, attr = name.rpartition(".")
     try:
         owner = model.get_submodule(owner_name)
     except AttributeError:
         return None
     if attr not in owner._parameters or has_channels(owner) or is_layernorm(owner):
+        return None
+    if is_attention(owner):
         return None
     return owner, attr
