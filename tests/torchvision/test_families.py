@@ -1,13 +1,13 @@
 """torchvision families the structural rules of issue 14 open up, pruned at 30 % fewer MACs.
 
-Squeeze-excitation gates with stochastic depth (EfficientNet, MobileNetV3, RegNetY), grouped
-convs pruned within their groups (ResNeXt, RegNetX/Y) and linear layers over channels-last maps
-with LayerNorms and layer scale (ConvNeXt), and ViT's token MLPs and attention heads, each pruned
-data-free and with two batches by :func:`icprune.prune` on small inputs (random weights; the
-structure, not the accuracy, is under test). Checked: the MACs reduction within 1 point of the target, the plan's
-analytic MACs equal to ``icprune.count`` of the pruned model, the output shape, how many layers
-land in groups (so a rule that stops applying fails here), and the pruned model saved and loaded
-bit-identical.
+Squeeze-excitation gates with stochastic depth (EfficientNet, MobileNetV3, RegNetY), grouped convs
+pruned within their groups (ResNeXt, RegNetX/Y) and linear layers over channels-last maps with
+LayerNorms and layer scale (ConvNeXt), and ViT's token MLPs and attention heads, each pruned data-
+free and with two batches by :func:`icprune.prune` on small inputs (random weights; the structure,
+not the accuracy, is under test). Checked: the MACs reduction within 1 point of the target, the
+plan's analytic MACs equal to ``icprune.count`` of the pruned model, the output shape, how many
+layers land in groups (so a rule that stops applying fails here), and the pruned model saved and
+loaded bit-identical.
 """
 
 import pytest
