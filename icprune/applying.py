@@ -14,9 +14,10 @@ Every module a plan's groups touch gets new, smaller parameters and buffers, sli
 - LayerNorm: ``weight``, ``bias`` and ``normalized_shape``;
 - a per-channel parameter (ConvNeXt's ``layer_scale``): sliced along its channel axis;
 - an attention block losing heads: replaced by an :class:`icprune.attention.
-  PrunedMultiheadAttention` holding the kept heads' q, k and v rows (its ``out_proj`` is the
-  same linear layer, whose input columns the plan slices like any consumer's); ``embed_dim``
-  and ``head_dim`` stay.
+  PrunedMultiheadAttention` (Swin's: an :class:`icprune.attention.PrunedWindowAttention`)
+  holding the kept heads' q, k and v rows and per-head parameters (its output projection is
+  the same linear layer, whose input columns the plan slices like any consumer's);
+  ``embed_dim`` and ``head_dim`` stay.
 
 The pruned model computes exactly what the original computes with the pruned channels zeroed at
 the output of every module in their group (up to float round-off); for attention, with the
@@ -30,7 +31,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from icprune.attention import PrunedMultiheadAttention
+from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
 from icprune.calibrate import InputStats
 from icprune.planning import PruningPlan
 from icprune.recovery.repair import fits, write
@@ -47,6 +48,7 @@ from icprune.structure.layers import (
     is_conv,
     is_depthwise,
     is_layernorm,
+    is_window_attention,
     out_channels,
     owned_parameter,
     parameter_axis,
@@ -158,12 +160,14 @@ def _prunable_as(module: nn.Module, kind: str) -> bool:
 
 def _prune_heads(model: nn.Module, name: str, kept: Tensor) -> None:
     """Replace the attention block ``name`` of ``model`` by the
-    :class:`~icprune.attention.PrunedMultiheadAttention` of its heads ``kept`` (none lost: left
+    :class:`~icprune.attention.PrunedMultiheadAttention` (or, for window attention,
+    :class:`~icprune.attention.PrunedWindowAttention`) of its heads ``kept`` (none lost: left
     as it is)."""
     module = model.get_submodule(name)
     if len(kept) == module.num_heads:
         return
-    model.set_submodule(name, PrunedMultiheadAttention.keeping(module, kept), strict=True)
+    kind = PrunedWindowAttention if is_window_attention(module) else PrunedMultiheadAttention
+    model.set_submodule(name, kind.keeping(module, kept), strict=True)
 
 
 def within_groups(idx: Tensor, size: int, count: int) -> Tensor | None:

@@ -1,4 +1,4 @@
-"""Multi-head attention with fewer heads than its embedding dimension allows.
+"""Multi-head and Swin window attention with fewer heads than their embedding dimension allows.
 
 ``nn.MultiheadAttention`` ties its ``embed_dim`` (the width of the residual stream it reads and
 writes) to ``num_heads * head_dim``: it cannot hold ``h`` of its ``H`` heads with the same
@@ -14,6 +14,10 @@ Head ``i`` of an attention with ``H`` heads of ``head_dim = d`` is rows ``i*d ..
 of each of the query, key and value blocks of ``in_proj_weight`` (rows ``0, H*d, 2*H*d`` on),
 the same entries of ``in_proj_bias`` and columns ``i*d ... (i+1)*d - 1`` of ``out_proj.weight``
 (:func:`head_rows`).
+
+:class:`PrunedWindowAttention` is the same for Swin's shifted-window attention (torchvision's
+``ShiftedWindowAttention`` and ``ShiftedWindowAttentionV2``, whose function takes ``head_dim``
+to be ``C // num_heads``).
 """
 
 from __future__ import annotations
@@ -254,3 +258,236 @@ def _as_float(mask: Tensor, dtype: torch.dtype) -> Tensor:
             mask, float("-inf")
         )
     return mask.to(dtype)
+
+
+class PrunedWindowAttention(nn.Module):
+    """Shifted-window attention (torchvision's ``ShiftedWindowAttention`` and, with
+    ``cosine=True``, ``ShiftedWindowAttentionV2``, Swin's attention over ``(B, H, W, C)``
+    channels-last maps) with ``num_heads * head_dim`` independent of the map's C channels.
+
+    It computes what torchvision's modules compute - the map padded to whole windows, shifted
+    cyclically by ``shift_size`` (unless a window covers the padded map), each window's tokens
+    attending to each other with a relative position bias per head (V1: a learned table; V2:
+    ``16 * sigmoid(cpb_mlp(relative_coords_table))``, and cosine attention scaled by
+    ``exp(min(logit_scale, log 100))`` with the key bias zeroed), shifted windows masked
+    (``-100``) between regions that were not adjacent, projected back by ``proj`` - with the
+    same state_dict keys. torchvision is not imported: icprune recognises its modules by class
+    (:func:`icprune.structure.layers.is_attention`).
+
+    Args:
+        dim: C, the channels of the map read and written.
+        window_size, shift_size: ``[wh, ww]`` and ``[sh, sw]``.
+        num_heads: h, the heads kept (>= 1); head_dim: d, features per head.
+        qkv_bias, proj_bias: the projections have biases.
+        attention_dropout, dropout: dropout on the attention weights and on the output
+            (training only).
+        cosine: V2's cosine attention and continuous position bias.
+
+    Parameters: ``qkv`` ``Linear(C, 3*h*d)``, ``proj`` ``Linear(h*d, C)``; V1
+    ``relative_position_bias_table`` ``((2wh-1)*(2ww-1), h)``; V2 ``logit_scale`` ``(h, 1, 1)``
+    and ``cpb_mlp`` (``Linear(2, 512)``, ReLU, ``Linear(512, h, bias=False)``). Buffers:
+    ``relative_position_index`` ``(wh*ww*wh*ww,)`` and (V2) ``relative_coords_table``
+    ``(1, 2wh-1, 2ww-1, 2)``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: list[int],
+        shift_size: list[int],
+        num_heads: int,
+        head_dim: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attention_dropout: float = 0.0,
+        dropout: float = 0.0,
+        cosine: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value in (("dim", dim), ("num_heads", num_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"PrunedWindowAttention: {name} must be an int >= 1, got {value!r}"
+                )
+        if len(window_size) != 2 or len(shift_size) != 2:
+            raise ValueError(
+                "PrunedWindowAttention: window_size and shift_size must be of length 2"
+            )
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.num_heads, self.head_dim, self.cosine = num_heads, head_dim, bool(cosine)
+        self.attention_dropout, self.dropout = attention_dropout, dropout
+        wh, ww = self.window_size
+        inner = num_heads * head_dim
+        if cosine:
+            self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
+            self.register_buffer("relative_coords_table", _relative_coords_table(wh, ww))
+        else:
+            table = torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads)
+            self.relative_position_bias_table = nn.Parameter(nn.init.trunc_normal_(table, std=0.02))
+        self.register_buffer("relative_position_index", _relative_position_index(wh, ww))
+        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        if cosine:
+            self.cpb_mlp = nn.Sequential(
+                nn.Linear(2, 512), nn.ReLU(inplace=True), nn.Linear(512, num_heads, bias=False)
+            )
+
+    @classmethod
+    def keeping(cls, attention: nn.Module, kept: Tensor) -> PrunedWindowAttention:
+        """The window attention made of heads ``kept`` of ``attention`` (torchvision's
+        ``ShiftedWindowAttention(V2)`` or a :class:`PrunedWindowAttention`): new ``qkv`` rows
+        (:func:`head_rows`), position bias table columns (V1) or ``cpb_mlp`` output rows and
+        ``logit_scale`` entries (V2) of the kept heads; its ``proj`` *is* ``attention.proj``
+        (the caller slices its input columns, as :func:`icprune.apply` does through the plan).
+        ``attention`` is not modified."""
+        heads, qkv = attention.num_heads, attention.qkv
+        dim = qkv.out_features // (3 * heads)
+        cosine = hasattr(attention, "logit_scale")
+        new = cls(
+            qkv.in_features, attention.window_size, attention.shift_size, len(kept), dim,
+            qkv_bias=qkv.bias is not None, proj_bias=attention.proj.bias is not None,
+            attention_dropout=attention.attention_dropout, dropout=attention.dropout,
+            cosine=cosine,
+        )  # fmt: skip
+        new = new.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+        kept = kept.to(torch.int64).cpu()
+        rows = head_rows(heads, dim, kept).to(qkv.weight.device)
+        heads_at = kept.to(qkv.weight.device)
+        with torch.no_grad():
+            _copy_rows(new.qkv, qkv, rows)
+            new.relative_position_index.copy_(attention.relative_position_index)
+            if cosine:
+                new.relative_coords_table.copy_(attention.relative_coords_table)
+                _take(new, "logit_scale", attention.logit_scale, 0, heads_at)
+                new.cpb_mlp[0] = attention.cpb_mlp[0]
+                _copy_rows(new.cpb_mlp[2], attention.cpb_mlp[2], heads_at)
+            else:
+                table = attention.relative_position_bias_table
+                _take(new, "relative_position_bias_table", table, 1, heads_at)
+        new.proj = attention.proj
+        new.train(attention.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (
+            f"window_size={self.window_size}, shift_size={self.shift_size}, "
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, cosine={self.cosine}"
+        )
+
+    def relative_position_bias(self) -> Tensor:
+        """Tensor ``(1, h, wh*ww, wh*ww)``: each head's bias between the tokens of a window."""
+        n = self.window_size[0] * self.window_size[1]
+        if self.cosine:
+            table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
+        else:
+            table = self.relative_position_bias_table
+        bias = table[self.relative_position_index].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        return 16 * torch.sigmoid(bias) if self.cosine else bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Window attention of ``x`` ``(B, H, W, C)``; returns ``(B, H, W, C)``."""
+        batch, height, width, channels = x.shape
+        wh, ww = self.window_size
+        pad_h, pad_w = -height % wh, -width % ww
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        full_h, full_w = height + pad_h, width + pad_w
+        sh = 0 if wh >= full_h else self.shift_size[0]
+        sw = 0 if ww >= full_w else self.shift_size[1]
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        windows = (full_h // wh) * (full_w // ww)
+        n = wh * ww
+        tokens = _windows(x, wh, ww).reshape(batch * windows, n, channels)
+        heads, dim = self.num_heads, self.head_dim
+        bias = self.qkv.bias
+        if self.cosine and bias is not None:  # V2 has no key bias
+            bias = torch.cat(
+                [
+                    bias[: heads * dim],
+                    torch.zeros_like(bias[heads * dim : 2 * heads * dim]),
+                    bias[2 * heads * dim :],
+                ]
+            )
+        qkv = F.linear(tokens, self.qkv.weight, bias)
+        qkv = qkv.reshape(batch * windows, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        if self.cosine:
+            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+        else:
+            attn = (q * dim**-0.5) @ k.transpose(-2, -1)
+        attn = attn + self.relative_position_bias()
+        if sh or sw:
+            mask = _shift_mask(full_h, full_w, wh, ww, sh, sw, x.device, attn.dtype)
+            attn = attn.view(batch, windows, heads, n, n) + mask[None, :, None]
+            attn = attn.view(-1, heads, n, n)
+        attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
+        out = (attn @ v).transpose(1, 2).reshape(batch * windows, n, heads * dim)
+        out = F.dropout(
+            F.linear(out, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training
+        )
+        out = out.view(batch, full_h // wh, full_w // ww, wh, ww, channels)
+        out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, full_h, full_w, channels)
+        if sh or sw:
+            out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
+        return out[:, :height, :width, :].contiguous()
+
+
+def _windows(x: Tensor, wh: int, ww: int) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B, H/wh * W/ww, wh*ww, C)``, windows in row-major order."""
+    batch, height, width, channels = x.shape
+    x = x.view(batch, height // wh, wh, width // ww, ww, channels).permute(0, 1, 3, 2, 4, 5)
+    return x.reshape(batch, -1, wh * ww, channels)
+
+
+def _shift_mask(
+    height: int, width: int, wh: int, ww: int, sh: int, sw: int, device, dtype
+) -> Tensor:
+    """``(windows, n, n)``: -100 between tokens of a shifted window that come from different
+    regions of the unshifted map (three bands per axis: ``[0, H-wh)``, ``[H-wh, H-sh)``,
+    ``[H-sh, H)``), else 0."""
+    rows = torch.zeros(height, dtype=torch.int64, device=device)
+    rows[height - wh :] += 1
+    rows[height - sh :] += 1
+    cols = torch.zeros(width, dtype=torch.int64, device=device)
+    cols[width - ww :] += 1
+    cols[width - sw :] += 1
+    region = (rows[:, None] * 3 + cols[None, :])[None, :, :, None]
+    region = _windows(region, wh, ww)[0, :, :, 0]  # windows, n
+    differ = region[:, None, :] != region[:, :, None]
+    return torch.zeros(differ.shape, dtype=dtype, device=device).masked_fill_(differ, -100.0)
+
+
+def _relative_position_index(wh: int, ww: int) -> Tensor:
+    """LongTensor ``(wh*ww*wh*ww,)``: the bias table row of every token pair of a window."""
+    rows = torch.arange(wh).repeat_interleave(ww)
+    cols = torch.arange(ww).repeat(wh)
+    dr = rows[:, None] - rows[None, :] + wh - 1
+    dc = cols[:, None] - cols[None, :] + ww - 1
+    return (dr * (2 * ww - 1) + dc).flatten()
+
+
+def _relative_coords_table(wh: int, ww: int) -> Tensor:
+    """``(1, 2wh-1, 2ww-1, 2)``: V2's log-spaced relative coordinates in [-1, 1]."""
+    dh = torch.arange(-(wh - 1), wh, dtype=torch.float32) / max(wh - 1, 1) * 8
+    dw = torch.arange(-(ww - 1), ww, dtype=torch.float32) / max(ww - 1, 1) * 8
+    table = torch.stack(torch.meshgrid(dh, dw, indexing="ij"), dim=-1).unsqueeze(0)
+    return torch.sign(table) * torch.log2(table.abs() + 1.0) / 3.0
+
+
+def _copy_rows(new: nn.Linear, old: nn.Linear, rows: Tensor) -> None:
+    """Give ``new`` the rows ``rows`` of ``old``'s weight and bias (same requires_grad)."""
+    new.weight = nn.Parameter(
+        old.weight.detach().index_select(0, rows).clone(), requires_grad=old.weight.requires_grad
+    )
+    if old.bias is not None:
+        new.bias = nn.Parameter(
+            old.bias.detach().index_select(0, rows).clone(), requires_grad=old.bias.requires_grad
+        )
+    new.out_features = len(rows)
+
+
+def _take(module: nn.Module, name: str, old: Tensor, axis: int, kept: Tensor) -> None:
+    """Set parameter ``name`` of ``module`` to ``old``'s entries ``kept`` along ``axis``."""
+    value = old.detach().index_select(axis, kept).clone()
+    setattr(module, name, nn.Parameter(value, requires_grad=old.requires_grad))

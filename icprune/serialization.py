@@ -21,15 +21,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from icprune.attention import PrunedMultiheadAttention
+from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
 from icprune.files import load_torch_file, save_atomically
 from icprune.structure.layers import (
     SLICEABLE_TYPES,
     channel_structure,
+    embed_dim,
+    head_dim,
     is_attention,
     is_layernorm,
+    is_window_attention,
     owned_parameter,
     parameter_axis,
+    projection,
     set_channels,
     sizes,
     tensor_shapes,
@@ -68,7 +72,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "version": VERSION,
             "channels": channels,
             "heads": {
-                name: [module.num_heads, module.head_dim]
+                name: [module.num_heads, head_dim(module)]
                 for name, module in modules.items()
                 if is_attention(module)
             },
@@ -189,43 +193,53 @@ def load(
 def _load_heads(path: str, model: nn.Module, name: str, count: int, dim: int, state: dict) -> None:
     """Give the attention block ``name`` of ``model`` ``count`` heads of ``dim`` features:
     left as it is when it has them, else replaced by a
-    :class:`~icprune.attention.PrunedMultiheadAttention` of that many heads (its tensors'
-    values are then loaded from ``state``)."""
+    :class:`~icprune.attention.PrunedMultiheadAttention` (window attention:
+    :class:`~icprune.attention.PrunedWindowAttention`) of that many heads, once the stored
+    tensors are checked to have its shapes (their values are loaded from ``state`` after)."""
     try:
-        module = model.get_submodule(name) if name else model
+        module = model.get_submodule(name)
     except AttributeError:
         module = None
-    if module is None or not is_attention(module) or module.head_dim != dim:
-        found = "no such module" if module is None else type(module).__name__
-        if module is not None and is_attention(module):
-            found += f" with head_dim {module.head_dim}"
+    if not name or module is None or not is_attention(module) or head_dim(module) != dim:
+        found = "no such module" if module is None or not name else type(module).__name__
+        if name and module is not None and is_attention(module):
+            found += f" with head_dim {head_dim(module)}"
         raise ValueError(
             f"load: {path!r}: the saved model has an attention block {name!r} of {count} heads "
             f"of {dim} features, model_fn()'s model has {found}; pass the same architecture"
         )
-    if count == module.num_heads and not isinstance(module, PrunedMultiheadAttention):
+    window = is_window_attention(module)
+    kind = PrunedWindowAttention if window else PrunedMultiheadAttention
+    if count == module.num_heads and not isinstance(module, kind):
         return
-    prefix = f"{name}." if name else ""
-    weight = state.get(f"{prefix}in_proj_weight")
-    expected = (3 * count * dim, module.embed_dim)
-    if weight is None or tuple(weight.shape) != expected or not name:
-        found = None if weight is None else tuple(weight.shape)
-        raise ValueError(
-            f"load: {path!r}: '{prefix}in_proj_weight' is stored as {found}, but {count} heads "
-            f"of {dim} features over embed_dim {module.embed_dim} make it {expected}; the file "
-            f"is damaged or does not fit model_fn()'s model"
-        )
-    new = PrunedMultiheadAttention(
-        module.embed_dim, count, dim, dropout=module.dropout,
-        bias=module.in_proj_bias is not None, batch_first=module.batch_first,
-        device=module.in_proj_weight.device, dtype=module.in_proj_weight.dtype,
-    )  # fmt: skip
-    for attr in ("in_proj_weight", "in_proj_bias"):
-        old, fresh = getattr(module, attr), getattr(new, attr)
-        if old is not None:
-            fresh.requires_grad_(old.requires_grad)
-    for old, fresh in zip(module.out_proj.parameters(), new.out_proj.parameters(), strict=True):
-        fresh.requires_grad_(old.requires_grad)
+    for key, shape in tensor_shapes(module, count, count, 1).items():
+        stored = state.get(f"{name}.{key}")
+        if stored is None or tuple(stored.shape) != shape:
+            found = None if stored is None else tuple(stored.shape)
+            raise ValueError(
+                f"load: {path!r}: '{name}.{key}' is stored as {found}, but {count} heads of {dim} "
+                f"features over embed_dim {embed_dim(module)} make it {shape}; the file is "
+                f"damaged or does not fit model_fn()'s model"
+            )
+    owner, weight, bias = projection(module)
+    like = getattr(owner, weight)
+    has_bias = getattr(owner, bias) is not None
+    if window:
+        new = PrunedWindowAttention(
+            embed_dim(module), module.window_size, module.shift_size, count, dim,
+            qkv_bias=has_bias, proj_bias=module.proj.bias is not None,
+            attention_dropout=module.attention_dropout, dropout=module.dropout,
+            cosine=hasattr(module, "logit_scale"),
+        )  # fmt: skip
+    else:
+        new = PrunedMultiheadAttention(
+            embed_dim(module), count, dim, dropout=module.dropout, bias=has_bias,
+            batch_first=module.batch_first,
+        )  # fmt: skip
+    new = new.to(device=like.device, dtype=like.dtype)
+    flags = {key: p.requires_grad for key, p in module.named_parameters()}
+    for key, parameter in new.named_parameters():
+        parameter.requires_grad_(flags.get(key, True))
     new.train(module.training)
     model.set_submodule(name, new, strict=True)
 

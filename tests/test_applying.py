@@ -13,6 +13,7 @@ import icprune
 from icprune.applying import apply
 from icprune.models import mobilenet_v2, resnet18, resnet20, resnet50, resnet56, vgg16_bn
 from icprune.planning import PruningPlan, plan
+from icprune.structure.layers import embed_dim, head_dim, is_attention, projection
 
 ZOO = [
     (resnet18, (2, 3, 64, 64)),
@@ -332,8 +333,8 @@ def test_apply_with_stats_repairs_in_place_or_on_a_copy():
 
 
 def _heads_and_channels_zeroed(model: nn.Module, chosen: PruningPlan) -> nn.Module:
-    """The reference for a ViT plan: a copy of ``model`` with the pruned heads' value rows and
-    the pruned MLP channels' fc1 rows zeroed (their outputs are then exactly 0)."""
+    """The reference for a ViT or Swin plan: a copy of ``model`` with the pruned heads' value
+    rows and the pruned MLP channels' fc1 rows zeroed (their outputs are then exactly 0)."""
     ref = copy.deepcopy(model)
     modules = dict(ref.named_modules())
     with torch.no_grad():
@@ -341,11 +342,12 @@ def _heads_and_channels_zeroed(model: nn.Module, chosen: PruningPlan) -> nn.Modu
             gone = torch.ones(group.channels, dtype=torch.bool)
             gone[kept] = False
             layer = modules[group.layers[0]]
-            if isinstance(layer, nn.MultiheadAttention):
-                d, e = layer.head_dim, layer.embed_dim
+            if is_attention(layer):
+                owner, weight, bias = projection(layer)
+                d, e = head_dim(layer), embed_dim(layer)
                 for h in gone.nonzero().flatten().tolist():
-                    layer.in_proj_weight[2 * e + h * d : 2 * e + (h + 1) * d] = 0
-                    layer.in_proj_bias[2 * e + h * d : 2 * e + (h + 1) * d] = 0
+                    getattr(owner, weight)[2 * e + h * d : 2 * e + (h + 1) * d] = 0
+                    getattr(owner, bias)[2 * e + h * d : 2 * e + (h + 1) * d] = 0
             else:
                 layer.weight[gone] = 0
                 layer.bias[gone] = 0
@@ -405,3 +407,36 @@ def test_head_scores_are_the_out_proj_column_energy():
             example_inputs=torch.randn(1, 3, 16, 16),
             ratio=0.2,
         )
+
+
+def test_swin_window_attention_heads_prune_to_the_head_masked_model():
+    from icprune.attention import PrunedWindowAttention
+    from tests.structure.nets import SwinNet
+
+    torch.manual_seed(0)
+    model = SwinNet().eval()
+    x = torch.randn(3, 3, 24, 24)  # a 6 x 6 map: padded to whole windows
+    chosen = icprune.prune(model, example_inputs=x[:1], ratio=0.4).plan
+    pruned = apply(model, chosen)
+    for block in ("block1", "block2"):
+        kept = chosen.keep[f"{block}.attn"]
+        attention = pruned.get_submodule(f"{block}.attn")
+        assert isinstance(attention, PrunedWindowAttention) and len(kept) < 4
+        assert (attention.num_heads, attention.head_dim) == (len(kept), 4)
+        assert attention.qkv.weight.shape == (12 * len(kept), 16)
+        assert attention.proj.weight.shape == (16, 4 * len(kept))
+        original = model.get_submodule(f"{block}.attn")
+        if attention.cosine:  # V2: the kept heads' logit scales and position-bias MLP rows
+            assert torch.equal(attention.logit_scale, original.logit_scale[kept])
+            assert torch.equal(attention.cpb_mlp[2].weight, original.cpb_mlp[2].weight[kept])
+        else:
+            table = original.relative_position_bias_table
+            assert torch.equal(attention.relative_position_bias_table, table[:, kept])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(x), _heads_and_channels_zeroed(model, chosen)(x), rtol=1e-4, atol=1e-5
+        )
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+    assert icprune.count(model, x[:1]) == (chosen.macs[0], chosen.params[0])
+    twice = icprune.prune(pruned, example_inputs=x[:1], ratio=0.2)
+    assert icprune.count(twice.model, x[:1]) == (twice.plan.macs[1], twice.plan.params[1])

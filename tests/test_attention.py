@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
 
-from icprune.attention import PrunedMultiheadAttention, head_columns, head_rows
+from icprune.attention import (
+    PrunedMultiheadAttention,
+    PrunedWindowAttention,
+    head_columns,
+    head_rows,
+)
 
 
 def _mha(batch_first: bool, bias: bool = True) -> nn.MultiheadAttention:
@@ -113,3 +120,39 @@ def test_constructor_checks_and_shapes():
     assert module(torch.randn(2, 5, 16), *[torch.randn(2, 5, 16)] * 2)[0].shape == (2, 5, 16)
     with pytest.raises(ValueError, match="num_heads must be an int >= 1"):
         PrunedMultiheadAttention(16, 0, 4)
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["v1", "v2"])
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("side", [8, 6], ids=["whole-windows", "padded"])
+def test_window_attention_with_fewer_heads_equals_the_head_masked_one(cosine, shift, side):
+    torch.manual_seed(0)
+    full = PrunedWindowAttention(16, [4, 4], [shift, shift], 4, 4, cosine=cosine).eval()
+    with torch.no_grad():
+        for p in full.parameters():
+            p.normal_()
+    kept = torch.tensor([0, 3])
+    pruned = PrunedWindowAttention.keeping(full, kept)
+    assert pruned.proj is full.proj  # its input columns are the applier's to slice
+    pruned.proj = nn.Linear(8, 16)
+    ref = PrunedWindowAttention(16, [4, 4], [shift, shift], 4, 4, cosine=cosine).eval()
+    ref.load_state_dict(full.state_dict())
+    with torch.no_grad():
+        pruned.proj.weight.copy_(full.proj.weight[:, head_columns(4, kept)])
+        pruned.proj.bias.copy_(full.proj.bias)
+        ref.qkv.weight[32 + 4 : 32 + 12] = 0  # heads 1 and 2: value rows
+        ref.qkv.bias[32 + 4 : 32 + 12] = 0
+        x = torch.randn(2, side, side, 16)
+        torch.testing.assert_close(pruned(x), ref(x), rtol=1e-5, atol=1e-5)
+    assert list(pruned.state_dict()) == list(full.state_dict())
+
+
+def test_window_attention_position_tables_are_swins():
+    module = PrunedWindowAttention(8, [2, 3], [0, 0], 2, 4, cosine=True)
+    # token (a, b) to (c, d): row (a - c + 1) * 5 + (b - d + 2) of the (3 * 5)-row table
+    index = module.relative_position_index.view(6, 6)
+    assert index[0, 0] == 1 * 5 + 2 and index[0, 5] == (0 - 1 + 1) * 5 + (0 - 2 + 2)
+    assert index[5, 0] == (1 + 1) * 5 + (2 + 2)
+    table = module.relative_coords_table
+    assert table.shape == (1, 3, 5, 2) and torch.equal(table[0, 1, 2], torch.zeros(2))
+    assert torch.allclose(table[0, 2, 4], torch.full((2,), math.log2(9) / 3))  # the corner

@@ -158,20 +158,24 @@ def test_load_checks_model_fn(tmp_path):
         icprune.load(path, lambda: None)
 
 
-def test_round_trip_of_pruned_attention_heads(tmp_path):
-    from icprune.attention import PrunedMultiheadAttention
-    from tests.structure.nets import ViTNet
+@pytest.mark.parametrize("name", ["ViTNet", "SwinNet"])
+def test_round_trip_of_pruned_attention_heads(tmp_path, name):
+    from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
+    from tests.structure import nets
 
     torch.manual_seed(0)
-    model = ViTNet().eval()
-    x = torch.randn(2, 3, 16, 16)
-    pruned = icprune.prune(model, example_inputs=x[:1], flops_reduction=0.3).model
-    assert any(isinstance(m, PrunedMultiheadAttention) for m in pruned.modules())
+    factory = getattr(nets, name)
+    model = factory().eval()
+    x = torch.randn(2, 3, 16, 16) if name == "ViTNet" else torch.randn(2, 3, 24, 24)
+    pruned = icprune.prune(model, example_inputs=x[:1], ratio=0.4).model
+    kind = PrunedMultiheadAttention if name == "ViTNet" else PrunedWindowAttention
+    heads = [m.num_heads for m in pruned.modules() if isinstance(m, kind)]
+    assert min(heads) < 4
     path = tmp_path / "vit.pt"
     icprune.save(pruned, path)
-    loaded = icprune.load(path, ViTNet).eval()
-    for name, module in pruned.named_modules():
-        assert type(loaded.get_submodule(name)) is type(module)
+    loaded = icprune.load(path, factory).eval()
+    for qualified, module in pruned.named_modules():
+        assert type(loaded.get_submodule(qualified)) is type(module)
     for (k, a), (k2, b) in zip(
         pruned.state_dict().items(), loaded.state_dict().items(), strict=True
     ):
@@ -179,16 +183,19 @@ def test_round_trip_of_pruned_attention_heads(tmp_path):
     with torch.no_grad():
         assert torch.equal(pruned(x), loaded(x))
     assert icprune.count(loaded, x) == icprune.count(pruned, x)
+    if name == "SwinNet":
+        return
     # the heads table is validated, and must fit the architecture
     data = torch.load(path, weights_only=True)
-    assert data["heads"]["block1.self_attention"][1] == 6
+    count, dim = data["heads"]["block1.self_attention"]
+    assert dim == 6 and count < 4
     for heads, message in (
         ({"block1.self_attention": [2, 0]}, "'heads' must map attention modules"),
         ({"block1.fc1": [2, 6]}, "model_fn\\(\\)'s model has Linear"),
         ({"block1.self_attention": [2, 4]}, "with head_dim 6"),
-        ({"block1.self_attention": [1, 6]}, "in_proj_weight' is stored as"),
+        ({"block1.self_attention": [count + 1, 6]}, "in_proj_weight' is stored as"),
     ):
         edited = dict(data, heads=dict(data["heads"], **heads))
         torch.save(edited, tmp_path / "edited.pt")
         with pytest.raises(ValueError, match=message):
-            icprune.load(tmp_path / "edited.pt", ViTNet)
+            icprune.load(tmp_path / "edited.pt", factory)

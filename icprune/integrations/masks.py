@@ -11,12 +11,14 @@ prunes, with ``torch.nn.utils.prune.custom_from_mask`` (each masked parameter ``
 - BatchNorm: weight and bias of the pruned channels (affine BatchNorms only; running statistics
   are buffers and stay);
 - attention block: the q, k and v rows of the pruned heads in ``in_proj_weight`` and
-  ``in_proj_bias`` (:func:`icprune.attention.head_rows`), and their ``out_proj`` input columns
-  (as any consumer's). A masked head's value rows are 0, so its output is exactly 0 (its zero
-  query and key rows give it uniform weights over zeros). ``nn.MultiheadAttention`` reads
-  ``out_proj.weight`` without calling ``out_proj``, so that mask is applied once, here, and not
-  recomputed before each forward: after training ``out_proj.weight_orig`` it is stale (the
-  head is 0 anyway).
+  ``in_proj_bias`` (Swin: ``qkv``'s weight and bias; :func:`icprune.attention.head_rows`), and
+  their output projection's input columns (as any consumer's). A masked head's value rows are 0,
+  so its output is exactly 0 whatever weights its (zero) queries and keys give it; its
+  per-head parameters (Swin's position bias) are left as they are. The attention modules read
+  their projections' weights without calling them, so the masks of Swin's ``qkv`` and of every
+  output projection are applied once, here, and not recomputed before each forward: after
+  training their ``weight_orig`` they are stale (the head's values stay masked in
+  ``nn.MultiheadAttention``, whose own ``in_proj_weight`` mask is recomputed).
 
 With weight *and* bias zero, a pruned channel is exactly 0 after its conv and after an affine
 BatchNorm (``0 * x_hat + 0``), so it stays 0 through activations and residual adds, and the
@@ -43,12 +45,14 @@ from icprune.attention import head_rows
 from icprune.planning import PruningPlan
 from icprune.structure.layers import (
     groups,
+    head_dim,
     is_attention,
     is_batchnorm,
     is_depthwise,
     is_layernorm,
     owned_parameter,
     parameter_axis,
+    projection,
 )
 
 
@@ -136,10 +140,11 @@ def apply_masks(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -
         module = modules[name]
         if is_attention(module):
             if rows is not None:
-                kept = head_rows(out_size, module.head_dim, rows.nonzero().flatten())
-                keep = _keep(module.in_proj_weight.shape[0], kept)
-                _mask(module, "in_proj_weight", keep, None)
-                _mask(module, "in_proj_bias", keep, None)
+                owner, weight, bias = projection(module)
+                kept = head_rows(out_size, head_dim(module), rows.nonzero().flatten())
+                keep = _keep(getattr(owner, weight).shape[0], kept)
+                _mask(owner, weight, keep, None)
+                _mask(owner, bias, keep, None)
             continue
         if is_batchnorm(module) or is_layernorm(module):
             _mask(module, "weight", rows, None)

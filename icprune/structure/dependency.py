@@ -87,14 +87,18 @@ from icprune.structure.graph import (
 from icprune.structure.layers import (
     PRUNABLE_TYPES,
     SLICEABLE_TYPES,
+    embed_dim,
     groups,
+    head_dim,
     in_channels,
     is_attention,
     is_batchnorm,
     is_conv,
     is_depthwise,
     is_layernorm,
+    is_window_attention,
     out_channels,
+    output_projection,
     owned_parameter,
     parameter_axis,
 )
@@ -455,29 +459,18 @@ class _Walker:
         name = node.target
         module = self.modules[name]
         self.spaces.block(*self.inputs(node))
-        query, key = _meta(_arg(node, 0, "query")), _meta(_arg(node, 1, "key"))
-        if name in self.ignored or self.calls[name] != 1 or query is None or key is None:
+        if name in self.ignored or self.calls[name] != 1:
             return None
-        if len(query.shape) != len(key.shape) or len(query.shape) not in (2, 3):
+        per_head = _per_head_cost(node, module)
+        if per_head is None:
             return None
-        if len(query.shape) == 2:  # unbatched (L, E)
-            batch, length, source = 1, query.shape[0], key.shape[0]
-        elif module.batch_first:
-            batch, length, source = query.shape[0], query.shape[1], key.shape[1]
-        else:
-            batch, length, source = query.shape[1], query.shape[0], key.shape[0]
-        embed, dim, count = module.embed_dim, module.head_dim, module.num_heads
-        macs = dim * (2 * batch * length * embed + 2 * batch * source * embed)
-        macs += dim * 2 * batch * length * source
-        bias = module.in_proj_bias is not None
-        self.shapes[name] = LayerShape(
-            name, "attention", count, count, 1, macs, 3 * dim * (embed + int(bias)), bias
-        )
+        count, dim = module.num_heads, head_dim(module)
+        self.shapes[name] = LayerShape(name, "attention", count, count, 1, *per_head, True)
         fresh = self.fresh(node, count)
         self.spaces.add(fresh, name, "heads", order)
         self.spaces.add(
             tuple((space, size, dim) for space, size, _ in fresh),
-            f"{name}.out_proj" if name else "out_proj",
+            f"{name}.{output_projection(module)}" if name else output_projection(module),
             "input",
             order,
         )
@@ -789,6 +782,51 @@ class _Walker:
         if shape is not None:
             positions += shape.positions
         self.shapes[name] = _shape_of(name, module, positions)
+
+
+def _per_head_cost(node: fx.Node, module: nn.Module) -> tuple[int, int] | None:
+    """``(MACs, parameters)`` per head of one call of an attention block (see
+    :class:`LayerShape`), or None when its input shapes are not the ones it takes.
+
+    Multi-head attention over L queries and S keys of embedding E, batch N:
+    ``d * (2*N*L*E + 2*N*S*E + 2*N*L*S)`` MACs (q and out projections, k and v projections,
+    ``Q K^T`` and ``A V``), ``3*d*(E + bias)`` parameters. Window attention over a ``(B, H, W,
+    C)`` map padded to ``T = B * H' * W'`` tokens in windows of ``n = wh*ww``:
+    ``d * (4*T*C + 2*T*n)`` MACs, and V2's ``cpb_mlp`` output row: ``(2wh-1)(2ww-1)*hidden``;
+    parameters ``3*d*(C + bias)`` plus the head's bias table column (V1) or its ``cpb_mlp`` row
+    and ``logit_scale`` (V2)."""
+    dim, embed = head_dim(module), embed_dim(module)
+    if is_window_attention(module):
+        x = _meta(_arg(node, 0, "x"))
+        if x is None or len(x.shape) != 4 or x.shape[3] != embed:
+            return None
+        wh, ww = module.window_size
+        batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+        tokens = batch * (height + -height % wh) * (width + -width % ww)
+        macs = dim * (4 * tokens * embed + 2 * tokens * wh * ww)
+        bias = module.qkv.bias is not None
+        params = 3 * dim * (embed + int(bias))
+        if hasattr(module, "logit_scale"):  # V2
+            hidden = module.cpb_mlp[2].in_features
+            macs += module.relative_coords_table[..., 0].numel() * hidden
+            params += hidden + 1
+        else:
+            params += module.relative_position_bias_table.shape[0]
+        return macs, params
+    query, key = _meta(_arg(node, 0, "query")), _meta(_arg(node, 1, "key"))
+    if query is None or key is None or len(query.shape) != len(key.shape):
+        return None
+    if len(query.shape) == 2:  # unbatched (L, E)
+        batch, length, source = 1, query.shape[0], key.shape[0]
+    elif len(query.shape) != 3:
+        return None
+    elif module.batch_first:
+        batch, length, source = query.shape[0], query.shape[1], key.shape[1]
+    else:
+        batch, length, source = query.shape[1], query.shape[0], key.shape[0]
+    macs = dim * (2 * batch * length * embed + 2 * batch * source * embed)
+    macs += dim * 2 * batch * length * source
+    return macs, 3 * dim * (embed + int(module.in_proj_bias is not None))
 
 
 def _tiles(walker: _Walker) -> dict[fx.Node, int]:

@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from icprune.structure.layers import ATTENTION_TYPES, BATCHNORM_TYPES, PRUNABLE_TYPES
+from icprune.structure.layers import (
+    ATTENTION_TYPES,
+    BATCHNORM_TYPES,
+    PRUNABLE_TYPES,
+    is_window_attention,
+)
 
 READ_POINTS = ("output", "bn", "activation")
 
@@ -84,7 +89,7 @@ class _Tracer(fx.Tracer):
         leaf = isinstance(
             m, (*PRUNABLE_TYPES, *BATCHNORM_TYPES, *ACTIVATION_MODULES, *ATTENTION_TYPES)
         )
-        leaf = leaf or module_qualified_name in self.leaves
+        leaf = leaf or is_window_attention(m) or module_qualified_name in self.leaves
         return leaf or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict):

@@ -210,3 +210,44 @@ class ViTNet(nn.Module):
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         x = self.block2(self.block1(x + self.pos_embedding))
         return self.head(self.ln(x)[:, 0])
+
+
+class SwinBlock(nn.Module):
+    """torchvision's Swin block over a channels-last map ``[N, H, W, C]``: LayerNorm -> window
+    attention -> residual -> LayerNorm -> MLP -> residual. The attention is icprune's
+    ``PrunedWindowAttention`` with all its heads (torchvision's ``ShiftedWindowAttention``
+    computes the same; this venv has no torchvision)."""
+
+    def __init__(self, dim: int, heads: int, shift: int, cosine: bool) -> None:
+        from icprune.attention import PrunedWindowAttention
+
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = PrunedWindowAttention(
+            dim, [4, 4], [shift, shift], heads, dim // heads, cosine=cosine
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class SwinNet(nn.Module):
+    """4x4 patches of a ``[N, 3, 24, 24]`` image -> a ``6 x 6`` channels-last map of 16
+    channels (padded to two 4x4 windows a side) -> a block with windows, then a shifted block
+    with V2's cosine attention, 4 heads of 4 features each -> mean -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.block1 = SwinBlock(16, 4, 0, cosine=False)
+        self.block2 = SwinBlock(16, 4, 2, cosine=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.norm(self.patch(x).permute(0, 2, 3, 1))
+        return self.head(self.block2(self.block1(x)).mean((1, 2)))

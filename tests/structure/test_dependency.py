@@ -414,3 +414,19 @@ def test_attention_called_twice_or_ignored_is_opaque():
     assert [g.channels for g in dependency_groups(block, x, ignored_layers=["self_attention"])] == [
         16
     ]
+
+
+def test_window_attention_heads_and_their_cost():
+    from tests.structure.nets import SwinNet
+
+    model = SwinNet().eval()
+    deps = trace_dependencies(model, torch.randn(1, 3, 24, 24))
+    heads = [g for g in deps.groups if g.dependencies[0].kind == "heads"]
+    assert [g.layers for g in heads] == [("block1.attn",), ("block2.attn",)]
+    assert heads[0].dependencies[1:] == (Dependency("block1.attn.proj", "input", 0, 4),)
+    tokens = 8 * 8  # the 6 x 6 map padded to two 4 x 4 windows a side
+    v1, v2 = deps.shapes["block1.attn"], deps.shapes["block2.attn"]
+    assert v1.positions == 4 * (4 * tokens * 16 + 2 * tokens * 16)
+    assert v1.kernel == 3 * 4 * (16 + 1) + 7 * 7  # q, k, v rows and a bias table column
+    assert v2.positions == v1.positions + 7 * 7 * 512  # and a row of the position-bias MLP
+    assert v2.kernel == 3 * 4 * (16 + 1) + 512 + 1  # that row and a logit scale
