@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import icprune
-from icprune.attention import PrunedMultiheadAttention
+from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
 
 models = pytest.importorskip("torchvision.models", reason="needs torchvision (.venv-tv)")
 
@@ -28,12 +28,13 @@ FAMILIES = {
     "resnext50_32x4d": (64, 53),  # all 53 (before: 21 in 5 groups)
     "vit_b_16": (64, 24),  # the 12 MLP hidden dims and the 12 attention blocks' heads (the
     # residual stream stays whole; before heads: 12)
+    "swin_t": (224, 24),  # the 12 MLP hidden dims and the 12 window attentions' heads
     "convnext_tiny": (64, 58),  # all 58: LayerNorms, layer_scale (before: 0, "removes 0.000")
 }
 
 
 #: The costliest rows (about a minute each on a loaded 2-core machine).
-SLOW = ("convnext_tiny", "resnext50_32x4d", "vit_b_16")
+SLOW = ("convnext_tiny", "resnext50_32x4d", "vit_b_16", "swin_t")
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -72,9 +73,12 @@ def test_prunes_at_thirty_percent(name, with_data, tmp_path):
         assert any(
             after[n].in_channels < dict(model.named_modules())[n].in_channels for n in grouped
         )
-    if name.startswith("vit_"):  # heads are pruned: fewer heads of the same width
-        attention = [m for m in pruned.modules() if isinstance(m, PrunedMultiheadAttention)]
-        assert attention and all(m.head_dim == 64 for m in attention)
+    if name.startswith(("vit_", "swin_")):  # heads are pruned: fewer heads of the same width
+        kind = PrunedMultiheadAttention if name.startswith("vit_") else PrunedWindowAttention
+        attention = [m for m in pruned.modules() if isinstance(m, kind)]
+        assert attention and all(
+            m.head_dim == 64 if kind is PrunedMultiheadAttention else 32 for m in attention
+        )
     with torch.no_grad():
         out = pruned(x)
     assert out.shape == (1, 1000) and torch.isfinite(out).all()
