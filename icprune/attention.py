@@ -172,53 +172,10 @@ class PrunedMultiheadAttention(nn.Module):
         Raises:
             RuntimeError: ``is_causal`` without ``attn_mask``.
         """
-        if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "PrunedMultiheadAttention: is_causal=True needs attn_mask (the causal mask), "
-                "as nn.MultiheadAttention"
-            )
-        batched = query.dim() == 3
-        if not batched:
-            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        elif self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        length, batch, _ = query.shape
-        source = key.shape[0]
-        heads, dim = self.num_heads, self.head_dim
-        inner = heads * dim
-        w, b = self.in_proj_weight, self.in_proj_bias
-        bq, bk, bv = (None, None, None) if b is None else b.split(inner)
-        if query is key and key is value:
-            q, k, v = F.linear(query, w, b).split(inner, dim=-1)
-        else:
-            wq, wk, wv = w.split(inner)
-            q = F.linear(query, wq, bq)
-            if key is value:
-                k, v = F.linear(
-                    key, torch.cat([wk, wv]), None if b is None else torch.cat([bk, bv])
-                ).split(inner, dim=-1)
-            else:
-                k, v = F.linear(key, wk, bk), F.linear(value, wv, bv)
-        # (L, N, h*d) -> (N, h, L, d)
-        q = q.reshape(length, batch * heads, dim).transpose(0, 1).view(batch, heads, length, dim)
-        k = k.reshape(source, batch * heads, dim).transpose(0, 1).view(batch, heads, source, dim)
-        v = v.reshape(source, batch * heads, dim).transpose(0, 1).view(batch, heads, source, dim)
-        mask = _additive_mask(attn_mask, key_padding_mask, batch, heads, length, source, q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        weights = None
-        if need_weights:
-            scores = (q * math.sqrt(1.0 / dim)) @ k.transpose(-2, -1)
-            if mask is not None:
-                scores = scores + mask
-            weights = F.softmax(scores, dim=-1)
-            attended = F.dropout(weights, p=dropout) if dropout > 0 else weights
-            out = attended @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, mask, dropout)
-        out = out.permute(2, 0, 1, 3).reshape(length * batch, inner)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias).view(length, batch, -1)
+        context, weights, (length, batch, batched) = multihead_context(
+            self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal=is_causal
+        )
+        out = F.linear(context, self.out_proj.weight, self.out_proj.bias).view(length, batch, -1)
         if weights is not None and average_attn_weights:
             weights = weights.mean(dim=1)
         if not batched:
@@ -227,6 +184,85 @@ class PrunedMultiheadAttention(nn.Module):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+
+def multihead_context(
+    attention: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    key_padding_mask: Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[Tensor, Tensor | None, tuple[int, int, bool]]:
+    """What a multi-head attention's ``out_proj`` reads: every head's attention output.
+
+    Args:
+        attention: an ``nn.MultiheadAttention`` with packed projections or a
+            :class:`PrunedMultiheadAttention` (its ``in_proj_weight``, ``in_proj_bias``,
+            ``num_heads``, ``head_dim``, ``batch_first``, ``dropout`` and ``training`` are read).
+        query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+            is_causal: the arguments of its forward (``average_attn_weights`` plays no part).
+
+    Returns:
+        ``(context, weights, (L, N, batched))``: context Tensor[L * N, h * d] (rows in
+        ``(L, N)`` order, head i's features at ``i*d ... (i+1)*d - 1``); the weights
+        ``(N, h, L, S)`` before averaging, or None unless ``need_weights``.
+
+    Raises:
+        RuntimeError: ``is_causal`` without ``attn_mask``.
+    """
+    if is_causal and attn_mask is None:
+        raise RuntimeError(
+            f"{type(attention).__name__}: is_causal=True needs attn_mask (the causal mask), "
+            f"as nn.MultiheadAttention"
+        )
+    batched = query.dim() == 3
+    if not batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif attention.batch_first:
+        same = query is key, key is value
+        query = query.transpose(0, 1)
+        key = query if same[0] else key.transpose(0, 1)
+        value = key if same[1] else value.transpose(0, 1)
+    length, batch, _ = query.shape
+    source = key.shape[0]
+    heads, dim = attention.num_heads, attention.head_dim
+    inner = heads * dim
+    w, b = attention.in_proj_weight, attention.in_proj_bias
+    bq, bk, bv = (None, None, None) if b is None else b.split(inner)
+    if query is key and key is value:
+        q, k, v = F.linear(query, w, b).split(inner, dim=-1)
+    else:
+        wq, wk, wv = w.split(inner)
+        q = F.linear(query, wq, bq)
+        if key is value:
+            k, v = F.linear(
+                key, torch.cat([wk, wv]), None if b is None else torch.cat([bk, bv])
+            ).split(inner, dim=-1)
+        else:
+            k, v = F.linear(key, wk, bk), F.linear(value, wv, bv)
+    # (L, N, h*d) -> (N, h, L, d)
+    q = q.reshape(length, batch * heads, dim).transpose(0, 1).view(batch, heads, length, dim)
+    k = k.reshape(source, batch * heads, dim).transpose(0, 1).view(batch, heads, source, dim)
+    v = v.reshape(source, batch * heads, dim).transpose(0, 1).view(batch, heads, source, dim)
+    mask = _additive_mask(attn_mask, key_padding_mask, batch, heads, length, source, q.dtype)
+    dropout = attention.dropout if attention.training else 0.0
+    weights = None
+    if need_weights:
+        scores = (q * math.sqrt(1.0 / dim)) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        weights = F.softmax(scores, dim=-1)
+        attended = F.dropout(weights, p=dropout) if dropout > 0 else weights
+        out = attended @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, mask, dropout)
+    return out.permute(2, 0, 1, 3).reshape(length * batch, inner), weights, (length, batch, batched)
 
 
 def _additive_mask(
@@ -374,8 +410,9 @@ class PrunedWindowAttention(nn.Module):
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, cosine={self.cosine}"
         )
 
-    def relative_position_bias(self) -> Tensor:
-        """Tensor ``(1, h, wh*ww, wh*ww)``: each head's bias between the tokens of a window."""
+    def get_relative_position_bias(self) -> Tensor:
+        """Tensor ``(1, h, wh*ww, wh*ww)``: each head's bias between the tokens of a window
+        (torchvision's method of the same name)."""
         n = self.window_size[0] * self.window_size[1]
         if self.cosine:
             table = self.cpb_mlp(self.relative_coords_table).view(-1, self.num_heads)
@@ -387,50 +424,70 @@ class PrunedWindowAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Window attention of ``x`` ``(B, H, W, C)``; returns ``(B, H, W, C)``."""
         batch, height, width, channels = x.shape
+        context, (full_h, full_w, sh, sw) = window_context(self, x)
+        out = F.linear(context, self.proj.weight, self.proj.bias)
+        out = F.dropout(out, p=self.dropout, training=self.training)
         wh, ww = self.window_size
-        pad_h, pad_w = -height % wh, -width % ww
-        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
-        full_h, full_w = height + pad_h, width + pad_w
-        sh = 0 if wh >= full_h else self.shift_size[0]
-        sw = 0 if ww >= full_w else self.shift_size[1]
-        if sh or sw:
-            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
-        windows = (full_h // wh) * (full_w // ww)
-        n = wh * ww
-        tokens = _windows(x, wh, ww).reshape(batch * windows, n, channels)
-        heads, dim = self.num_heads, self.head_dim
-        bias = self.qkv.bias
-        if self.cosine and bias is not None:  # V2 has no key bias
-            bias = torch.cat(
-                [
-                    bias[: heads * dim],
-                    torch.zeros_like(bias[heads * dim : 2 * heads * dim]),
-                    bias[2 * heads * dim :],
-                ]
-            )
-        qkv = F.linear(tokens, self.qkv.weight, bias)
-        qkv = qkv.reshape(batch * windows, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        if self.cosine:
-            attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-            attn = attn * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
-        else:
-            attn = (q * dim**-0.5) @ k.transpose(-2, -1)
-        attn = attn + self.relative_position_bias()
-        if sh or sw:
-            mask = _shift_mask(full_h, full_w, wh, ww, sh, sw, x.device, attn.dtype)
-            attn = attn.view(batch, windows, heads, n, n) + mask[None, :, None]
-            attn = attn.view(-1, heads, n, n)
-        attn = F.dropout(F.softmax(attn, dim=-1), p=self.attention_dropout, training=self.training)
-        out = (attn @ v).transpose(1, 2).reshape(batch * windows, n, heads * dim)
-        out = F.dropout(
-            F.linear(out, self.proj.weight, self.proj.bias), p=self.dropout, training=self.training
-        )
         out = out.view(batch, full_h // wh, full_w // ww, wh, ww, channels)
         out = out.permute(0, 1, 3, 2, 4, 5).reshape(batch, full_h, full_w, channels)
         if sh or sw:
             out = torch.roll(out, shifts=(sh, sw), dims=(1, 2))
         return out[:, :height, :width, :].contiguous()
+
+
+def window_context(attention: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """What a window attention's ``proj`` reads: every head's attention output in every window.
+
+    Args:
+        attention: torchvision's ``ShiftedWindowAttention(V2)`` or a
+            :class:`PrunedWindowAttention` (its ``qkv``, ``num_heads``, ``window_size``,
+            ``shift_size``, ``get_relative_position_bias()``, ``attention_dropout``, V2's
+            ``logit_scale`` and ``training`` are read).
+        x: its input ``(B, H, W, C)``.
+
+    Returns:
+        ``(context, (H', W', sh, sw))``: context Tensor[B * windows, wh*ww, h*d] (windows of
+        the padded, shifted map in row-major order; head i's features at ``i*d ...
+        (i+1)*d - 1``), the padded map's size and the shift used.
+    """
+    batch, height, width, channels = x.shape
+    wh, ww = attention.window_size
+    pad_h, pad_w = -height % wh, -width % ww
+    x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    full_h, full_w = height + pad_h, width + pad_w
+    sh = 0 if wh >= full_h else attention.shift_size[0]
+    sw = 0 if ww >= full_w else attention.shift_size[1]
+    if sh or sw:
+        x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+    windows = (full_h // wh) * (full_w // ww)
+    n = wh * ww
+    tokens = _windows(x, wh, ww).reshape(batch * windows, n, channels)
+    heads = attention.num_heads
+    dim = attention.qkv.out_features // (3 * heads)
+    cosine = getattr(attention, "logit_scale", None) is not None
+    bias = attention.qkv.bias
+    if cosine and bias is not None:  # V2 has no key bias
+        inner = heads * dim
+        bias = torch.cat(
+            [bias[:inner], torch.zeros_like(bias[inner : 2 * inner]), bias[2 * inner :]]
+        )
+    qkv = F.linear(tokens, attention.qkv.weight, bias)
+    qkv = qkv.reshape(batch * windows, n, 3, heads, dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    if cosine:
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(attention.logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * dim**-0.5) @ k.transpose(-2, -1)
+    attn = attn + attention.get_relative_position_bias()
+    if sh or sw:
+        mask = _shift_mask(full_h, full_w, wh, ww, sh, sw, x.device, attn.dtype)
+        attn = attn.view(batch, windows, heads, n, n) + mask[None, :, None]
+        attn = attn.view(-1, heads, n, n)
+    attn = F.softmax(attn, dim=-1)
+    attn = F.dropout(attn, p=attention.attention_dropout, training=attention.training)
+    context = (attn @ v).transpose(1, 2).reshape(batch * windows, n, heads * dim)
+    return context, (full_h, full_w, sh, sw)
 
 
 def _windows(x: Tensor, wh: int, ww: int) -> Tensor:

@@ -440,3 +440,34 @@ def test_swin_window_attention_heads_prune_to_the_head_masked_model():
     assert icprune.count(model, x[:1]) == (chosen.macs[0], chosen.params[0])
     twice = icprune.prune(pruned, example_inputs=x[:1], ratio=0.2)
     assert icprune.count(twice.model, x[:1]) == (twice.plan.macs[1], twice.plan.params[1])
+
+
+@pytest.mark.parametrize("name", ["ViTNet", "SwinNet"])
+def test_with_data_heads_are_pruned_and_their_output_projection_repaired(name):
+    from tests.structure import nets
+
+    torch.manual_seed(0)
+    model = getattr(nets, name)().eval()
+    side = 16 if name == "ViTNet" else 24
+    data = [torch.randn(4, 3, side, side) for _ in range(2)]
+    repaired = icprune.prune(model, data, ratio=0.4)
+    plain = icprune.prune(model, data, ratio=0.4, repair=False)
+    assert repaired.plan.to_json() == plain.plan.to_json()
+    heads = [n for n in repaired.plan.keep if n.endswith(("self_attention", "attn"))]
+    assert min(len(repaired.plan.keep[n]) for n in heads) < 4
+    x = data[0][:1]
+    assert icprune.count(repaired.model, x) == (repaired.plan.macs[1], repaired.plan.params[1])
+    with torch.no_grad():
+        want = torch.cat([model(batch) for batch in data])
+        errors = [
+            (torch.cat([m(batch) for batch in data]) - want).pow(2).mean()
+            for m in (repaired.model, plain.model)
+        ]
+    assert errors[0] < errors[1]  # the least-squares re-fit of the consumers on the same data
+    for n in heads:  # an output projection whose heads were pruned is re-fitted too
+        if len(repaired.plan.keep[n]) < 4:
+            block = repaired.model.get_submodule(n)
+            attr = "out_proj" if name == "ViTNet" else "proj"
+            refit = getattr(block, attr).weight
+            sliced = getattr(plain.model.get_submodule(n), attr).weight
+            assert refit.shape == sliced.shape and not torch.equal(refit, sliced)
