@@ -40,10 +40,11 @@ layer's tokens ``[N, L, C]`` or of a channels-last map ``[N, H, W, C]``). A prun
   ``c*prod(S) ... (c+1)*prod(S) - 1`` (flatten -> linear).
 
 - an attention block (:func:`icprune.structure.layers.is_attention`: ``nn.MultiheadAttention``
-  with packed projections, icprune's ``PrunedMultiheadAttention``) called once is a *known
-  block*: it is not traced into, and its ``num_heads`` heads become a space of their own (a
-  group of H channels, kind ``"heads"``), with its ``out_proj`` reading them (kind ``"input"``,
-  ``head_dim`` consecutive input features per head). The embedding dimension it reads and
+  with packed projections, torchvision's Swin ``ShiftedWindowAttention(V2)``, icprune's
+  ``PrunedMultiheadAttention`` and ``PrunedWindowAttention``) called once is a *known block*:
+  it is not traced into, and its ``num_heads`` heads become a space of their own (a group of H
+  channels, kind ``"heads"``), with its output projection (``out_proj``, Swin's ``proj``)
+  reading them (kind ``"input"``, ``head_dim`` consecutive input features per head). The embedding dimension it reads and
   writes (the residual stream) is not pruned through it: its inputs and outputs are opaque.
 
 Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
@@ -213,12 +214,15 @@ class LayerShape:
         positions: output positions over all calls for ``example_inputs``: ``N * prod(output
             spatial)`` for a conv, ``N * prod(leading dims)`` for a linear layer (``N`` on 2-D
             inputs, ``N * L`` over tokens); 0 for the norms, or when not called. For an
-            attention block: its MACs per head over all calls (``head_dim * (N*L*E + 2*N*S*E
-            + 2*N*L*S + N*L*E)`` each: the query, key and value projections, ``Q K^T``, ``A V``
-            and ``out_proj``, for L queries over S keys of embedding E).
+            attention block: its MACs per head over all calls (multi-head attention:
+            ``head_dim * (N*L*E + 2*N*S*E + 2*N*L*S + N*L*E)`` each, the query, key and value
+            projections, ``Q K^T``, ``A V`` and ``out_proj``, for L queries over S keys of
+            embedding E; window attention: ``head_dim * (4*T*C + 2*T*n)`` over T padded tokens
+            in windows of n, plus V2's ``cpb_mlp`` output row).
         kernel: ``prod(kernel_size)`` (1 for linear and the norms; for a parameter its elements
-            per channel; for an attention block its projection parameters per head,
-            ``3 * head_dim * (E + bias)``).
+            per channel; for an attention block its parameters per head: q, k and v rows,
+            ``3 * head_dim * (E + bias)``, and Swin's bias table column or V2's ``cpb_mlp`` row
+            and ``logit_scale``).
         bias: the module has a bias (for a BatchNorm: affine weight and bias).
         weight: a LayerNorm has a weight (True for every other kind, whose weight is counted by
             ``bias`` for a BatchNorm and always present for convs and linears).
