@@ -44,8 +44,9 @@ layer's tokens ``[N, L, C]`` or of a channels-last map ``[N, H, W, C]``). A prun
   ``PrunedMultiheadAttention`` and ``PrunedWindowAttention``) called once is a *known block*:
   it is not traced into, and its ``num_heads`` heads become a space of their own (a group of H
   channels, kind ``"heads"``), with its output projection (``out_proj``, Swin's ``proj``)
-  reading them (kind ``"input"``, ``head_dim`` consecutive input features per head). The embedding dimension it reads and
-  writes (the residual stream) is not pruned through it: its inputs and outputs are opaque.
+  reading them (kind ``"input"``, ``head_dim`` consecutive input features per head). The
+  embedding dimension it reads and writes (the residual stream) is not pruned through it: its
+  inputs and outputs are opaque.
 
 Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
 per-channel PReLU, convs/linears/BatchNorms/LayerNorms called more
