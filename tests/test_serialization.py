@@ -199,3 +199,20 @@ def test_round_trip_of_pruned_attention_heads(tmp_path, name):
         torch.save(edited, tmp_path / "edited.pt")
         with pytest.raises(ValueError, match=message):
             icprune.load(tmp_path / "edited.pt", factory)
+
+
+def test_files_from_before_heads_were_pruned_still_load(tmp_path):
+    # they had no "heads" table and listed in_proj_bias as a per-channel parameter
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    icprune.save(model, tmp_path / "new.pt")
+    data = torch.load(tmp_path / "new.pt", weights_only=True)
+    del data["heads"]
+    data["channels"]["block1.self_attention.in_proj_bias"] = [72, 72, 1]
+    torch.save(data, tmp_path / "old.pt")
+    loaded = icprune.load(tmp_path / "old.pt", ViTNet).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
