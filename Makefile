@@ -27,6 +27,9 @@ bench: $(STAMP)
 	$(PY) bench/slicing.py --out bench/results/cpu-slicing.md
 	$(PY) bench/pruned_latency.py --out bench/results/cpu-pruned_latency.md
 	$(PY) -m bench.compensated --out bench/results/cpu-compensated.md
+	$(PY) -m bench.calibration_cpu --out bench/results/cpu-calibration.md
+	$(PY) bench/weight_stats.py --out bench/results/cpu-weight_stats.md
+	$(PY) -m bench.gram_precision --out bench/results/cpu-gram_precision.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -4,8 +4,8 @@
   non-finite policy, backend);
 - :class:`CalibrationConfig`: how calibration data is run through the model (read point, batches,
   device, progress, checkpoint, processes);
-- :class:`ScoringConfig`: how capacity and independence become one score (source, weights,
-  normalization);
+- :class:`ScoringConfig`: how channels are scored (criterion, ridge; the paper's criterion's
+  source, weights and normalization);
 - :class:`PlanConfig`: what a pruning plan aims at (target, ranking, limits, rounding).
 
 Every function that takes a config (:func:`icprune.calibrate`, :func:`icprune.score`,

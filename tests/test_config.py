@@ -193,11 +193,13 @@ def test_prune_and_plan_take_a_plan_config():
 def test_information_importance_takes_configs_and_refuses_a_checkpoint(tmp_path):
     tp_module = pytest.importorskip("icprune.integrations.torch_pruning")
     model, data = _model(), _data()
-    a = tp_module.InformationImportance(model, data, lam=0.5, bins=16, progress=False)
+    a = tp_module.InformationImportance(
+        model, data, criterion="icii", lam=0.5, bins=16, progress=False
+    )
     b = tp_module.InformationImportance(
         model,
         data,
-        scoring_config=ScoringConfig(lam=0.5),
+        scoring_config=ScoringConfig(criterion="icii", lam=0.5),
         stats_config=StatsConfig(bins=16),
         calibration_config=CalibrationConfig(progress=False),
     )

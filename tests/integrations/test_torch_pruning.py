@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import icprune
+from icprune.calibrate import InputStats
 from icprune.models import resnet20
 from icprune.planning import _group_score, normalized_scores
 from icprune.stats.channel_stats import ChannelStats
@@ -73,17 +74,44 @@ def _minmax(vec: torch.Tensor) -> torch.Tensor:
     return (vec - vec.min()) / (vec.max() - vec.min())
 
 
-@pytest.mark.parametrize("source", ["weights", "features"])
-def test_group_scores_are_the_plan_group_scores(model, batches, source):
-    """For every Torch-Pruning group of a ResNet-20, the importance is the group score that
-    icprune.plan ranks by (mean of the members' min-max normalised scores)."""
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    if source == "weights":
-        importance, scores = InformationImportance(model), icprune.score(model, criterion="icii")
-    else:
+def _importance_and_scores(model, batches, case):
+    """(InformationImportance, the icprune.score it must follow) for one way of scoring."""
+    if case == "icii-weights":
+        return InformationImportance(model, criterion="icii"), icprune.score(
+            model, criterion="icii"
+        )
+    if case == "icii-stats":
         stats = icprune.calibrate(model, batches, progress=False)
-        importance = InformationImportance(model, stats=stats)
-        scores = icprune.score(model, stats=stats)
+        return InformationImportance(model, stats=stats), icprune.score(model, stats=stats)
+    if case == "wbn":  # the data-free default
+        importance = InformationImportance(model, example_inputs=EXAMPLE)
+        return importance, icprune.score(model, example_inputs=EXAMPLE)
+    if case == "greedy":  # the default with data
+        importance = InformationImportance(model, batches, progress=False)
+        return importance, icprune.score(model, batches, progress=False)
+    assert case == "greedy-stats"
+    stats = icprune.calibrate(model, batches, read_at="input", progress=False)
+    return InformationImportance(model, stats=stats), icprune.score(model, stats=stats)
+
+
+CRITERION_OF = {
+    "icii-weights": "icii",
+    "icii-stats": "icii",
+    "wbn": "wbn",
+    "greedy": "greedy",
+    "greedy-stats": "greedy",
+}
+
+
+@pytest.mark.parametrize("case", list(CRITERION_OF))
+def test_group_scores_are_the_plan_group_scores(model, batches, case):
+    """For every Torch-Pruning group of a ResNet-20, the importance is the group score that
+    icprune.plan ranks by (mean of the members' min-max normalised scores) for the scores
+    icprune.score gives with the same inputs: its defaults ("wbn" data-free, "greedy" with data
+    or InputStats, "icii" for per-layer statistics) and criterion="icii"."""
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    importance, scores = _importance_and_scores(model, batches, case)
+    assert importance.criterion == CRITERION_OF[case]
     vectors = normalized_scores(scores, model)
     ours = {layer: g for g in dependency_groups(model, EXAMPLE) for layer in g.layers}
     groups = _groups(model, EXAMPLE, model.fc)
@@ -93,6 +121,8 @@ def test_group_scores_are_the_plan_group_scores(model, batches, source):
         expected = _group_score(ours[_root(group, model)], vectors)
         assert imp.dtype == torch.float64 and imp.shape == (len(group[0].idxs),)
         torch.testing.assert_close(imp, expected, rtol=1e-12, atol=1e-12)
+        if CRITERION_OF[case] == "greedy":  # elimination ranks: distinct within a group
+            assert len(set(imp.tolist())) == len(imp)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -104,23 +134,31 @@ def test_cat_group_maps_members_to_root_channels():
     example = torch.randn(1, 3, 8, 8)
     (group,) = [g for g in _groups(net, example, net.fc) if len(g[0].idxs) == 8]
     scores = {k: _minmax(v.score) for k, v in icprune.score(net, criterion="icii").items()}
-    imp = InformationImportance(net)(group)
+    imp = InformationImportance(net, criterion="icii")(group)
     expected = scores["d"] + torch.cat([scores["a"], scores["b"]])
     torch.testing.assert_close(imp, expected / 2, rtol=1e-12, atol=1e-12)
 
-    only_a = InformationImportance(net, layers=["a"])(group)
+    only_a = InformationImportance(net, criterion="icii", layers=["a"])(group)
     torch.testing.assert_close(only_a[:4], scores["a"], rtol=1e-12, atol=1e-12)
     assert torch.equal(only_a[4:], torch.ones(4, dtype=torch.float64))
 
+    # The data-free default: a, b and d share one group vector of icprune.score; a and b hold
+    # its two halves (each min-max normalised within its layer), d all of it.
+    wbn = {k: v.score for k, v in icprune.score(net, example_inputs=example).items()}
+    assert torch.equal(wbn["d"], torch.cat([wbn["a"], wbn["b"]]))
+    imp = InformationImportance(net, example_inputs=example)(group)
+    expected = _minmax(wbn["d"]) + torch.cat([_minmax(wbn["a"]), _minmax(wbn["b"])])
+    torch.testing.assert_close(imp, expected / 2, rtol=1e-12, atol=1e-12)
+
 
 def test_group_without_scored_layer_is_skipped(model):
-    importance = InformationImportance(model, layers=["layer1.0.conv1"])
+    importance = InformationImportance(model, criterion="icii", layers=["layer1.0.conv1"])
     results = {_root(g, model): importance(g) for g in _groups(model, EXAMPLE, model.fc)}
     assert results.pop("layer1.0.conv1") is not None
     assert all(v is None for v in results.values())
 
     pruned = copy.deepcopy(model)
-    importance = InformationImportance(pruned, layers=["layer1.0.conv1"])
+    importance = InformationImportance(pruned, criterion="icii", layers=["layer1.0.conv1"])
     tp.pruner.MetaPruner(pruned, EXAMPLE, importance, ignored_layers=[pruned.fc]).step()
     assert pruned.layer1[0].conv1.out_channels == 8
     assert pruned.layer1[1].conv1.out_channels == 16 and pruned.conv1.out_channels == 16
@@ -134,15 +172,22 @@ def _lowest(vec: torch.Tensor, n: int) -> list[int]:
     return sorted(torch.sort(vec, stable=True).indices[:n].tolist())
 
 
-@pytest.mark.parametrize("source", ["weights", "features"])
-def test_end_to_end_resnet20_matches_icprune_plan(model, batches, source):
+@pytest.mark.parametrize(
+    ("case", "global_pruning"),
+    [("icii-weights", False), ("icii-features", True), ("greedy", False), ("wbn", True)],
+)
+def test_end_to_end_resnet20_matches_icprune_plan(model, batches, case, global_pruning):
     """Torch-Pruning's MetaPruner with this importance prunes exactly the channels icprune.plan
     prunes at the same ratio (same scores, same group scores): per group with local pruning,
-    over all groups with global_pruning=True; the two pruned models compute the same logits."""
-    global_pruning = source == "features"
+    over all groups with global_pruning=True; the two pruned models compute the same logits.
+    For the defaults ("greedy" with data, "wbn" data-free) and criterion="icii"."""
     tp_model = copy.deepcopy(model)
-    data = batches if source == "features" else None
-    importance = InformationImportance(tp_model, data, progress=False)
+    data = batches if case in ("icii-features", "greedy") else None
+    options = {"example_inputs": EXAMPLE} if case == "wbn" else {}
+    if case.startswith("icii"):
+        options["criterion"] = "icii"
+    importance = InformationImportance(tp_model, data, progress=False, **options)
+    assert importance.criterion == case.split("-")[0]
     pruner = tp.pruner.MetaPruner(
         tp_model,
         EXAMPLE,
@@ -155,7 +200,7 @@ def test_end_to_end_resnet20_matches_icprune_plan(model, batches, source):
     pruner.step()
     macs_after = icprune.count(tp_model, EXAMPLE)[0]
 
-    scores = icprune.score(model, data, criterion="icii", progress=False)
+    scores = icprune.score(model, data, progress=False, **options)
     plan = icprune.plan(
         model,
         scores,
@@ -185,11 +230,11 @@ def test_end_to_end_resnet20_matches_icprune_plan(model, batches, source):
 
 
 def test_iterative_steps_rescore_the_pruned_model(model, batches):
-    """iterative_steps=2: data-free scores come from the current (pruned) weights; with data the
-    model is re-calibrated once per step."""
+    """criterion="icii", iterative_steps=2: data-free scores come from the current (pruned)
+    weights; with data the model is re-calibrated once per step."""
     pruned = copy.deepcopy(model)
     pruner = tp.pruner.MetaPruner(
-        pruned, EXAMPLE, InformationImportance(pruned), iterative_steps=2,
+        pruned, EXAMPLE, InformationImportance(pruned, criterion="icii"), iterative_steps=2,
         ignored_layers=[pruned.fc],
     )  # fmt: skip
     pruner.step()
@@ -205,7 +250,9 @@ def test_iterative_steps_rescore_the_pruned_model(model, batches):
 
     pruned = copy.deepcopy(model)
     layers = iter(prunable_layers(pruned))  # a one-shot iterable of names is kept as a list
-    importance = InformationImportance(pruned, batches, layers=layers, progress=False)
+    importance = InformationImportance(
+        pruned, batches, layers=layers, criterion="icii", progress=False
+    )
     pruner = tp.pruner.MetaPruner(
         pruned, EXAMPLE, importance, iterative_steps=2, ignored_layers=[pruned.fc]
     )
@@ -230,10 +277,111 @@ def test_stats_alone_cannot_follow_a_pruned_model(model, batches):
         pruner.step()
 
 
+def _second_step_removal(pruned, make, score_first):
+    """Prune ``pruned`` in two steps with ``make(pruned)``; return (the importance, the channels
+    of layer1.0.conv1 the second step removed, the lowest 4 by ``score_first`` of the model
+    after the first step)."""
+    importance = make(pruned)
+    pruner = tp.pruner.MetaPruner(
+        pruned, EXAMPLE, importance, iterative_steps=2, ignored_layers=[pruned.fc]
+    )
+    pruner.step()
+    after_first = copy.deepcopy(pruned)
+    assert pruned.layer1[0].conv1.out_channels == 12
+    pruner.step()
+    assert pruned.layer1[0].conv1.out_channels == 8
+    second = pruner.pruning_history()[-12:]  # one entry per group and step
+    removed = {n: sorted(i) for n, out, i in second if out}["layer1.0.conv1"]
+    return importance, removed, _lowest(score_first(after_first)["layer1.0.conv1"].score, 4)
+
+
+def test_iterative_steps_rescore_with_the_defaults(model, batches):
+    """iterative_steps=2 with the defaults: data-free ("wbn") the second step ranks by the
+    scores of the pruned weights; with data ("greedy") the consumers' inputs are re-calibrated
+    once per step and the second step ranks by the scores of the pruned model on that data."""
+    importance, removed, expected = _second_step_removal(
+        copy.deepcopy(model),
+        lambda m: InformationImportance(m, example_inputs=EXAMPLE),
+        lambda m: icprune.score(m, example_inputs=EXAMPLE),
+    )
+    assert importance.criterion == "wbn" and importance.stats is None
+    assert removed == expected
+
+    importance, removed, expected = _second_step_removal(
+        copy.deepcopy(model),
+        lambda m: InformationImportance(m, batches, progress=False),
+        lambda m: icprune.score(m, batches, progress=False),
+    )
+    assert importance.criterion == "greedy" and importance.calibrations == 2
+    assert isinstance(importance.stats, InputStats)
+    # layer1.0.conv2 reads layer1.0.conv1: 16 -> 12 -> 8 channels; calibrated after step 1.
+    assert importance.stats["layer1.0.conv2"].num_channels == 12
+    assert removed == expected
+
+
+def test_input_stats_alone_cannot_follow_a_pruned_model(model, batches):
+    pruned = copy.deepcopy(model)
+    stats = icprune.calibrate(pruned, batches, read_at="input", progress=False)
+    importance = InformationImportance(pruned, stats=stats)
+    assert importance.criterion == "greedy" and importance.calibrations == 0
+    pruner = tp.pruner.MetaPruner(
+        pruned, EXAMPLE, importance, iterative_steps=2, ignored_layers=[pruned.fc]
+    )
+    pruner.step()
+    with pytest.raises(
+        ValueError, match=r"layer 'conv1' has changed .* InformationImportance\(model, data\)"
+    ):
+        pruner.step()
+
+
+def test_criterion_and_stats_errors(model, batches):
+    """Criteria and statistics that do not fit give errors naming the argument and what to
+    pass."""
+    per_layer = icprune.calibrate(model, batches, progress=False)
+    inputs = icprune.calibrate(model, batches, read_at="input", progress=False)
+    with pytest.raises(ValueError, match=r"criterion must be one of .*got 'l1'"):
+        InformationImportance(model, example_inputs=EXAMPLE, criterion="l1")
+    free = r"'wbn' \(data-free, the default without data\).*example_inputs=.*criterion='icii'"
+    with pytest.raises(ValueError, match=free):
+        InformationImportance(model)
+    for data, stats in ((batches, None), (None, inputs)):
+        with pytest.raises(ValueError, match="criterion='wbn' is data-free: pass neither"):
+            InformationImportance(model, data, stats=stats, criterion="wbn", progress=False)
+    with pytest.raises(ValueError, match=r"'greedy' needs calibration data .*read_at='input'"):
+        InformationImportance(model, criterion="greedy")
+    with pytest.raises(
+        ValueError,
+        match=r"criterion='greedy' .* per-layer .*read_at='input'\), or criterion='icii'",
+    ):
+        InformationImportance(model, stats=per_layer, criterion="greedy")
+    with pytest.raises(
+        ValueError, match=r"criterion='icii' .*InputStats.*stats=icprune.calibrate\(model, data\)"
+    ):
+        InformationImportance(model, stats=inputs, criterion="icii")
+    with pytest.raises(TypeError, match="stats must be the InputStats"):
+        InformationImportance(model, stats={"conv1": torch.zeros(16)}, criterion="greedy")
+    with pytest.raises(ValueError, match="stats is empty"):
+        InformationImportance(model, stats=InputStats({}, {}))
+    with pytest.raises(ValueError, match=r"stats\['layer1.0.conv1'\] holds 5 channels .*16 input"):
+        InformationImportance(model, stats=InputStats({"layer1.0.conv1": ChannelStats(5)}, {}))
+    with pytest.raises(ValueError, match=r"stats\['layer9.conv'\] names no Conv/Linear"):
+        InformationImportance(model, stats=InputStats({"layer9.conv": ChannelStats(5)}, {}))
+    with pytest.raises(
+        ValueError, match=r"'wbn' scores whole dependency groups and takes no layers="
+    ):
+        InformationImportance(model, example_inputs=EXAMPLE, layers=["conv1"])
+    with pytest.raises(ValueError, match=r"'greedy' .* takes no source="):
+        InformationImportance(model, batches, criterion="greedy", source="features")
+    with pytest.raises(ValueError, match=r"criterion='wbn' .* does not take lam=0.5"):
+        InformationImportance(model, example_inputs=EXAMPLE, lam=0.5)
+
+
 def test_deterministic(model, batches):
     group = _groups(model, EXAMPLE, model.fc)[0]
     for make in (
-        lambda: InformationImportance(model),
+        lambda: InformationImportance(model, criterion="icii"),
+        lambda: InformationImportance(model, batches, criterion="icii", progress=False),
+        lambda: InformationImportance(model, example_inputs=EXAMPLE),
         lambda: InformationImportance(model, batches, progress=False),
     ):
         assert torch.equal(make()(group), make()(group))
@@ -264,12 +412,14 @@ def test_errors(model, batches):
     with pytest.raises(ValueError, match=r"stats\['layer9.conv'\] names no Conv/Linear"):
         InformationImportance(model, stats={"layer9.conv": ChannelStats(5)})
     with pytest.raises(ValueError, match="lam must be"):
-        InformationImportance(model, lam=-1.0)
+        InformationImportance(model, criterion="icii", lam=-1.0)
     with pytest.raises(ValueError, match=r"normalization \(norm=\) must be"):
-        InformationImportance(model, batches, norm="l2", progress=False)
+        InformationImportance(model, batches, criterion="icii", norm="l2", progress=False)
     other = copy.deepcopy(model)
     with pytest.raises(ValueError, match="not a module of the model this importance"):
-        InformationImportance(model)(_groups(other, EXAMPLE, other.fc)[0])
+        InformationImportance(model, criterion="icii")(_groups(other, EXAMPLE, other.fc)[0])
+    with pytest.raises(ValueError, match="not a module of the model this importance"):
+        InformationImportance(model, example_inputs=EXAMPLE)(_groups(other, EXAMPLE, other.fc)[0])
 
 
 @settings(max_examples=8, deadline=None)
@@ -279,13 +429,17 @@ def test_scores_lie_in_unit_interval(seed, lam, norm):
     layer spans exactly [0, 1] (min-max normalised)."""
     torch.manual_seed(seed)
     net = CatNet().eval()
-    importance = InformationImportance(net, lam=lam, norm=norm)
-    for group in _groups(net, torch.randn(1, 3, 8, 8), net.fc):
-        imp = importance(group)
-        assert imp.shape == (len(group[0].idxs),)
-        assert imp.min() >= 0 and imp.max() <= 1
-        if _root(group, net) == "e":
-            assert imp.min() == 0 and imp.max() == 1
+    example = torch.randn(1, 3, 8, 8)
+    for importance in (
+        InformationImportance(net, criterion="icii", lam=lam, norm=norm),
+        InformationImportance(net, example_inputs=example),
+    ):
+        for group in _groups(net, example, net.fc):
+            imp = importance(group)
+            assert imp.shape == (len(group[0].idxs),)
+            assert imp.min() >= 0 and imp.max() <= 1
+            if _root(group, net) == "e":
+                assert imp.min() == 0 and imp.max() == 1
 
 
 def test_import_errors_and_version_warning(monkeypatch):
