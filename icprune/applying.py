@@ -12,10 +12,16 @@ Every module a plan's groups touch gets new, smaller parameters and buffers, sli
 - BatchNorm: ``weight``, ``bias``, ``running_mean``, ``running_var`` and ``num_features``
   (``num_batches_tracked`` is kept as is);
 - LayerNorm: ``weight``, ``bias`` and ``normalized_shape``;
-- a per-channel parameter (ConvNeXt's ``layer_scale``): sliced along its channel axis.
+- a per-channel parameter (ConvNeXt's ``layer_scale``): sliced along its channel axis;
+- an attention block losing heads: replaced by an :class:`icprune.attention.
+  PrunedMultiheadAttention` (Swin's: an :class:`icprune.attention.PrunedWindowAttention`)
+  holding the kept heads' q, k and v rows and per-head parameters (its output projection is
+  the same linear layer, whose input columns the plan slices like any consumer's);
+  ``embed_dim`` and ``head_dim`` stay.
 
 The pruned model computes exactly what the original computes with the pruned channels zeroed at
-the output of every module in their group (up to float round-off).
+the output of every module in their group (up to float round-off); for attention, with the
+pruned heads' outputs zeroed before ``out_proj``.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
 from icprune.calibrate import InputStats
 from icprune.planning import PruningPlan
 from icprune.recovery.repair import fits, write
@@ -36,10 +43,12 @@ from icprune.structure.layers import (
     channel_structure,
     groups,
     in_channels,
+    is_attention,
     is_batchnorm,
     is_conv,
     is_depthwise,
     is_layernorm,
+    is_window_attention,
     out_channels,
     owned_parameter,
     parameter_axis,
@@ -67,7 +76,7 @@ def check_model(model: nn.Module, plan: PruningPlan, caller: str = "apply") -> N
     a version 1 file) is checked against the modules it touches. Every module the plan prunes
     must also be of a kind its dependencies can prune (conv/linear for ``output``/``input``, a
     depthwise conv for ``depthwise``, a BatchNorm for ``batchnorm``, a LayerNorm for
-    ``layernorm``).
+    ``layernorm``, an attention block for ``heads``).
 
     Raises:
         TypeError: ``plan`` is not a :class:`PruningPlan`.
@@ -142,9 +151,23 @@ def _prunable_as(module: nn.Module, kind: str) -> bool:
         return is_batchnorm(module)
     if kind == "layernorm":
         return is_layernorm(module)
+    if kind == "heads":
+        return is_attention(module)
     if kind == "depthwise":
         return is_depthwise(module)
     return isinstance(module, PRUNABLE_TYPES) and not is_depthwise(module)
+
+
+def _prune_heads(model: nn.Module, name: str, kept: Tensor) -> None:
+    """Replace the attention block ``name`` of ``model`` by the
+    :class:`~icprune.attention.PrunedMultiheadAttention` (or, for window attention,
+    :class:`~icprune.attention.PrunedWindowAttention`) of its heads ``kept`` (none lost: left
+    as it is)."""
+    module = model.get_submodule(name)
+    if len(kept) == module.num_heads:
+        return
+    kind = PrunedWindowAttention if is_window_attention(module) else PrunedMultiheadAttention
+    model.set_submodule(name, kind.keeping(module, kept), strict=True)
 
 
 def within_groups(idx: Tensor, size: int, count: int) -> Tensor | None:
@@ -277,6 +300,8 @@ def apply(
         with torch.no_grad():
             if name in parameters:
                 _prune_parameter(target, name, out_idx)
+            elif is_attention(modules[name]):  # its out_proj stays: sliced by its own entry
+                _prune_heads(target, name, out_idx)
             else:
                 _prune_module(modules[name], out_idx, in_idx)
     if repaired is not None:

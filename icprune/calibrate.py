@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
@@ -22,6 +23,7 @@ from itertools import chain
 import torch
 from torch import nn
 
+from icprune.attention import multihead_context, window_context
 from icprune.batches import batch_input, iter_batches, model_device, progress_bar
 from icprune.config import CalibrationConfig, StatsConfig, with_options
 from icprune.files import exclusive, load_torch_file, save_atomically
@@ -31,7 +33,7 @@ from icprune.stats.distributed import all_reduce_stats, check_initialized
 from icprune.structure.dependency import trace_dependencies
 from icprune.structure.graph import ReadPoint, prunable_layers, read_points, trace
 from icprune.structure.layers import groups as groups_of
-from icprune.structure.layers import in_channels, out_channels
+from icprune.structure.layers import in_channels, is_window_attention, out_channels
 
 #: Format tag and version of calibration checkpoint files.
 CHECKPOINT_FORMAT = "icprune.calibration"
@@ -379,6 +381,26 @@ class InputStats(dict):
 CONSUMER_PARTS = ("gram",)
 
 
+def attention_readers(groups: Iterable) -> dict[str, str]:
+    """The output projection of every attention block whose heads are a group: consumer name
+    -> attention block name. Such a projection is never called as a module; what it reads -
+    every head's attention output, ``head_dim`` features per head - is recomputed from the
+    block's own call (:func:`icprune.attention.multihead_context`,
+    :func:`icprune.attention.window_context`)."""
+    readers = {}
+    for group in groups:
+        heads = [d.module for d in group.dependencies if d.kind == "heads"]
+        for dep in group.dependencies if heads else ():
+            if dep.kind == "input":
+                readers[dep.module] = heads[0]
+    return readers
+
+
+#: The signature of :func:`icprune.attention.multihead_context`, to bind a hooked call's
+#: arguments as ``nn.MultiheadAttention.forward`` takes them.
+_MULTIHEAD = inspect.signature(multihead_context)
+
+
 def input_layers(model: nn.Module, groups: Iterable) -> dict[str, str]:
     """The consumers whose inputs :func:`calibrate_inputs` reads, and who reads for them.
 
@@ -393,14 +415,19 @@ def input_layers(model: nn.Module, groups: Iterable) -> dict[str, str]:
         map: its Gram would be ``(C*H*W)^2``), a grouped conv (each output reads only its group's
         channels, which one covariance of all inputs does not describe), or a layer called more
         than once per forward, is left out; scoring and repair treat it as documented in
-        :mod:`icprune.criteria` and :mod:`icprune.recovery.repair`.
+        :mod:`icprune.criteria` and :mod:`icprune.recovery.repair`. An attention block's output
+        projection (:func:`attention_readers`) is read, from the block's call.
     """
     modules = dict(model.named_modules())
+    groups = list(groups)
+    projections = attention_readers(groups)
     flattened = {
         d.module
         for g in groups
         for d in g.dependencies
-        if d.kind == "input" and (d.repeat != 1 or groups_of(modules[d.module]) > 1)
+        if d.kind == "input"
+        and d.module not in projections
+        and (d.repeat != 1 or groups_of(modules[d.module]) > 1)
     }
     names = [
         d.module
@@ -417,6 +444,9 @@ def input_layers(model: nn.Module, groups: Iterable) -> dict[str, str]:
     owner: dict[str, str] = {}
     first_reader: dict[object, str] = {}
     for name in names:
+        if name in projections:
+            owner[name] = name
+            continue
         nodes = calls.get(name, [])
         if len(nodes) != 1 or not nodes[0].args:
             continue
@@ -434,7 +464,8 @@ def calibrate_inputs(
     **options,
 ) -> InputStats:
     """Statistics of what every consumer layer of a dependency group reads (see
-    :class:`InputStats`): forward pre-hooks, one :class:`ChannelStats` per distinct input
+    :class:`InputStats`): forward pre-hooks (an attention block's output projection: a forward
+    hook on the block, :func:`attention_readers`), one :class:`ChannelStats` per distinct input
     tensor, one pass in eval mode without gradients (the model is left as it was).
 
     Args:
@@ -515,7 +546,28 @@ def calibrate_inputs(
 
         return read
 
-    handles = [modules[name].register_forward_pre_hook(hook(name)) for name in readers]
+    def context_hook(name: str):
+        window = is_window_attention(modules[projections[name]])
+
+        def read(module, args, kwargs, _output):
+            if window:
+                context = window_context(module, *args, **kwargs)[0]
+            else:
+                bound = _MULTIHEAD.bind(module, *args, **kwargs)
+                bound.arguments["need_weights"] = False  # the weights are not read
+                context = multihead_context(*bound.args, **bound.kwargs)[0]
+            readers[name].update(context.detach().reshape(-1, context.shape[-1]))
+            spatial[name] = ()
+
+        return read
+
+    projections = attention_readers(groups)
+    handles = [
+        modules[projections[name]].register_forward_hook(context_hook(name), with_kwargs=True)
+        if name in projections
+        else modules[name].register_forward_pre_hook(hook(name))
+        for name in readers
+    ]
     seen = 0
     try:
         with frozen(model):

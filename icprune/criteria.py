@@ -23,11 +23,19 @@ selection split of nets and seeds, verdict on a confirmation split): docs/qualit
   second moment is ``gamma^2 + beta^2`` when its input matches its running statistics), and
   likewise over its LayerNorms (ConvNeXt, transformers: a LayerNorm's normalised input has unit
   second moment over the channels); where no norm precedes the consumer in the group that factor
-  is 1. Per-channel parameters (ConvNeXt's layer scale) do not enter.
+  is 1. Per-channel parameters (ConvNeXt's layer scale) do not enter. An attention block's heads
+  (a group of kind ``"heads"``) are read by its ``out_proj`` alone, ``head_dim`` input columns
+  per head, and no norm lies between: head h scores the energy of those columns,
+  ``sum_{o, j in head h} W_oj^2``.
 
-Consumers without input statistics (one that reads the group flattened into a linear layer, or
-is called more than once per forward, see :func:`icprune.calibrate.input_layers`) do not enter the
-data criteria; a group none of whose consumers has statistics is scored by ``"wbn"``.
+Attention heads (a group of kind ``"heads"``, read by the block's output projection, ``head_dim``
+features per head) are scored with data by every data criterion alike: head h's share of what the
+output projection writes, ``tr(W_h E[x_h x_h^T] W_h^T)`` (``W_h`` its ``head_dim`` columns of
+the projection's weight, ``x_h`` its features of the attention output, the projection's input
+statistics from :func:`icprune.calibrate.calibrate_inputs`). Consumers without input statistics
+(one that reads the group flattened into a linear layer, or is called more than once per
+forward, see :func:`icprune.calibrate.input_layers`) do not enter the data criteria; a group
+none of whose consumers has statistics is scored by ``"wbn"``.
 """
 
 from __future__ import annotations
@@ -46,8 +54,8 @@ from icprune.consumers import (
     weight_energy,
 )
 from icprune.stats.channel_stats import ChannelStats
-from icprune.structure.dependency import Group
-from icprune.structure.layers import out_channels
+from icprune.structure.dependency import SCORED_KINDS, Group
+from icprune.structure.layers import sizes
 
 #: Criteria that need the statistics of the consumers' inputs.
 DATA_CRITERIA = ("greedy", "wcondvar", "wvar", "wE2")
@@ -194,6 +202,42 @@ def _bn_energy(model: nn.Module, group: Group, follower: Mapping[str, str]) -> t
     return total
 
 
+def head_reader(group: Group, stats: Mapping[str, ChannelStats]) -> tuple[str, int] | None:
+    """``(output projection, head_dim)`` of a heads group whose projection has input
+    statistics, else None (any other group, or no statistics)."""
+    if not any(d.kind == "heads" for d in group.dependencies):
+        return None
+    reads = [(d.module, d.repeat) for d in group.dependencies if d.kind == "input"]
+    if len(reads) != 1 or reads[0][0] not in stats:
+        return None
+    return reads[0]
+
+
+def head_energy(
+    projection: nn.Module, stats: ChannelStats, head_dim: int, heads: int
+) -> torch.Tensor:
+    """Tensor[heads] float64: ``tr(W_h S_hh W_h^T)`` per head, the energy head h adds to the
+    output projection's output (``W_h`` its ``head_dim`` weight columns, ``S_hh`` the second
+    moment of its features of the projection's input).
+
+    Raises:
+        ValueError: statistics whose channel count is not ``heads * head_dim``.
+    """
+    if stats.num_channels != heads * head_dim:
+        raise ValueError(
+            f"stats['{stats.name}'] has {stats.num_channels} channels but the attention's output "
+            f"projection reads {heads * head_dim} ({heads} heads of {head_dim}); pass the input "
+            f"statistics of this model"
+        )
+    _, second, _ = moments(stats)
+    weight = projection.weight.detach().to("cpu", torch.float64)
+    energy = torch.zeros(heads, dtype=torch.float64)
+    for h in range(heads):
+        part = slice(h * head_dim, (h + 1) * head_dim)
+        energy[h] = (weight[:, part] @ second[part, part] * weight[:, part]).sum()
+    return energy
+
+
 def _consumer_score(
     model: nn.Module, name: str, stats: ChannelStats, criterion: str, ridge: float, follower
 ) -> torch.Tensor:
@@ -264,7 +308,10 @@ def group_scores(
                     f"reads {expected}; pass the input statistics of this model"
                 )
         idx = torch.arange(group.channels)
-        if criterion == "wbn" or not reads:
+        heads = head_reader(group, stats) if criterion != "wbn" else None
+        if heads is not None:
+            vector = head_energy(modules[heads[0]], stats[heads[0]], heads[1], group.channels)
+        elif criterion == "wbn" or not reads:
             vector = _bn_energy(model, group, follower)
         elif criterion == "greedy":
             parts = []
@@ -281,9 +328,9 @@ def group_scores(
                 value = _consumer_score(model, name, stats[name], criterion, ridge, follower)
                 vector += value[idx + offset]
         for dep in group.dependencies:  # each layer's vector over all its output channels:
-            if dep.kind in ("output", "depthwise"):  # a grouped conv holds one tile per group
+            if dep.kind in SCORED_KINDS:  # a grouped conv holds one tile per group
                 full = out.setdefault(
-                    dep.module, torch.zeros(out_channels(modules[dep.module]), dtype=vector.dtype)
+                    dep.module, torch.zeros(sizes(modules[dep.module])[0], dtype=vector.dtype)
                 )
                 full[dep.offset : dep.offset + group.channels] = vector
     return out

@@ -37,8 +37,14 @@ from icprune.config import PlanConfig, with_options
 from icprune.scoring import LayerScores, normalize
 from icprune.structure.cost import AXIS, CostModel
 from icprune.structure.counting import as_inputs
-from icprune.structure.dependency import KINDS, Dependency, Group, trace_dependencies
-from icprune.structure.layers import channel_structure, has_channels, out_channels
+from icprune.structure.dependency import (
+    KINDS,
+    SCORED_KINDS,
+    Dependency,
+    Group,
+    trace_dependencies,
+)
+from icprune.structure.layers import channel_structure, sizes
 
 FORMAT = "icprune.plan"
 #: Version 2 added ``structure``; version 3 calls the BatchNorm dependency kind ``"batchnorm"``
@@ -126,7 +132,7 @@ class PruningPlan:
                 d.module
                 for g in self.groups
                 for d in g.dependencies
-                if d.kind in ("layernorm", "parameter")
+                if d.kind in ("layernorm", "parameter", "heads")
             }
             for name, size in self.sizes.items():
                 if name in unrecorded:
@@ -377,11 +383,11 @@ def normalized_scores(
                 f"scores[{name!r}] must be a 1-D floating-point Tensor[C] (or LayerScores), got "
                 f"{type(vec).__name__}{tuple(vec.shape) if isinstance(vec, Tensor) else ''}"
             )
-        module = modules[name]
-        if has_channels(module) and out_channels(module) != vec.numel():
+        size = sizes(modules[name])
+        if size is not None and size[0] != vec.numel():
             raise ValueError(
-                f"scores[{name!r}] has {vec.numel()} values but the layer has "
-                f"{out_channels(module)} output channels"
+                f"scores[{name!r}] has {vec.numel()} values but the layer has {size[0]} output "
+                f"channels (an attention block: heads)"
             )
         vec = vec.detach().to("cpu", torch.float64)
         if not torch.isfinite(vec).all():
@@ -411,7 +417,7 @@ def _group_score(group: Group, vectors: Mapping[str, Tensor]) -> Tensor | None:
     parts = [
         vectors[dep.module][dep.offset : dep.offset + group.channels]
         for dep in group.dependencies
-        if dep.kind in ("output", "depthwise") and dep.module in vectors
+        if dep.kind in SCORED_KINDS and dep.module in vectors
     ]
     return torch.stack(parts).mean(0) if parts else None
 

@@ -4,10 +4,13 @@
 ``{"format": "icprune.pruned", "version": 1, "channels": {module: [out, in, groups]},
 "state_dict": ...}``, where ``channels`` lists every conv, linear and BatchNorm module,
 every LayerNorm over one axis and every per-channel parameter of a module without channels
-(ConvNeXt's ``layer_scale``, by its qualified name, ``[C, C, 1]``).
-``load`` builds a fresh model, gives those modules the stored channel counts (with empty
-tensors of the stored shapes) and loads the state_dict strictly, reading the file with
-``torch.load(..., weights_only=True)``.
+(ConvNeXt's ``layer_scale``, by its qualified name, ``[C, C, 1]``), and
+``"heads": {module: [num_heads, head_dim]}`` for every attention block
+(:func:`icprune.structure.layers.is_attention`; files without it, from before, hold none).
+``load`` builds a fresh model, replaces each attention block whose stored heads differ from its
+own by an :class:`icprune.attention.PrunedMultiheadAttention` of the stored heads, gives the
+other modules the stored channel counts (with empty tensors of the stored shapes) and loads the
+state_dict strictly, reading the file with ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -18,13 +21,19 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
 from icprune.files import load_torch_file, save_atomically
 from icprune.structure.layers import (
     SLICEABLE_TYPES,
     channel_structure,
+    embed_dim,
+    head_dim,
+    is_attention,
     is_layernorm,
+    is_window_attention,
     owned_parameter,
     parameter_axis,
+    projection,
     set_channels,
     sizes,
     tensor_shapes,
@@ -62,6 +71,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> None:
             "format": FORMAT,
             "version": VERSION,
             "channels": channels,
+            "heads": {
+                name: [module.num_heads, head_dim(module)]
+                for name, module in modules.items()
+                if is_attention(module)
+            },
             "state_dict": model.state_dict(),
         },
         path,
@@ -128,12 +142,24 @@ def load(
         raise ValueError(
             f"load: {name!r}: 'channels' must map module names to [out, in, groups] ints >= 1"
         )
+    heads = data.get("heads", {})
+    if not isinstance(heads, dict) or not all(
+        isinstance(row, list) and len(row) == 2 and all(_is_count(v) for v in row)
+        for row in heads.values()
+    ):
+        raise ValueError(
+            f"load: {name!r}: 'heads' must map attention modules to [num_heads, head_dim] ints >= 1"
+        )
     model = model_fn()
     if not isinstance(model, nn.Module):
         raise TypeError(f"load: model_fn() returned a {type(model).__name__}, not an nn.Module")
+    for module_name, (count, dim) in heads.items():
+        _load_heads(name, model, module_name, count, dim, state)
     modules = dict(model.named_modules())
     for module_name, (out_ch, in_ch, groups) in channels.items():
         module = modules.get(module_name)
+        if module is None and is_attention(modules.get(module_name.rpartition(".")[0])):
+            continue  # files from before heads were pruned listed in_proj_bias; "heads" shapes it
         if module is None and owned_parameter(model, module_name) is not None:
             _load_parameter(name, model, module_name, out_ch, state)
             continue
@@ -162,6 +188,60 @@ def load(
     except RuntimeError as exc:
         raise ValueError(f"load: the saved weights do not fit model_fn()'s model: {exc}") from exc
     return model
+
+
+def _load_heads(path: str, model: nn.Module, name: str, count: int, dim: int, state: dict) -> None:
+    """Give the attention block ``name`` of ``model`` ``count`` heads of ``dim`` features:
+    left as it is when it has them, else replaced by a
+    :class:`~icprune.attention.PrunedMultiheadAttention` (window attention:
+    :class:`~icprune.attention.PrunedWindowAttention`) of that many heads, once the stored
+    tensors are checked to have its shapes (their values are loaded from ``state`` after)."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+    if not name or module is None or not is_attention(module) or head_dim(module) != dim:
+        found = "no such module" if module is None or not name else type(module).__name__
+        if name and module is not None and is_attention(module):
+            found += f" with head_dim {head_dim(module)}"
+        raise ValueError(
+            f"load: {path!r}: the saved model has an attention block {name!r} of {count} heads "
+            f"of {dim} features, model_fn()'s model has {found}; pass the same architecture"
+        )
+    window = is_window_attention(module)
+    kind = PrunedWindowAttention if window else PrunedMultiheadAttention
+    if count == module.num_heads and not isinstance(module, kind):
+        return
+    for key, shape in tensor_shapes(module, count, count, 1).items():
+        stored = state.get(f"{name}.{key}")
+        if stored is None or tuple(stored.shape) != shape:
+            found = None if stored is None else tuple(stored.shape)
+            raise ValueError(
+                f"load: {path!r}: '{name}.{key}' is stored as {found}, but {count} heads of {dim} "
+                f"features over embed_dim {embed_dim(module)} make it {shape}; the file is "
+                f"damaged or does not fit model_fn()'s model"
+            )
+    owner, weight, bias = projection(module)
+    like = getattr(owner, weight)
+    has_bias = getattr(owner, bias) is not None
+    if window:
+        new = PrunedWindowAttention(
+            embed_dim(module), module.window_size, module.shift_size, count, dim,
+            qkv_bias=has_bias, proj_bias=module.proj.bias is not None,
+            attention_dropout=module.attention_dropout, dropout=module.dropout,
+            cosine=hasattr(module, "logit_scale"),
+        )  # fmt: skip
+    else:
+        new = PrunedMultiheadAttention(
+            embed_dim(module), count, dim, dropout=module.dropout, bias=has_bias,
+            batch_first=module.batch_first,
+        )  # fmt: skip
+    new = new.to(device=like.device, dtype=like.dtype)
+    flags = {key: p.requires_grad for key, p in module.named_parameters()}
+    for key, parameter in new.named_parameters():
+        parameter.requires_grad_(flags.get(key, True))
+    new.train(module.training)
+    model.set_submodule(name, new, strict=True)
 
 
 def _channels_of(tensor: torch.Tensor) -> int | None:

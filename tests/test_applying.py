@@ -13,6 +13,7 @@ import icprune
 from icprune.applying import apply
 from icprune.models import mobilenet_v2, resnet18, resnet20, resnet50, resnet56, vgg16_bn
 from icprune.planning import PruningPlan, plan
+from icprune.structure.layers import embed_dim, head_dim, is_attention, projection
 
 ZOO = [
     (resnet18, (2, 3, 64, 64)),
@@ -329,3 +330,144 @@ def test_apply_with_stats_repairs_in_place_or_on_a_copy():
     with torch.no_grad():
         torch.testing.assert_close(copied(x), expected(x))
         torch.testing.assert_close(inplace(x), expected(x))
+
+
+def _heads_and_channels_zeroed(model: nn.Module, chosen: PruningPlan) -> nn.Module:
+    """The reference for a ViT or Swin plan: a copy of ``model`` with the pruned heads' value
+    rows and the pruned MLP channels' fc1 rows zeroed (their outputs are then exactly 0)."""
+    ref = copy.deepcopy(model)
+    modules = dict(ref.named_modules())
+    with torch.no_grad():
+        for group, kept in zip(chosen.groups, chosen.kept, strict=True):
+            gone = torch.ones(group.channels, dtype=torch.bool)
+            gone[kept] = False
+            layer = modules[group.layers[0]]
+            if is_attention(layer):
+                owner, weight, bias = projection(layer)
+                d, e = head_dim(layer), embed_dim(layer)
+                for h in gone.nonzero().flatten().tolist():
+                    getattr(owner, weight)[2 * e + h * d : 2 * e + (h + 1) * d] = 0
+                    getattr(owner, bias)[2 * e + h * d : 2 * e + (h + 1) * d] = 0
+            else:
+                layer.weight[gone] = 0
+                layer.bias[gone] = 0
+    return ref
+
+
+@pytest.mark.parametrize("target", [{"flops_reduction": 0.3}, {"params_reduction": 0.25}])
+def test_vit_heads_prune_to_the_head_masked_model_with_exact_macs(target):
+    from icprune.attention import PrunedMultiheadAttention
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    x = torch.randn(3, 3, 16, 16)
+    result = icprune.prune(model, example_inputs=x[:1], **target)  # data-free: wbn
+    chosen, pruned = result.plan, result.model
+    kept = {
+        name: len(chosen.keep[name]) for name in ("block1.self_attention", "block2.self_attention")
+    }
+    assert min(kept.values()) < 4  # heads are pruned
+    for name, count in kept.items():
+        attention = pruned.get_submodule(name)
+        if count < 4:
+            assert isinstance(attention, PrunedMultiheadAttention)
+        assert (attention.num_heads, attention.head_dim, attention.embed_dim) == (count, 6, 24)
+        assert attention.out_proj.in_features == 6 * count
+        assert attention.in_proj_weight.shape == (18 * count, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(x), _heads_and_channels_zeroed(model, chosen)(x), rtol=1e-4, atol=1e-5
+        )
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+    assert icprune.count(model, x[:1]) == (chosen.macs[0], chosen.params[0])
+    again = PruningPlan.from_json(chosen.to_json())
+    assert again.to_json() == chosen.to_json()
+    state, again_state = pruned.state_dict(), apply(model, again).state_dict()
+    assert list(state) == list(again_state)
+    assert all(torch.equal(state[k], again_state[k]) for k in state)
+    # a pruned model prunes again: its attention blocks are known blocks too
+    twice = icprune.prune(pruned, example_inputs=x[:1], ratio=0.2)
+    assert icprune.count(twice.model, x[:1]) == (twice.plan.macs[1], twice.plan.params[1])
+
+
+def test_head_scores_are_the_out_proj_column_energy():
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    scores = icprune.score(model, example_inputs=torch.randn(1, 3, 16, 16))
+    weight = model.block1.self_attention.out_proj.weight.detach().double()
+    want = (weight**2).reshape(24, 4, 6).sum((0, 2))
+    torch.testing.assert_close(scores["block1.self_attention"].score, want)
+    with pytest.raises(ValueError, match=r"has 3 values but the layer has 4 output channels"):
+        plan(
+            model,
+            {"block1.self_attention": torch.rand(3)},
+            example_inputs=torch.randn(1, 3, 16, 16),
+            ratio=0.2,
+        )
+
+
+def test_swin_window_attention_heads_prune_to_the_head_masked_model():
+    from icprune.attention import PrunedWindowAttention
+    from tests.structure.nets import SwinNet
+
+    torch.manual_seed(0)
+    model = SwinNet().eval()
+    x = torch.randn(3, 3, 24, 24)  # a 6 x 6 map: padded to whole windows
+    chosen = icprune.prune(model, example_inputs=x[:1], ratio=0.4).plan
+    pruned = apply(model, chosen)
+    for block in ("block1", "block2"):
+        kept = chosen.keep[f"{block}.attn"]
+        attention = pruned.get_submodule(f"{block}.attn")
+        assert isinstance(attention, PrunedWindowAttention) and len(kept) < 4
+        assert (attention.num_heads, attention.head_dim) == (len(kept), 4)
+        assert attention.qkv.weight.shape == (12 * len(kept), 16)
+        assert attention.proj.weight.shape == (16, 4 * len(kept))
+        original = model.get_submodule(f"{block}.attn")
+        if attention.cosine:  # V2: the kept heads' logit scales and position-bias MLP rows
+            assert torch.equal(attention.logit_scale, original.logit_scale[kept])
+            assert torch.equal(attention.cpb_mlp[2].weight, original.cpb_mlp[2].weight[kept])
+        else:
+            table = original.relative_position_bias_table
+            assert torch.equal(attention.relative_position_bias_table, table[:, kept])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pruned(x), _heads_and_channels_zeroed(model, chosen)(x), rtol=1e-4, atol=1e-5
+        )
+    assert icprune.count(pruned, x[:1]) == (chosen.macs[1], chosen.params[1])
+    assert icprune.count(model, x[:1]) == (chosen.macs[0], chosen.params[0])
+    twice = icprune.prune(pruned, example_inputs=x[:1], ratio=0.2)
+    assert icprune.count(twice.model, x[:1]) == (twice.plan.macs[1], twice.plan.params[1])
+
+
+@pytest.mark.parametrize("name", ["ViTNet", "SwinNet"])
+def test_with_data_heads_are_pruned_and_their_output_projection_repaired(name):
+    from tests.structure import nets
+
+    torch.manual_seed(0)
+    model = getattr(nets, name)().eval()
+    side = 16 if name == "ViTNet" else 24
+    data = [torch.randn(4, 3, side, side) for _ in range(2)]
+    repaired = icprune.prune(model, data, ratio=0.4)
+    plain = icprune.prune(model, data, ratio=0.4, repair=False)
+    assert repaired.plan.to_json() == plain.plan.to_json()
+    heads = [n for n in repaired.plan.keep if n.endswith(("self_attention", "attn"))]
+    assert min(len(repaired.plan.keep[n]) for n in heads) < 4
+    x = data[0][:1]
+    assert icprune.count(repaired.model, x) == (repaired.plan.macs[1], repaired.plan.params[1])
+    with torch.no_grad():
+        want = torch.cat([model(batch) for batch in data])
+        errors = [
+            (torch.cat([m(batch) for batch in data]) - want).pow(2).mean()
+            for m in (repaired.model, plain.model)
+        ]
+    assert errors[0] < errors[1]  # the least-squares re-fit of the consumers on the same data
+    for n in heads:  # an output projection whose heads were pruned is re-fitted too
+        if len(repaired.plan.keep[n]) < 4:
+            block = repaired.model.get_submodule(n)
+            attr = "out_proj" if name == "ViTNet" else "proj"
+            refit = getattr(block, attr).weight
+            sliced = getattr(plain.model.get_submodule(n), attr).weight
+            assert refit.shape == sliced.shape and not torch.equal(refit, sliced)

@@ -57,3 +57,42 @@ def test_a_flattened_consumer_is_left_out():
 def test_no_batch_is_a_clear_error():
     with pytest.raises(ValueError, match="no batches"):
         calibrate_inputs(chain(), [], progress=False)
+
+
+def _attention_outputs(attention: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
+    """Reference: every head's attention output, ``[N * L, H * d]``, written out."""
+    n, length, _ = x.shape
+    heads, d = attention.num_heads, attention.head_dim
+    q, k, v = (x @ attention.in_proj_weight.T + attention.in_proj_bias).chunk(3, dim=-1)
+    q, k, v = (t.reshape(n, length, heads, d).transpose(1, 2) for t in (q, k, v))
+    weights = torch.softmax(q @ k.transpose(-2, -1) / d**0.5, dim=-1)
+    return (weights @ v).transpose(1, 2).reshape(n * length, heads * d)
+
+
+def test_attention_output_projections_read_every_heads_output():
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    data = [torch.randn(3, 3, 16, 16) for _ in range(2)]
+    groups = dependency_groups(model, data[0][:1])
+    owner = input_layers(model, groups)
+    assert owner["block1.self_attention.out_proj"] == "block1.self_attention.out_proj"
+    stats = calibrate_inputs(model, data, progress=False)
+    inputs = []  # what block1's out_proj reads: its attention's input is ln_1's output
+    hook = model.block1.ln_1.register_forward_hook(lambda m, a, out: inputs.append(out))
+    with torch.no_grad():
+        for batch in data:
+            model(batch)
+    hook.remove()
+    with torch.no_grad():
+        want = torch.cat([_attention_outputs(model.block1.self_attention, x) for x in inputs])
+    got = stats["block1.self_attention.out_proj"]
+    assert got.num_channels == 24 and got.count == len(want)
+    mean = (got.sums + got.sums_lo).double() / got.count
+    second = (got.gram + got.gram_lo).double() / got.count
+    torch.testing.assert_close(mean, want.double().mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        second, want.double().T @ want.double() / len(want), rtol=1e-5, atol=1e-6
+    )
+    assert stats["block2.self_attention.out_proj"].num_channels == 24  # batch_first=False too

@@ -158,3 +158,37 @@ def test_bad_arguments_are_clear_errors():
         group_scores(model, groups, "greedy")
     with pytest.raises(ValueError, match="ridge"):
         group_scores(model, groups, "wbn", ridge=0.0)
+
+
+@pytest.mark.parametrize("criterion", ["greedy", "wcondvar", "wvar", "wE2"])
+def test_heads_are_scored_by_their_share_of_the_output_projection(criterion):
+    from icprune.consumers import moments
+    from tests.structure.nets import SwinNet, ViTNet
+
+    torch.manual_seed(0)
+    for net, side, attention in (
+        (ViTNet, 16, "block2.self_attention"),
+        (SwinNet, 24, "block2.attn"),
+    ):
+        model = net().eval()
+        data = [torch.randn(3, 3, side, side) for _ in range(2)]
+        stats = calibrate_inputs(model, data, progress=False)
+        groups = dependency_groups(model, data[0][:1])
+        scores = group_scores(model, groups, criterion, stats)
+        projection = model.get_submodule(attention).get_submodule(
+            "out_proj" if net is ViTNet else "proj"
+        )
+        _, second, _ = moments(stats[f"{attention}.{'out_proj' if net is ViTNet else 'proj'}"])
+        w = projection.weight.detach().double()
+        d = w.shape[1] // 4
+        want = torch.stack(
+            [
+                torch.trace(
+                    w[:, h * d : (h + 1) * d]
+                    @ second[h * d : (h + 1) * d, h * d : (h + 1) * d]
+                    @ w[:, h * d : (h + 1) * d].T
+                )
+                for h in range(4)
+            ]
+        )
+        torch.testing.assert_close(scores[attention], want)

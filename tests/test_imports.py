@@ -48,7 +48,17 @@ PACKAGE = {name: path for name, path in MODULES.items() if name.split(".")[0] ==
 
 #: The layers, lowest first: units are top-level modules or whole subpackages (``stats/``).
 LAYERS = [
-    {"config", "files", "modes", "batches", "extension", "data", "models/", "baselines"},
+    {
+        "config",
+        "files",
+        "modes",
+        "batches",
+        "extension",
+        "data",
+        "models/",
+        "baselines",
+        "attention",
+    },
     {"structure/"},
     {"stats/", "kernels/", "slicing"},
     {"calibrate", "serialization", "evaluation", "consumers"},

@@ -156,3 +156,63 @@ def test_load_checks_model_fn(tmp_path):
         icprune.load(path, resnet20())  # the model, not its factory
     with pytest.raises(TypeError, match=r"model_fn\(\) returned a NoneType"):
         icprune.load(path, lambda: None)
+
+
+@pytest.mark.parametrize("name", ["ViTNet", "SwinNet"])
+def test_round_trip_of_pruned_attention_heads(tmp_path, name):
+    from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
+    from tests.structure import nets
+
+    torch.manual_seed(0)
+    factory = getattr(nets, name)
+    model = factory().eval()
+    x = torch.randn(2, 3, 16, 16) if name == "ViTNet" else torch.randn(2, 3, 24, 24)
+    pruned = icprune.prune(model, example_inputs=x[:1], ratio=0.4).model
+    kind = PrunedMultiheadAttention if name == "ViTNet" else PrunedWindowAttention
+    heads = [m.num_heads for m in pruned.modules() if isinstance(m, kind)]
+    assert min(heads) < 4
+    path = tmp_path / "vit.pt"
+    icprune.save(pruned, path)
+    loaded = icprune.load(path, factory).eval()
+    for qualified, module in pruned.named_modules():
+        assert type(loaded.get_submodule(qualified)) is type(module)
+    for (k, a), (k2, b) in zip(
+        pruned.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), loaded(x))
+    assert icprune.count(loaded, x) == icprune.count(pruned, x)
+    if name == "SwinNet":
+        return
+    # the heads table is validated, and must fit the architecture
+    data = torch.load(path, weights_only=True)
+    count, dim = data["heads"]["block1.self_attention"]
+    assert dim == 6 and count < 4
+    for heads, message in (
+        ({"block1.self_attention": [2, 0]}, "'heads' must map attention modules"),
+        ({"block1.fc1": [2, 6]}, "model_fn\\(\\)'s model has Linear"),
+        ({"block1.self_attention": [2, 4]}, "with head_dim 6"),
+        ({"block1.self_attention": [count + 1, 6]}, "in_proj_weight' is stored as"),
+    ):
+        edited = dict(data, heads=dict(data["heads"], **heads))
+        torch.save(edited, tmp_path / "edited.pt")
+        with pytest.raises(ValueError, match=message):
+            icprune.load(tmp_path / "edited.pt", factory)
+
+
+def test_files_from_before_heads_were_pruned_still_load(tmp_path):
+    # they had no "heads" table and listed in_proj_bias as a per-channel parameter
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    icprune.save(model, tmp_path / "new.pt")
+    data = torch.load(tmp_path / "new.pt", weights_only=True)
+    del data["heads"]
+    data["channels"]["block1.self_attention.in_proj_bias"] = [72, 72, 1]
+    torch.save(data, tmp_path / "old.pt")
+    loaded = icprune.load(tmp_path / "old.pt", ViTNet).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))

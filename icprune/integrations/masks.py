@@ -9,7 +9,16 @@ prunes, with ``torch.nn.utils.prune.custom_from_mask`` (each masked parameter ``
   fed to a linear layer masks all ``prod(spatial)`` features of a pruned channel). A depthwise
   conv's single input channel per group follows its output channel;
 - BatchNorm: weight and bias of the pruned channels (affine BatchNorms only; running statistics
-  are buffers and stay).
+  are buffers and stay);
+- attention block: the q, k and v rows of the pruned heads in ``in_proj_weight`` and
+  ``in_proj_bias`` (Swin: ``qkv``'s weight and bias; :func:`icprune.attention.head_rows`), and
+  their output projection's input columns (as any consumer's). A masked head's value rows are 0,
+  so its output is exactly 0 whatever weights its (zero) queries and keys give it; its
+  per-head parameters (Swin's position bias) are left as they are. The attention modules read
+  their projections' weights without calling them, so the masks of Swin's ``qkv`` and of every
+  output projection are applied once, here, and not recomputed before each forward: after
+  training their ``weight_orig`` they are stale (the head's values stay masked in
+  ``nn.MultiheadAttention``, whose own ``in_proj_weight`` mask is recomputed).
 
 With weight *and* bias zero, a pruned channel is exactly 0 after its conv and after an affine
 BatchNorm (``0 * x_hat + 0``), so it stays 0 through activations and residual adds, and the
@@ -32,14 +41,18 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from icprune.applying import check_model
+from icprune.attention import head_rows
 from icprune.planning import PruningPlan
 from icprune.structure.layers import (
     groups,
+    head_dim,
+    is_attention,
     is_batchnorm,
     is_depthwise,
     is_layernorm,
     owned_parameter,
     parameter_axis,
+    projection,
 )
 
 
@@ -125,6 +138,14 @@ def apply_masks(model: nn.Module, plan: PruningPlan, *, inplace: bool = False) -
                 prune.custom_from_mask(owner, attr, mask)
             continue
         module = modules[name]
+        if is_attention(module):
+            if rows is not None:
+                owner, weight, bias = projection(module)
+                kept = head_rows(out_size, head_dim(module), rows.nonzero().flatten())
+                keep = _keep(getattr(owner, weight).shape[0], kept)
+                _mask(owner, weight, keep, None)
+                _mask(owner, bias, keep, None)
+            continue
         if is_batchnorm(module) or is_layernorm(module):
             _mask(module, "weight", rows, None)
             _mask(module, "bias", rows, None)

@@ -8,7 +8,11 @@ linear and BatchNorm module's cost is a product of its kept output and input cha
 - linear: ``positions * out * in`` MACs, ``out * in (+ out)`` parameters;
 - BatchNorm: no MACs, ``2 * channels`` parameters when affine;
 - LayerNorm: no MACs, ``channels`` parameters for each of its weight and bias;
-- a per-channel parameter (``layer_scale``): no MACs, ``channels * elements per channel``.
+- a per-channel parameter (``layer_scale``): no MACs, ``channels * elements per channel``;
+- an attention block: ``heads * MACs per head`` (its q, k, v projections, ``Q K^T``, ``A V`` and
+  ``out_proj``, all linear in the heads kept) and ``heads * 3 * head_dim * (E + bias)``
+  parameters of its q, k, v projections (``out_proj``'s are its own linear layer's, whose input
+  features follow the heads).
 
 Everything else (MACs of other operations, other parameters) is a constant: the measured total
 minus these terms at full size. The MACs match ``icprune.count`` (FlopCounterMode) of the
@@ -24,7 +28,7 @@ from icprune.structure.dependency import Dependencies, LayerShape
 #: The axis of a module a dependency kind prunes.
 AXIS = {
     "output": "out", "depthwise": "out", "batchnorm": "out", "layernorm": "out",
-    "parameter": "out", "input": "in",
+    "parameter": "out", "heads": "out", "input": "in",
 }  # fmt: skip
 
 
@@ -75,6 +79,8 @@ def _module_cost(shape: LayerShape, out: int, inp: int) -> tuple[int, int]:
         return 0, 2 * out if shape.bias else 0
     if shape.kind == "parameter":
         return 0, out * shape.kernel
+    if shape.kind == "attention":
+        return out * shape.positions, out * shape.kernel
     if shape.kind == "layernorm":
         return 0, out * (int(shape.weight) + int(shape.bias))
     per_out = 1 if shape.kind == "depthwise" else inp // shape.groups

@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
+import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from icprune.modes import frozen
 
-__all__ = ["as_inputs", "count", "count_params"]
+__all__ = ["as_inputs", "count", "count_params", "counting"]
+
+
+def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of ``aten._scaled_dot_product_flash_attention_for_cpu`` (the CPU kernel of
+    ``F.scaled_dot_product_attention``, which FlopCounterMode does not know): the two batched
+    matmuls ``Q K^T`` and ``A V``, as FlopCounterMode counts them on the other devices."""
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[FlopCounterMode]:
+    """A ``FlopCounterMode`` (no display) that counts every matmul of attention too.
+
+    Two things would otherwise hide attention's MACs: the CPU kernel of
+    ``F.scaled_dot_product_attention`` has no FLOP formula in torch (one is given: ``Q K^T``
+    and ``A V``), and ``nn.MultiheadAttention``'s inference fast path
+    (``torch._native_multi_head_attention``) runs as one uncounted kernel (it is switched off
+    inside the context, then restored). Used by :func:`count` and the dependency trace, so the
+    plan's analytic MACs and the count of the pruned model agree.
+
+    Yields:
+        the counter; read ``get_total_flops()`` after the block.
+    """
+    counter = FlopCounterMode(
+        display=False,
+        custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops
+        },
+    )
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with counter:
+            yield counter
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def count_params(model: nn.Module) -> int:
@@ -45,10 +83,11 @@ def as_inputs(example_inputs: Tensor | Sequence[Tensor], caller: str) -> tuple[T
 def count(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> tuple[int, int]:
     """Count MACs of one forward pass and the parameters of ``model``.
 
-    MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (total FLOPs // 2), which
-    counts convolutions and matrix multiplies only; BN, activations, pooling and additions
-    are free. The forward runs under ``frozen(model)`` (eval mode, no grad), so BN running
-    statistics and every module's ``training`` flag are left exactly as they were. Meta
+    MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (total FLOPs // 2, see
+    :func:`counting`), which counts convolutions and matrix multiplies only (attention's
+    ``Q K^T`` and ``A V`` included); BN, activations, softmax, pooling and additions are free.
+    The forward runs under ``frozen(model)`` (eval mode, no grad), so BN running statistics
+    and every module's ``training`` flag are left exactly as they were. Meta
     tensors work (model and inputs on ``torch.device("meta")``) and cost nothing.
 
     Args:
@@ -64,7 +103,6 @@ def count(model: nn.Module, example_inputs: Tensor | Sequence[Tensor]) -> tuple[
         TypeError: if ``example_inputs`` is not a Tensor or a tuple/list of Tensors.
     """
     args = as_inputs(example_inputs, "count()")
-    counter = FlopCounterMode(display=False)
-    with frozen(model), counter:
+    with frozen(model), counting() as counter:
         model(*args)
     return counter.get_total_flops() // 2, count_params(model)

@@ -39,6 +39,15 @@ layer's tokens ``[N, L, C]`` or of a channels-last map ``[N, H, W, C]``). A prun
   axes after it (``[N, C, *S] -> [N, C*prod(S)]``) maps channel c to the ``prod(S)`` features
   ``c*prod(S) ... (c+1)*prod(S) - 1`` (flatten -> linear).
 
+- an attention block (:func:`icprune.structure.layers.is_attention`: ``nn.MultiheadAttention``
+  with packed projections, torchvision's Swin ``ShiftedWindowAttention(V2)``, icprune's
+  ``PrunedMultiheadAttention`` and ``PrunedWindowAttention``) called once is a *known block*:
+  it is not traced into, and its ``num_heads`` heads become a space of their own (a group of H
+  channels, kind ``"heads"``), with its output projection (``out_proj``, Swin's ``proj``)
+  reading them (kind ``"input"``, ``head_dim`` consecutive input features per head). The
+  embedding dimension it reads and writes (the residual stream) is not pruned through it: its
+  inputs and outputs are opaque.
+
 Everything else is *opaque*: the channels entering and leaving it are never pruned. This covers
 per-channel PReLU, convs/linears/BatchNorms/LayerNorms called more
 than once (shared weights), parameters used as values (``get_attr``) other than per-channel
@@ -68,10 +77,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-from torch.utils.flop_counter import FlopCounterMode
 
 from icprune.modes import frozen
-from icprune.structure.counting import as_inputs, count_params
+from icprune.structure.counting import as_inputs, count_params, counting
 from icprune.structure.graph import (
     ACTIVATION_FUNCTIONS,
     ACTIVATION_METHODS,
@@ -81,19 +89,27 @@ from icprune.structure.graph import (
 from icprune.structure.layers import (
     PRUNABLE_TYPES,
     SLICEABLE_TYPES,
+    embed_dim,
     groups,
+    head_dim,
     in_channels,
+    is_attention,
     is_batchnorm,
     is_conv,
     is_depthwise,
     is_layernorm,
+    is_window_attention,
     out_channels,
+    output_projection,
     owned_parameter,
     parameter_axis,
 )
 
 #: Kinds of :class:`Dependency`: how a module's channels follow a group.
-KINDS = ("output", "depthwise", "batchnorm", "layernorm", "parameter", "input")
+KINDS = ("output", "depthwise", "batchnorm", "layernorm", "parameter", "heads", "input")
+
+#: The kinds of the layers a group's scores are for (:attr:`Group.layers`).
+SCORED_KINDS = ("output", "depthwise", "heads")
 
 #: Pooling keeps the channels of a conv map, dim 1 (over a channels-last map it would pool them).
 _POOL_MODULES = (
@@ -144,13 +160,16 @@ class Dependency:
             ``"batchnorm"`` (a BatchNorm over the group's channels), ``"layernorm"`` (a LayerNorm
             over them: its weight and bias), ``"parameter"`` (a per-channel parameter scaling
             them, e.g. ConvNeXt's ``layer_scale``; ``module`` is then the parameter's qualified
-            name) or ``"input"`` (a conv or linear layer whose input channels follow the group).
+            name), ``"heads"`` (an attention block whose heads are the group's channels; see
+            :func:`icprune.attention.head_rows`) or ``"input"`` (a conv or linear layer whose
+            input channels follow the group).
         offset: index of the group's first channel (or feature) along that axis of the module.
         repeat: consecutive input features per channel (``prod(S)`` after flattening a
             ``[N, C, *S]`` map into a linear layer, else 1).
 
     Channel c of the group is channels ``offset + c*repeat ... offset + (c+1)*repeat - 1`` of
-    the module's output axis (kinds output, depthwise, batchnorm) or input axis (kind input).
+    the module's output axis (kinds output, depthwise, batchnorm, heads) or input axis (kind
+    input).
     """
 
     module: str
@@ -174,9 +193,10 @@ class Group:
 
     @property
     def layers(self) -> tuple[str, ...]:
-        """The prunable layers (conv, linear, depthwise conv) whose output channels are the
-        group's channels: the keys a plan keeps channels for."""
-        kinds = ("output", "depthwise")
+        """The prunable layers (conv, linear, depthwise conv, attention block) whose output
+        channels (an attention's heads) are the group's channels: the keys a plan keeps
+        channels for."""
+        kinds = SCORED_KINDS
         return tuple(dict.fromkeys(d.module for d in self.dependencies if d.kind in kinds))
 
 
@@ -187,15 +207,23 @@ class LayerShape:
 
     Attributes:
         module: qualified name.
-        kind: ``"conv"``, ``"depthwise"``, ``"linear"``, ``"batchnorm"``, ``"layernorm"`` or
-            ``"parameter"`` (a per-channel parameter; ``module`` is its qualified name).
-        in_channels, out_channels: full channel (feature) counts.
+        kind: ``"conv"``, ``"depthwise"``, ``"linear"``, ``"batchnorm"``, ``"layernorm"``,
+            ``"parameter"`` (a per-channel parameter; ``module`` is its qualified name) or
+            ``"attention"`` (an attention block, whose channels are its heads).
+        in_channels, out_channels: full channel (feature) counts (an attention's heads).
         groups: conv groups (1 for linear and the norms).
         positions: output positions over all calls for ``example_inputs``: ``N * prod(output
             spatial)`` for a conv, ``N * prod(leading dims)`` for a linear layer (``N`` on 2-D
-            inputs, ``N * L`` over tokens); 0 for the norms, or when not called.
+            inputs, ``N * L`` over tokens); 0 for the norms, or when not called. For an
+            attention block: its MACs per head over all calls (multi-head attention:
+            ``head_dim * (N*L*E + 2*N*S*E + 2*N*L*S + N*L*E)`` each, the query, key and value
+            projections, ``Q K^T``, ``A V`` and ``out_proj``, for L queries over S keys of
+            embedding E; window attention: ``head_dim * (4*T*C + 2*T*n)`` over T padded tokens
+            in windows of n, plus V2's ``cpb_mlp`` output row).
         kernel: ``prod(kernel_size)`` (1 for linear and the norms; for a parameter its elements
-            per channel).
+            per channel; for an attention block its parameters per head: q, k and v rows,
+            ``3 * head_dim * (E + bias)``, and Swin's bias table column or V2's ``cpb_mlp`` row
+            and ``logit_scale``).
         bias: the module has a bias (for a BatchNorm: affine weight and bias).
         weight: a LayerNorm has a weight (True for every other kind, whose weight is counted by
             ``bias`` for a BatchNorm and always present for convs and linears).
@@ -218,7 +246,8 @@ class Dependencies:
 
     Attributes:
         groups: prunable groups, in graph order.
-        shapes: :class:`LayerShape` of every conv, linear and BatchNorm module of the model.
+        shapes: :class:`LayerShape` of every conv, linear and norm module of the model, of every
+            per-channel parameter and of every attention block called once.
         macs: multiply-accumulates of one forward on ``example_inputs`` (FlopCounterMode).
         params: number of parameters.
     """
@@ -388,6 +417,8 @@ class _Walker:
             return self.parameter(node, order)
         if node.op == "placeholder":
             return self.opaque(node)
+        if node.op == "call_module" and is_attention(self.modules[node.target]):
+            return self.attention(node, order)
         meta = _meta(node)
         if _reads_metadata(node):
             return None  # x.size(0), x.shape: the channels are not touched
@@ -424,6 +455,31 @@ class _Walker:
         if function and target is F.layer_norm:
             return self.layer_norm_function(node, meta, order)
         return self.opaque(node)
+
+    def attention(self, node: fx.Node, order: int) -> None:
+        """A known attention block (see the module docstring): its heads become a new space,
+        read by its ``out_proj`` (``head_dim`` input features per head); its inputs are
+        opaque and its output (a tuple) has no layout. Called more than once, listed in
+        ``ignored_layers``, or with inputs of unknown shape, it is wholly opaque."""
+        name = node.target
+        module = self.modules[name]
+        self.spaces.block(*self.inputs(node))
+        if name in self.ignored or self.calls[name] != 1:
+            return None
+        per_head = _per_head_cost(node, module)
+        if per_head is None:
+            return None
+        count, dim = module.num_heads, head_dim(module)
+        self.shapes[name] = LayerShape(name, "attention", count, count, 1, *per_head, True)
+        fresh = self.fresh(node, count)
+        self.spaces.add(fresh, name, "heads", order)
+        self.spaces.add(
+            tuple((space, size, dim) for space, size, _ in fresh),
+            f"{name}.{output_projection(module)}" if name else output_projection(module),
+            "input",
+            order,
+        )
+        return None
 
     def parameter(self, node: fx.Node, order: int) -> tuple[Segment, ...] | None:
         """A per-channel parameter used as a value (ConvNeXt's ``layer_scale``, ``(C, 1, 1)``;
@@ -733,6 +789,51 @@ class _Walker:
         self.shapes[name] = _shape_of(name, module, positions)
 
 
+def _per_head_cost(node: fx.Node, module: nn.Module) -> tuple[int, int] | None:
+    """``(MACs, parameters)`` per head of one call of an attention block (see
+    :class:`LayerShape`), or None when its input shapes are not the ones it takes.
+
+    Multi-head attention over L queries and S keys of embedding E, batch N:
+    ``d * (2*N*L*E + 2*N*S*E + 2*N*L*S)`` MACs (q and out projections, k and v projections,
+    ``Q K^T`` and ``A V``), ``3*d*(E + bias)`` parameters. Window attention over a ``(B, H, W,
+    C)`` map padded to ``T = B * H' * W'`` tokens in windows of ``n = wh*ww``:
+    ``d * (4*T*C + 2*T*n)`` MACs, and V2's ``cpb_mlp`` output row: ``(2wh-1)(2ww-1)*hidden``;
+    parameters ``3*d*(C + bias)`` plus the head's bias table column (V1) or its ``cpb_mlp`` row
+    and ``logit_scale`` (V2)."""
+    dim, embed = head_dim(module), embed_dim(module)
+    if is_window_attention(module):
+        x = _meta(_arg(node, 0, "x"))
+        if x is None or len(x.shape) != 4 or x.shape[3] != embed:
+            return None
+        wh, ww = module.window_size
+        batch, height, width = x.shape[0], x.shape[1], x.shape[2]
+        tokens = batch * (height + -height % wh) * (width + -width % ww)
+        macs = dim * (4 * tokens * embed + 2 * tokens * wh * ww)
+        bias = module.qkv.bias is not None
+        params = 3 * dim * (embed + int(bias))
+        if hasattr(module, "logit_scale"):  # V2
+            hidden = module.cpb_mlp[2].in_features
+            macs += module.relative_coords_table[..., 0].numel() * hidden
+            params += hidden + 1
+        else:
+            params += module.relative_position_bias_table.shape[0]
+        return macs, params
+    query, key = _meta(_arg(node, 0, "query")), _meta(_arg(node, 1, "key"))
+    if query is None or key is None or len(query.shape) != len(key.shape):
+        return None
+    if len(query.shape) == 2:  # unbatched (L, E)
+        batch, length, source = 1, query.shape[0], key.shape[0]
+    elif len(query.shape) != 3:
+        return None
+    elif module.batch_first:
+        batch, length, source = query.shape[0], query.shape[1], key.shape[1]
+    else:
+        batch, length, source = query.shape[1], query.shape[0], key.shape[0]
+    macs = dim * (2 * batch * length * embed + 2 * batch * source * embed)
+    macs += dim * 2 * batch * length * source
+    return macs, 3 * dim * (embed + int(module.in_proj_bias is not None))
+
+
 def _tiles(walker: _Walker) -> dict[fx.Node, int]:
     """How many equal tiles each node's new space comes in for the second walk: the least
     common multiple of the group counts of the grouped convs its union (from the first walk)
@@ -842,10 +943,9 @@ def trace_dependencies(
     ignored = _check_ignored(modules, ignored_layers)
     graph = trace(model, leaves=ignored, hint=_TRACE_HINT)
     module = fx.GraphModule(model, graph)
-    counter = FlopCounterMode(display=False)
     args = as_inputs(example_inputs, "dependency trace")
     # ShapeProp prints a traceback of its own before raising: keep it off the user's terminal.
-    with frozen(model), counter, contextlib.redirect_stderr(io.StringIO()):
+    with frozen(model), counting() as counter, contextlib.redirect_stderr(io.StringIO()):
         try:
             ShapeProp(module).propagate(*args)
         except RuntimeError as exc:
@@ -874,14 +974,18 @@ def trace_dependencies(
     ):
         deps = [d for _, d in sorted(deps, key=lambda od: od[0])]
         excluded = any(d.module in ignored for d in deps if d.kind != "input")
-        if spaces.opaque[root] or excluded or not any(d.kind == "output" for d in deps):
+        if spaces.opaque[root] or excluded or not any(d.kind in ("output", "heads") for d in deps):
             continue
         groups.append(Group(spaces.size[root], tuple(deps)))
     shapes = {
         name: walker.shapes.get(name) or _shape_of(name, m)
         for name, m in modules.items()
         if isinstance(m, SLICEABLE_TYPES) or is_layernorm(m)
-    } | {name: shape for name, shape in walker.shapes.items() if shape.kind == "parameter"}
+    } | {
+        name: shape
+        for name, shape in walker.shapes.items()
+        if shape.kind in ("parameter", "attention")
+    }
     return Dependencies(tuple(groups), shapes, counter.get_total_flops() // 2, count_params(model))
 
 

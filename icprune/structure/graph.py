@@ -26,7 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from icprune.structure.layers import BATCHNORM_TYPES, PRUNABLE_TYPES
+from icprune.structure.layers import (
+    ATTENTION_TYPES,
+    BATCHNORM_TYPES,
+    PRUNABLE_TYPES,
+    is_window_attention,
+)
 
 READ_POINTS = ("output", "bn", "activation")
 
@@ -69,8 +74,9 @@ class ReadPoint:
 
 
 class _Tracer(fx.Tracer):
-    """fx tracer that keeps prunable layers, BatchNorms and activations as single calls, also
-    when they are user subclasses (fx would otherwise trace into any non-``torch.nn`` class),
+    """fx tracer that keeps prunable layers, BatchNorms, activations and attention blocks
+    (icprune's ``PrunedMultiheadAttention`` too) as single calls, also when they are user
+    subclasses (fx would otherwise trace into any non-``torch.nn`` class),
     and the modules named in ``leaves`` too. ``entered`` is the stack of submodules being traced
     (qualified names); after a failed trace its last entry is where tracing failed."""
 
@@ -80,8 +86,10 @@ class _Tracer(fx.Tracer):
         self.entered: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        leaf = isinstance(m, (*PRUNABLE_TYPES, *BATCHNORM_TYPES, *ACTIVATION_MODULES))
-        leaf = leaf or module_qualified_name in self.leaves
+        leaf = isinstance(
+            m, (*PRUNABLE_TYPES, *BATCHNORM_TYPES, *ACTIVATION_MODULES, *ATTENTION_TYPES)
+        )
+        leaf = leaf or is_window_attention(m) or module_qualified_name in self.leaves
         return leaf or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict):

@@ -19,6 +19,18 @@ Three kinds of modules carry channels icprune can cut:
   ``weight`` and ``bias`` sliced like a BatchNorm's. They are not part of a plan's recorded
   structure (:func:`channel_structure`, which plans made before LayerNorms could be pruned
   compare), but :func:`sizes`, :func:`tensor_shapes` and :func:`set_channels` know them;
+- attention blocks (:func:`is_attention`): ``nn.MultiheadAttention`` with packed projections,
+  no ``bias_k``/``bias_v`` and no zero attention, torchvision's Swin ``ShiftedWindowAttention``
+  and ``ShiftedWindowAttentionV2`` (recognised by class, torchvision is not imported), and
+  icprune's :class:`~icprune.attention.PrunedMultiheadAttention` and
+  :class:`~icprune.attention.PrunedWindowAttention`. Their ``num_heads`` heads are their
+  channels, both output and input (:func:`sizes` ``(H, H)``), pruned as units: head i is
+  ``head_dim`` rows of each of the query, key and value projections (:func:`projection`;
+  :func:`icprune.attention.head_rows`), the same ``head_dim`` input columns of the output
+  projection (:func:`output_projection`) and the head's own parameters (Swin's position bias
+  column, V2's ``logit_scale`` entry and ``cpb_mlp`` output row). Their embedding dimension
+  (:func:`embed_dim`, the residual stream) and :func:`head_dim` never change. Like LayerNorms
+  they are not part of a plan's recorded structure;
 - per-channel parameters used as values by a module without channels of its own (ConvNeXt's
   ``layer_scale``, ``(C, 1, 1)``): their one dimension of size > 1 (:func:`parameter_axis`,
   :func:`owned_parameter`).
@@ -30,6 +42,8 @@ Three kinds of modules carry channels icprune can cut:
 from __future__ import annotations
 
 from torch import nn
+
+from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
 
 #: Layers whose output channels icprune scores and prunes.
 PRUNABLE_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -46,6 +60,11 @@ SLICEABLE_TYPES = (*PRUNABLE_TYPES, *BATCHNORM_TYPES)
 BATCHNORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
 #: The tensors of a LayerNorm that hold one value per channel.
 LAYERNORM_TENSORS = ("weight", "bias")
+#: Attention block classes fx must not trace into (with torchvision's Swin attention, which
+#: :func:`is_attention` recognises by class).
+ATTENTION_TYPES = (nn.MultiheadAttention, PrunedMultiheadAttention, PrunedWindowAttention)
+#: torchvision's Swin attention classes (``torchvision.models.swin_transformer``).
+_SWIN_ATTENTION = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
 
 
 def is_conv(module: nn.Module) -> bool:
@@ -62,6 +81,83 @@ def is_layernorm(module: nn.Module) -> bool:
     """True for a LayerNorm (``nn.LayerNorm`` or a subclass) over one axis (a 1-D
     ``normalized_shape``): the LayerNorms whose channels icprune can cut."""
     return isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1
+
+
+def is_window_attention(module: object) -> bool:
+    """True for Swin's window attention: torchvision's ``ShiftedWindowAttention(V2)`` (by class
+    and module name) or icprune's :class:`~icprune.attention.PrunedWindowAttention`."""
+    if isinstance(module, PrunedWindowAttention):
+        return True
+    kind = type(module)
+    return kind.__name__ in _SWIN_ATTENTION and kind.__module__.startswith(
+        "torchvision.models.swin_transformer"
+    )
+
+
+def is_attention(module: object) -> bool:
+    """True for an attention block whose heads icprune can prune: Swin's window attention
+    (:func:`is_window_attention`), icprune's
+    :class:`~icprune.attention.PrunedMultiheadAttention`, or an ``nn.MultiheadAttention`` (or
+    subclass) with packed projections (``kdim == vdim == embed_dim``), no ``bias_k``/``bias_v``
+    and ``add_zero_attn=False``."""
+    if isinstance(module, PrunedMultiheadAttention) or is_window_attention(module):
+        return True
+    return (
+        isinstance(module, nn.MultiheadAttention)
+        and module._qkv_same_embed_dim
+        and module.bias_k is None
+        and module.bias_v is None
+        and not module.add_zero_attn
+    )
+
+
+def heads(module: nn.Module) -> int:
+    """Heads (``num_heads``) of an attention block (:func:`is_attention`).
+
+    Raises:
+        TypeError: any other module.
+    """
+    if not is_attention(module):
+        raise TypeError(
+            f"heads: {type(module).__name__} is not an attention block icprune knows "
+            f"(nn.MultiheadAttention with packed projections, or PrunedMultiheadAttention)"
+        )
+    return module.num_heads
+
+
+def head_dim(module: nn.Module) -> int:
+    """Features per head d of an attention block (``nn.MultiheadAttention``'s ``head_dim``,
+    torchvision Swin's ``C // num_heads``)."""
+    count = heads(module)
+    if is_window_attention(module):
+        return module.qkv.out_features // (3 * count)
+    return module.head_dim
+
+
+def embed_dim(module: nn.Module) -> int:
+    """The channels E an attention block reads and writes (its residual stream)."""
+    heads(module)  # raises for any other module
+    if is_window_attention(module):
+        return module.qkv.in_features
+    return module.embed_dim
+
+
+def projection(module: nn.Module) -> tuple[nn.Module, str, str]:
+    """Where an attention block's packed q, k, v projection is: ``(owner, weight attribute,
+    bias attribute)`` - ``(module, "in_proj_weight", "in_proj_bias")`` for multi-head attention,
+    ``(module.qkv, "weight", "bias")`` for window attention. Its rows are q, k, v blocks of
+    ``heads * head_dim`` (:func:`icprune.attention.head_rows`)."""
+    if is_window_attention(module):
+        return module.qkv, "weight", "bias"
+    heads(module)
+    return module, "in_proj_weight", "in_proj_bias"
+
+
+def output_projection(module: nn.Module) -> str:
+    """The attribute of an attention block's output projection (a linear layer reading
+    ``head_dim`` features per head): ``"out_proj"``, or ``"proj"`` for window attention."""
+    heads(module)
+    return "proj" if is_window_attention(module) else "out_proj"
 
 
 def has_channels(module: nn.Module) -> bool:
@@ -130,8 +226,10 @@ def is_depthwise(module: nn.Module) -> bool:
 
 def sizes(module: nn.Module) -> tuple[int, int] | None:
     """``(out, in)`` channels of a conv, linear or BatchNorm module (see :func:`out_channels`,
-    :func:`in_channels`), ``(C, C)`` of a LayerNorm over one axis of C channels, or None for any
-    other module."""
+    :func:`in_channels`), ``(C, C)`` of a LayerNorm over one axis of C channels, ``(H, H)`` of
+    an attention block of H heads, or None for any other module."""
+    if is_attention(module):
+        return module.num_heads, module.num_heads
     if is_layernorm(module):
         return module.normalized_shape[0], module.normalized_shape[0]
     if not has_channels(module):
@@ -170,15 +268,36 @@ def tensor_shapes(
     ``group_count`` groups: a BatchNorm's four per-channel tensors ``(out,)``; a linear layer's
     weight ``(out, inp)`` and bias ``(out,)``; a conv's weight ``(out, inp / groups, *kernel)``
     (its kernel as the module has it) and bias ``(out,)``; a LayerNorm's weight and bias
-    ``(out,)``.
+    ``(out,)``; an attention block's ``in_proj_weight`` ``(3 * out * head_dim, embed_dim)`` and
+    ``in_proj_bias`` ``(3 * out * head_dim,)`` at ``out`` heads (window attention: ``qkv``'s
+    weight and bias, ``proj``'s weight, the position bias table or V2's ``logit_scale`` and
+    last ``cpb_mlp`` weight, keyed by their names inside the module).
 
     Raises:
-        TypeError: a module that is neither a prunable layer, a BatchNorm nor a LayerNorm over
-            one axis (:data:`SLICEABLE_TYPES`, :func:`is_layernorm`).
+        TypeError: a module that is neither a prunable layer, a BatchNorm, a LayerNorm over
+            one axis nor an attention block (:data:`SLICEABLE_TYPES`, :func:`is_layernorm`,
+            :func:`is_attention`).
         ValueError: a conv whose ``group_count`` does not divide ``out`` and ``inp``.
     """
     if is_layernorm(module):
         return {name: (out,) for name in LAYERNORM_TENSORS}
+    if is_attention(module):
+        rows, width = 3 * out * head_dim(module), embed_dim(module)
+        owner, weight, bias = projection(module)
+        prefix = "qkv." if is_window_attention(module) else ""
+        shapes = {prefix + weight: (rows, width)}
+        if getattr(owner, bias) is not None:
+            shapes[prefix + bias] = (rows,)
+        if not is_window_attention(module):
+            return shapes
+        shapes["proj.weight"] = (width, out * head_dim(module))
+        if hasattr(module, "logit_scale"):  # V2
+            hidden = module.cpb_mlp[2].in_features
+            shapes |= {"logit_scale": (out, 1, 1), "cpb_mlp.2.weight": (out, hidden)}
+        else:
+            table = module.relative_position_bias_table.shape[0]
+            shapes["relative_position_bias_table"] = (table, out)
+        return shapes
     if not isinstance(module, SLICEABLE_TYPES):
         raise TypeError(
             f"tensor_shapes: {type(module).__name__} is neither a Conv1d/2d/3d, a Linear nor a "
@@ -245,13 +364,15 @@ def parameter_axis(tensor: object) -> int | None:
 
 def owned_parameter(model: nn.Module, name: str) -> tuple[nn.Module, str] | None:
     """``(owner module, attribute)`` of the parameter qualified ``name`` when it is a parameter
-    of a module without channels of its own (not a conv, linear or norm's weight or bias), else
-    None."""
+    of a module without channels of its own (not a conv, linear or norm's weight or bias, nor
+    an attention block's projection), else None."""
     owner_name, _, attr = name.rpartition(".")
     try:
         owner = model.get_submodule(owner_name)
     except AttributeError:
         return None
     if attr not in owner._parameters or has_channels(owner) or is_layernorm(owner):
+        return None
+    if is_attention(owner):
         return None
     return owner, attr

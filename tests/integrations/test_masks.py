@@ -204,3 +204,33 @@ def test_masks_of_gates_and_grouped_convs_compute_what_apply_computes(name):
     with torch.no_grad():
         soft, hard = apply_masks(model, plan)(x), icprune.apply(model, plan)(x)
     torch.testing.assert_close(soft, hard, rtol=1e-4, atol=1e-5)
+
+
+def test_masks_of_attention_heads_compute_what_apply_computes():
+    from tests.structure.nets import ViTNet
+
+    torch.manual_seed(0)
+    model = ViTNet().eval()
+    x = torch.randn(3, 3, 16, 16)
+    plan = icprune.prune(model, example_inputs=x[:1], flops_reduction=0.3).plan
+    assert min(len(plan.keep[f"block{i}.self_attention"]) for i in (1, 2)) < 4
+    masked = apply_masks(model, plan)
+    assert isinstance(masked.block1.self_attention, nn.MultiheadAttention)  # shapes kept
+    with torch.no_grad():
+        soft, hard = masked(x), icprune.apply(model, plan)(x)
+    torch.testing.assert_close(soft, hard, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(remove_masks(masked)(x), soft)
+
+
+def test_masks_of_window_attention_heads_compute_what_apply_computes():
+    from tests.structure.nets import SwinNet
+
+    torch.manual_seed(0)
+    model = SwinNet().eval()
+    x = torch.randn(3, 3, 24, 24)
+    plan = icprune.prune(model, example_inputs=x[:1], ratio=0.4).plan
+    assert min(len(plan.keep[f"block{i}.attn"]) for i in (1, 2)) < 4
+    with torch.no_grad():
+        soft, hard = apply_masks(model, plan)(x), icprune.apply(model, plan)(x)
+    torch.testing.assert_close(soft, hard, rtol=1e-4, atol=1e-5)

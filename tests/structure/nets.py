@@ -2,7 +2,8 @@
 
 Each mirrors one block of a torchvision family without needing torchvision: a squeeze-excitation
 MBConv block (EfficientNet, MobileNetV3), a channels-last ConvNeXt block with a LayerNorm2d
-downsample, and a token MLP (ViT/Swin MLPs over ``[N, L, C]``).
+downsample, a token MLP (ViT/Swin MLPs over ``[N, L, C]``) and a small ViT whose encoder
+blocks call ``nn.MultiheadAttention`` as torchvision's do.
 """
 
 from __future__ import annotations
@@ -162,3 +163,91 @@ class ResNeXtNet(nn.Module):
             y = getattr(self, f"bn{i}c")(getattr(self, f"conv{i}c")(getattr(self, f"se{i}")(y)))
             x = torch.relu(x + y)
         return self.fc(x.mean((2, 3)))
+
+
+class EncoderBlock(nn.Module):
+    """torchvision's ViT encoder block: LayerNorm -> ``nn.MultiheadAttention(x, x, x,
+    need_weights=False)`` -> residual -> LayerNorm -> MLP (fc1 -> GELU -> fc2) -> residual."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.ln_1 = nn.LayerNorm(dim)
+        self.self_attention = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        y, _ = self.self_attention(y, y, y, need_weights=False)
+        if not self.batch_first:
+            y = y.transpose(0, 1)
+        x = x + y
+        return x + self.fc2(F.gelu(self.fc1(self.ln_2(x))))
+
+
+class ViTNet(nn.Module):
+    """A small ViT: 4x4 patches of a ``[N, 3, 16, 16]`` image -> 16 tokens of 24 features,
+    a class token and a position embedding -> two encoder blocks of 4 heads of 6 features (the
+    second with ``batch_first=False``) -> LayerNorm -> the class token -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_proj = nn.Conv2d(3, 24, 4, stride=4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, 24) * 0.1)
+        self.pos_embedding = nn.Parameter(torch.randn(1, 17, 24) * 0.1)
+        self.block1 = EncoderBlock(24, 4, 32)
+        self.block2 = EncoderBlock(24, 4, 32, batch_first=False)
+        self.ln = nn.LayerNorm(24)
+        self.head = nn.Linear(24, 5)
+
+    def forward(self, x):
+        x = self.conv_proj(x)
+        x = x.reshape(x.shape[0], 24, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.block2(self.block1(x + self.pos_embedding))
+        return self.head(self.ln(x)[:, 0])
+
+
+class SwinBlock(nn.Module):
+    """torchvision's Swin block over a channels-last map ``[N, H, W, C]``: LayerNorm -> window
+    attention -> residual -> LayerNorm -> MLP -> residual. The attention is icprune's
+    ``PrunedWindowAttention`` with all its heads (torchvision's ``ShiftedWindowAttention``
+    computes the same; this venv has no torchvision)."""
+
+    def __init__(self, dim: int, heads: int, shift: int, cosine: bool) -> None:
+        from icprune.attention import PrunedWindowAttention
+
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = PrunedWindowAttention(
+            dim, [4, 4], [shift, shift], heads, dim // heads, cosine=cosine
+        )
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class SwinNet(nn.Module):
+    """4x4 patches of a ``[N, 3, 24, 24]`` image -> a ``6 x 6`` channels-last map of 16
+    channels (padded to two 4x4 windows a side) -> a block with windows, then a shifted block
+    with V2's cosine attention, 4 heads of 4 features each -> mean -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.block1 = SwinBlock(16, 4, 0, cosine=False)
+        self.block2 = SwinBlock(16, 4, 2, cosine=True)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.norm(self.patch(x).permute(0, 2, 3, 1))
+        return self.head(self.block2(self.block1(x)).mean((1, 2)))

@@ -100,3 +100,28 @@ def test_flags_restored_when_forward_raises():
         count(model, torch.randn(1, 5, 32, 32))  # wrong channel count
     assert all(m.training for m in model.modules())
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_attention_matmuls_are_counted(grad, batch_first):
+    # nn.MultiheadAttention's inference fast path and the CPU kernel of scaled dot-product
+    # attention would hide MACs from FlopCounterMode: all of them count, with or without grad
+    n, length, e, heads = 2, 5, 32, 4
+    model = nn.MultiheadAttention(e, heads, batch_first=batch_first).eval()
+    x = torch.randn(n, length, e) if batch_first else torch.randn(length, n, e)
+
+    class Self(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = model
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0]
+
+    with torch.set_grad_enabled(grad):
+        macs, _ = count(Self(), x)
+    projections = 4 * n * length * e * e  # q, k, v and out_proj
+    attention = 2 * n * length * length * e  # Q K^T and A V over all heads
+    assert macs == projections + attention
+    assert torch.backends.mha.get_fastpath_enabled()  # restored

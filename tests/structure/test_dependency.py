@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from icprune.models import mobilenet_v2, resnet18, resnet20, resnet50, resnet56, vgg16_bn
-from icprune.structure.dependency import dependency_groups, trace_dependencies
+from icprune.structure.dependency import Dependency, dependency_groups, trace_dependencies
 
 AXIS = {"output": "out", "depthwise": "out", "batchnorm": "out", "input": "in"}
 
@@ -370,3 +370,63 @@ class OddGroups(nn.Module):
 
 def test_a_grouped_conv_whose_groups_straddle_spaces_is_opaque():
     assert dependency_groups(OddGroups(), torch.randn(1, 3, 4, 4)) == []
+
+
+def test_attention_heads_are_one_group_with_out_proj_reading_them():
+    from tests.structure.nets import ViTNet
+
+    model = ViTNet().eval()
+    deps = trace_dependencies(model, torch.randn(1, 3, 16, 16))
+    heads = [g for g in deps.groups if g.dependencies[0].kind == "heads"]
+    assert [(g.channels, g.layers) for g in heads] == [
+        (4, ("block1.self_attention",)),
+        (4, ("block2.self_attention",)),
+    ]
+    for g in heads:
+        name = g.layers[0]
+        assert g.dependencies[1:] == (Dependency(f"{name}.out_proj", "input", 0, 6),)
+        shape = deps.shapes[name]
+        # per head: q, k, v and out projections of 17 tokens of 24 features, Q K^T and A V
+        assert (shape.kind, shape.out_channels) == ("attention", 4)
+        assert shape.positions == 6 * (4 * 17 * 24 + 2 * 17 * 17)
+        assert shape.kernel == 3 * 6 * (24 + 1)
+    # the MLPs stay groups; the residual stream (class token, position embedding) is opaque
+    assert sorted(g.channels for g in deps.groups) == [4, 4, 32, 32]
+
+
+def test_attention_called_twice_or_ignored_is_opaque():
+    from tests.structure.nets import EncoderBlock
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = EncoderBlock(8, 2, 16)
+
+        def forward(self, x):
+            y, _ = self.block.self_attention(x, x, x, need_weights=False)
+            z, _ = self.block.self_attention(y, y, y, need_weights=False)
+            return self.block.fc2(torch.relu(self.block.fc1(z))).mean(1)
+
+    x = torch.randn(1, 3, 8)
+    assert [g.channels for g in dependency_groups(Twice(), x)] == [16]
+    block = EncoderBlock(8, 2, 16)
+    assert [g.channels for g in dependency_groups(block, x)] == [2, 16]
+    assert [g.channels for g in dependency_groups(block, x, ignored_layers=["self_attention"])] == [
+        16
+    ]
+
+
+def test_window_attention_heads_and_their_cost():
+    from tests.structure.nets import SwinNet
+
+    model = SwinNet().eval()
+    deps = trace_dependencies(model, torch.randn(1, 3, 24, 24))
+    heads = [g for g in deps.groups if g.dependencies[0].kind == "heads"]
+    assert [g.layers for g in heads] == [("block1.attn",), ("block2.attn",)]
+    assert heads[0].dependencies[1:] == (Dependency("block1.attn.proj", "input", 0, 4),)
+    tokens = 8 * 8  # the 6 x 6 map padded to two 4 x 4 windows a side
+    v1, v2 = deps.shapes["block1.attn"], deps.shapes["block2.attn"]
+    assert v1.positions == 4 * (4 * tokens * 16 + 2 * tokens * 16)
+    assert v1.kernel == 3 * 4 * (16 + 1) + 7 * 7  # q, k, v rows and a bias table column
+    assert v2.positions == v1.positions + 7 * 7 * 512  # and a row of the position-bias MLP
+    assert v2.kernel == 3 * 4 * (16 + 1) + 512 + 1  # that row and a logit scale

@@ -1,19 +1,20 @@
 """torchvision families the structural rules of issue 14 open up, pruned at 30 % fewer MACs.
 
-Squeeze-excitation gates with stochastic depth (EfficientNet, MobileNetV3, RegNetY), grouped
-convs pruned within their groups (ResNeXt, RegNetX/Y) and linear layers over channels-last maps
-with LayerNorms and layer scale (ConvNeXt), and ViT's token MLPs, each pruned data-free and with two
-batches by :func:`icprune.prune` on small inputs (random weights; the structure, not the
-accuracy, is under test). Checked: the MACs reduction within 1 point of the target, the plan's
-analytic MACs equal to ``icprune.count`` of the pruned model, the output shape, how many layers
-land in groups (so a rule that stops applying fails here), and the pruned model saved and loaded
-bit-identical.
+Squeeze-excitation gates with stochastic depth (EfficientNet, MobileNetV3, RegNetY), grouped convs
+pruned within their groups (ResNeXt, RegNetX/Y) and linear layers over channels-last maps with
+LayerNorms and layer scale (ConvNeXt), and ViT's token MLPs and attention heads, each pruned data-
+free and with two batches by :func:`icprune.prune` on small inputs (random weights; the structure,
+not the accuracy, is under test). Checked: the MACs reduction within 1 point of the target, the
+plan's analytic MACs equal to ``icprune.count`` of the pruned model, the output shape, how many
+layers land in groups (so a rule that stops applying fails here), and the pruned model saved and
+loaded bit-identical.
 """
 
 import pytest
 import torch
 
 import icprune
+from icprune.attention import PrunedMultiheadAttention, PrunedWindowAttention
 
 models = pytest.importorskip("torchvision.models", reason="needs torchvision (.venv-tv)")
 
@@ -25,13 +26,15 @@ FAMILIES = {
     "regnet_y_400mf": (64, 85),  # all 85: grouped convs with SE (before: 37)
     "regnet_x_400mf": (64, 71),  # all 71 (before: 27 in 5 groups)
     "resnext50_32x4d": (64, 53),  # all 53 (before: 21 in 5 groups)
-    "vit_b_16": (64, 12),  # the 12 MLP hidden dims (heads and the residual stream stay whole)
+    "vit_b_16": (64, 24),  # the 12 MLP hidden dims and the 12 attention blocks' heads (the
+    # residual stream stays whole; before heads: 12)
+    "swin_t": (224, 24),  # the 12 MLP hidden dims and the 12 window attentions' heads
     "convnext_tiny": (64, 58),  # all 58: LayerNorms, layer_scale (before: 0, "removes 0.000")
 }
 
 
 #: The costliest rows (about a minute each on a loaded 2-core machine).
-SLOW = ("convnext_tiny", "resnext50_32x4d", "vit_b_16")
+SLOW = ("convnext_tiny", "resnext50_32x4d", "vit_b_16", "swin_t")
 
 
 def _build(name: str) -> torch.nn.Module:
@@ -69,6 +72,12 @@ def test_prunes_at_thirty_percent(name, with_data, tmp_path):
     if grouped:
         assert any(
             after[n].in_channels < dict(model.named_modules())[n].in_channels for n in grouped
+        )
+    if name.startswith(("vit_", "swin_")):  # heads are pruned: fewer heads of the same width
+        kind = PrunedMultiheadAttention if name.startswith("vit_") else PrunedWindowAttention
+        attention = [m for m in pruned.modules() if isinstance(m, kind)]
+        assert attention and all(
+            m.head_dim == 64 if kind is PrunedMultiheadAttention else 32 for m in attention
         )
     with torch.no_grad():
         out = pruned(x)

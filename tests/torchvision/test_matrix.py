@@ -99,8 +99,9 @@ TOO_BIG = {
 
 
 #: Models measured at 224 px: MaxViT's window partition needs it (its forward fails at 64 px),
-#: and Swin's attention, which stays whole, is a larger part of its MACs at 64 px (30 % fewer
-#: is out of reach there: at most 0.25-0.26 by pruning the MLPs, the target at 224 px).
+#: and Swin's windows cover 224 px maps as designed (at 64 px most of a window is padding).
+#: With whole attention 30 % fewer MACs was out of reach for Swin at 64 px (0.25-0.26 by the
+#: MLPs alone); with its heads pruned too, swin_t and swin_v2_t reach it there as well.
 FULL_SIZE = ("maxvit", "swin")
 
 
