@@ -130,8 +130,7 @@ class PrunedMultiheadAttention(nn.Module):
             if old is None:
                 new.register_parameter(attr, None)
             else:
-                value = old.detach().index_select(0, rows).clone()
-                setattr(new, attr, nn.Parameter(value, requires_grad=old.requires_grad))
+                _take(new, attr, old, 0, rows)
         new.out_proj = attention.out_proj
         new.train(attention.training)
         return new
@@ -534,13 +533,9 @@ def _relative_coords_table(wh: int, ww: int) -> Tensor:
 
 def _copy_rows(new: nn.Linear, old: nn.Linear, rows: Tensor) -> None:
     """Give ``new`` the rows ``rows`` of ``old``'s weight and bias (same requires_grad)."""
-    new.weight = nn.Parameter(
-        old.weight.detach().index_select(0, rows).clone(), requires_grad=old.weight.requires_grad
-    )
+    _take(new, "weight", old.weight, 0, rows)
     if old.bias is not None:
-        new.bias = nn.Parameter(
-            old.bias.detach().index_select(0, rows).clone(), requires_grad=old.bias.requires_grad
-        )
+        _take(new, "bias", old.bias, 0, rows)
     new.out_features = len(rows)
 
 
