@@ -88,11 +88,10 @@ class _Elimination:
         beta = self.inv @ b
         self.gram = beta @ beta.T
         self.pos = idx.clone()  # each group channel's row in the (compacted) matrices
-        self.rows = self.inv.shape[0]
-        self.dead = torch.zeros(self.rows, dtype=torch.bool)
+        self.dead = torch.zeros(self.inv.shape[0], dtype=torch.bool)  # per row
         self.d_inv = self.inv.diagonal().clone()
         self.d_gram = self.gram.diagonal().clone()
-        self.u = torch.zeros(block, self.rows, dtype=torch.float64)  # factors as rows
+        self.u = torch.zeros(block, len(self.dead), dtype=torch.float64)  # factors as rows
         self.a = torch.zeros_like(self.u)
         self.h = torch.zeros_like(self.u)
         self.k = 0
@@ -128,20 +127,19 @@ class _Elimination:
         self.gram.addmm_(a.T, h, alpha=-1.0).addmm_(h.T, a, alpha=-1.0)
         self.u.zero_(), self.a.zero_(), self.h.zero_()
         self.k = 0
-        if 4 * int(self.dead.sum()) >= self.rows:  # drop removed rows once they are a quarter
+        if 4 * int(self.dead.sum()) >= len(self.dead):  # drop removed rows once they are a quarter
             self._compact()
 
     def _compact(self) -> None:
         keep = (~self.dead).nonzero().squeeze(1)
-        new_row = torch.zeros(self.rows, dtype=torch.long)
+        new_row = torch.zeros(len(self.dead), dtype=torch.long)
         new_row[keep] = torch.arange(len(keep))
         self.pos = new_row[self.pos]  # a removed channel's row (now 0) is never read
         self.inv = self.inv.index_select(0, keep).index_select(1, keep)
         self.gram = self.gram.index_select(0, keep).index_select(1, keep)
         self.d_inv, self.d_gram = self.d_inv[keep], self.d_gram[keep]
-        self.rows = len(keep)
-        self.dead = torch.zeros(self.rows, dtype=torch.bool)
-        self.u = self.u.new_zeros(self.u.shape[0], self.rows)
+        self.dead = torch.zeros(len(keep), dtype=torch.bool)
+        self.u = self.u.new_zeros(self.u.shape[0], len(keep))
         self.a, self.h = torch.zeros_like(self.u), torch.zeros_like(self.u)
 
 
