@@ -24,6 +24,17 @@ def _pruned(factory, size: int, **target) -> tuple[nn.Module, torch.Tensor]:
     return icprune.apply(model, chosen), x
 
 
+def _assert_same_model(pruned, loaded, x):
+    """Same state_dict keys, dtypes and values, same output on x, same MACs and parameters."""
+    for (k, a), (k2, b) in zip(
+        pruned.state_dict().items(), loaded.state_dict().items(), strict=True
+    ):
+        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)
+    with torch.no_grad():
+        assert torch.equal(pruned(x), loaded(x))
+    assert icprune.count(loaded, x) == icprune.count(pruned, x)
+
+
 @pytest.mark.parametrize(
     ("factory", "size", "target"),
     [
@@ -40,13 +51,7 @@ def test_round_trip_is_bit_identical(tmp_path, factory, size, target):
     path = tmp_path / "pruned.pt"
     icprune.save(pruned, path)
     loaded = icprune.load(path, factory).eval()
-    for (k, a), (k2, b) in zip(
-        pruned.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
-        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)
-    with torch.no_grad():
-        assert torch.equal(pruned(x), loaded(x))
-    assert icprune.count(loaded, x) == icprune.count(pruned, x)
+    _assert_same_model(pruned, loaded, x)
 
 
 def test_load_refuses_other_files_and_architectures(tmp_path):
@@ -176,13 +181,7 @@ def test_round_trip_of_pruned_attention_heads(tmp_path, name):
     loaded = icprune.load(path, factory).eval()
     for qualified, module in pruned.named_modules():
         assert type(loaded.get_submodule(qualified)) is type(module)
-    for (k, a), (k2, b) in zip(
-        pruned.state_dict().items(), loaded.state_dict().items(), strict=True
-    ):
-        assert k == k2 and a.dtype == b.dtype and torch.equal(a, b)
-    with torch.no_grad():
-        assert torch.equal(pruned(x), loaded(x))
-    assert icprune.count(loaded, x) == icprune.count(pruned, x)
+    _assert_same_model(pruned, loaded, x)
     if name == "SwinNet":
         return
     # the heads table is validated, and must fit the architecture

@@ -232,21 +232,12 @@ def test_end_to_end_resnet20_matches_icprune_plan(model, batches, case, global_p
 def test_iterative_steps_rescore_the_pruned_model(model, batches):
     """criterion="icii", iterative_steps=2: data-free scores come from the current (pruned)
     weights; with data the model is re-calibrated once per step."""
-    pruned = copy.deepcopy(model)
-    pruner = tp.pruner.MetaPruner(
-        pruned, EXAMPLE, InformationImportance(pruned, criterion="icii"), iterative_steps=2,
-        ignored_layers=[pruned.fc],
-    )  # fmt: skip
-    pruner.step()
-    after_first = copy.deepcopy(pruned)
-    assert pruned.layer1[0].conv1.out_channels == 12
-    pruner.step()
-    assert pruned.layer1[0].conv1.out_channels == 8
-    second = pruner.pruning_history()[-12:]  # one entry per group and step
-    removed = {n: sorted(i) for n, out, i in second if out}["layer1.0.conv1"]
-    assert removed == _lowest(
-        icprune.score(after_first, criterion="icii")["layer1.0.conv1"].score, 4
+    _, removed, lowest = _second_step_removal(
+        copy.deepcopy(model),
+        lambda m: InformationImportance(m, criterion="icii"),
+        lambda m: icprune.score(m, criterion="icii"),
     )
+    assert removed == lowest
 
     pruned = copy.deepcopy(model)
     layers = iter(prunable_layers(pruned))  # a one-shot iterable of names is kept as a list
