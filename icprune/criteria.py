@@ -13,7 +13,10 @@ selection split of nets and seeds, verdict on a confirmation split): docs/qualit
   kept weights optimally re-fitted, as :func:`icprune.recovery.repair.repair` does - adds the
   least normalised output error ``sum_k tr(B_k^T A_k^{-1} B_k)`` lost; the score is the step at
   which a channel goes (0 = first). ThiNet/CP channel selection in closed form from the Gram
-  matrix. Ridge ``r`` (relative to the mean variance) regularises the fit.
+  matrix. Ridge ``r`` (relative to the mean variance) regularises the fit. A consumer that
+  reads the group in several tiles (the groups of a grouped conv, pruned consistently) keeps
+  one elimination over all its inputs and loses a channel in every tile at once; the
+  channel's loss is the sum of its tiles' losses, each as if removed alone.
 - ``"wcondvar"``: ``M_c / (S + r I)^{-1}_cc``: the output error of removing c alone with
   least-squares compensation by the consumer's other inputs (exact for 1x1 convs and linear).
 - ``"wvar"``: ``M_c S_cc`` (removal with mean compensation); ``"wE2"``: ``M_c E[x_c^2]``
@@ -40,7 +43,7 @@ none of whose consumers has statistics is scored by ``"wbn"``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -87,7 +90,8 @@ class _Elimination:
         self.inv = torch.linalg.inv(a)
         beta = self.inv @ b
         self.gram = beta @ beta.T
-        self.pos = idx.clone()  # each group channel's row in the (compacted) matrices
+        del beta
+        self.pos = idx.reshape(len(idx), -1).clone()  # group channel x tile -> row
         self.dead = torch.zeros(self.inv.shape[0], dtype=torch.bool)  # per row
         self.d_inv = self.inv.diagonal().clone()
         self.d_gram = self.gram.diagonal().clone()
@@ -97,12 +101,18 @@ class _Elimination:
         self.k = 0
 
     def loss(self) -> torch.Tensor:
-        """Tensor[C]: the explained energy each group channel's removal would lose now."""
-        return self.d_gram[self.pos] / self.d_inv[self.pos].clamp(min=1e-300)
+        """Tensor[C]: the explained energy each group channel's removal would lose now (summed
+        over its tiles, each tile's loss as if removed alone)."""
+        return (self.d_gram[self.pos] / self.d_inv[self.pos].clamp(min=1e-300)).sum(1)
 
     def remove(self, channel: int) -> None:
-        """Downdate by removing group channel ``channel`` (its row, refit of the others)."""
-        p, k = int(self.pos[channel]), self.k
+        """Downdate by removing group channel ``channel``: its row in every tile, one after
+        another (each with the refit of the rows left)."""
+        for tile in range(self.pos.shape[1]):  # read each row after the last fold's compaction
+            self._remove_row(int(self.pos[channel, tile]))
+
+    def _remove_row(self, p: int) -> None:
+        k = self.k
         u, a, h = self.u[:k], self.a[:k], self.h[:k]
         col = self.inv[p] - torch.mv(u.T, u[:, p].contiguous())  # symmetric: row p = column p
         q = self.gram[p] - torch.mv(a.T, h[:, p].contiguous()) - torch.mv(h.T, a[:, p].contiguous())
@@ -144,7 +154,7 @@ class _Elimination:
 
 
 def greedy_order(
-    parts: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    parts: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     *,
     block: int = GREEDY_BLOCK,
 ) -> torch.Tensor:
@@ -154,16 +164,19 @@ def greedy_order(
         parts: per consumer ``(A, B, idx)``: A = ridged input covariance Tensor[C_in, C_in]
             float64, B = ``S @ V`` Tensor[C_in, R] where the columns of V are the consumer's
             per-tap, output-scaled weights (so the explained output energy of a kept input set
-            K is ``tr(B_K^T A_KK^{-1} B_K)``), idx = LongTensor[C]: the consumer's input index
-            of each group channel.
+            K is ``tr(B_K^T A_KK^{-1} B_K)``), idx = LongTensor[C] (or LongTensor[C, G]): the
+            consumer's input index of each group channel (in each of its G tiles: a group whose
+            channels repeat once per conv group of a grouped conv loses a channel in every tile
+            at once). Any iterable: each consumer's A and B are read once, when its state is
+            built, and may be freed after (a generator keeps one consumer's pair alive at a time).
         block: steps between folds of the deferred downdates (>= 1; speed only).
 
     Returns:
         Tensor[C] float64: the step at which each channel is removed (0 = first; the last one
         left gets C - 1). Ties go to the lower channel index.
     """
-    c = len(parts[0][2])
     state = [_Elimination(a, b, idx, block) for a, b, idx in parts]
+    c = len(state[0].pos)
     alive = torch.ones(c, dtype=torch.bool)
     order = torch.zeros(c, dtype=torch.float64)
     for step in range(c):
@@ -176,6 +189,26 @@ def greedy_order(
             for s in state:
                 s.remove(ch)
     return order
+
+
+def _greedy_parts(
+    model: nn.Module,
+    tiles: Mapping[str, torch.Tensor],
+    stats: Mapping[str, ChannelStats],
+    ridge: float,
+    follower: Mapping[str, str],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`greedy_order`'s ``(A, B, idx)`` of each consumer in ``tiles`` (consumer name ->
+    LongTensor[C, G] of its input indices), built one at a time (a C_in = 7392 consumer's pair
+    is 0.9 GB)."""
+    modules = dict(model.named_modules())
+    for name, idx in tiles.items():
+        _, _, cov = moments(stats[name])
+        w = taps(modules[name].weight)  # T, O, C_in
+        d = output_scale(model, name, follower).sqrt()
+        v = (w * d[None, :, None]).reshape(-1, w.shape[2]).T  # C_in x (T * O)
+        yield ridged(cov, ridge), cov @ v, idx
+        del cov, w, v
 
 
 def _bn_energy(model: nn.Module, group: Group, follower: Mapping[str, str]) -> torch.Tensor:
@@ -293,38 +326,34 @@ def group_scores(
     follower = followers(model, sorted(consumers))
     out: dict[str, torch.Tensor] = {}
     for group in groups:
-        reads = [
-            (d.module, d.offset)
-            for d in group.dependencies
-            if d.kind == "input" and d.repeat == 1 and d.module in stats
-        ]
-        for name, _ in reads:
+        tiles: dict[str, list[int]] = {}  # consumer -> offset of each tile of the group
+        for d in group.dependencies:
+            if d.kind == "input" and d.repeat == 1 and d.module in stats:
+                tiles.setdefault(d.module, []).append(d.offset)
+        for name in tiles:
             expected = modules[name].weight.shape[1]
             if stats[name].num_channels != expected:
                 raise ValueError(
                     f"stats['{name}'] has {stats[name].num_channels} channels but the layer "
                     f"reads {expected}; pass the input statistics of this model"
                 )
-        idx = torch.arange(group.channels)
+        index = {
+            name: torch.arange(group.channels)[:, None] + torch.tensor(offsets)[None, :]
+            for name, offsets in tiles.items()
+        }  # consumer -> LongTensor[C, G]: its input index of each channel in each tile
         heads = head_reader(group, stats) if criterion != "wbn" else None
         if heads is not None:
             vector = head_energy(modules[heads[0]], stats[heads[0]], heads[1], group.channels)
-        elif criterion == "wbn" or not reads:
+        elif criterion == "wbn" or not tiles:
             vector = _bn_energy(model, group, follower)
         elif criterion == "greedy":
-            parts = []
-            for name, offset in reads:
-                _, _, cov = moments(stats[name])
-                w = taps(modules[name].weight)  # T, O, C_in
-                d = output_scale(model, name, follower).sqrt()
-                v = (w * d[None, :, None]).reshape(-1, w.shape[2]).T  # C_in x (T * O)
-                parts.append((ridged(cov, ridge), cov @ v, idx + offset))
-            vector = greedy_order(parts)
+            vector = greedy_order(_greedy_parts(model, index, stats, ridge, follower))
         else:
             vector = torch.zeros(group.channels, dtype=torch.float64)
-            for name, offset in reads:
+            for name, idx in index.items():
                 value = _consumer_score(model, name, stats[name], criterion, ridge, follower)
-                vector += value[idx + offset]
+                for tile in idx.T:  # in tile order
+                    vector += value[tile]
         for dep in group.dependencies:  # each layer's vector over all its output channels:
             if dep.kind in SCORED_KINDS:  # a grouped conv holds one tile per group
                 full = out.setdefault(

@@ -8,7 +8,7 @@ from icprune import models
 from icprune.calibrate import calibrate_inputs
 from icprune.criteria import CRITERIA, greedy_order, group_scores
 from icprune.structure import dependency_groups
-from tests.structure.nets import ConvNeXtNet
+from tests.structure.nets import ConvNeXtNet, ResNeXtNet
 from tests.test_calibrate_inputs import chain
 
 
@@ -88,6 +88,70 @@ def test_deferred_downdates_give_the_order_of_explicit_solves_for_any_block(bloc
         parts.append((cov, cov @ torch.randn(rows, r, dtype=torch.float64), torch.arange(9) + 1))
     expected = _reference_order(parts)
     assert torch.equal(greedy_order(parts, block=block), expected)
+
+
+def _reference_tiled_order(a, b, idx):
+    """The tiled definition by explicit solves: channel c's loss is the sum over its tiles g of
+    the energy lost by removing its input ``idx[c, g]`` alone; the chosen channel then loses
+    every tile's input at once."""
+    c, inputs = idx.shape[0], a.shape[0]
+
+    def explained(rows):
+        aa, bb = a[rows][:, rows], b[rows]
+        return torch.trace(bb.T @ torch.linalg.solve(aa, bb)).item()
+
+    kept, alive, order = list(range(inputs)), list(range(c)), torch.zeros(c, dtype=torch.float64)
+    for step in range(c):
+        base = explained(kept)
+        loss = {
+            ch: sum(base - explained([r for r in kept if r != int(row)]) for row in idx[ch])
+            for ch in alive
+        }
+        _, ch = min((value, ch) for ch, value in loss.items())
+        order[ch] = step
+        alive.remove(ch)
+        kept = [r for r in kept if r not in idx[ch].tolist()]
+    return order
+
+
+@pytest.mark.parametrize("block", [1, 2, 64])
+def test_a_tiled_consumer_loses_a_channel_in_every_tile_at_once(block):
+    """A grouped conv's groups pruned consistently: one consumer reads the group's 4 channels in
+    3 tiles (inputs 4g + c) besides 1 input outside the group."""
+    torch.manual_seed(7)
+    x = torch.randn(13, 80, dtype=torch.float64)
+    a = x @ x.T / 80 + 1e-2 * torch.eye(13, dtype=torch.float64)
+    b = a @ torch.randn(13, 5, dtype=torch.float64)
+    idx = torch.arange(4)[:, None] + torch.tensor([1, 5, 9])[None, :]
+    expected = _reference_tiled_order(a, b, idx)
+    assert torch.equal(greedy_order([(a, b, idx)], block=block), expected)
+
+
+def test_greedy_reads_a_grouped_convs_consumer_once_with_all_its_tiles(monkeypatch):
+    """ResNeXtNet's grouped conv output (4 groups of 8, SE-gated in block 2) is one group of 8
+    channels in 4 tiles: each consumer enters greedy_order once, with LongTensor[8, 4] inputs,
+    and the scores are those of the tiled definition."""
+    from icprune import criteria
+
+    torch.manual_seed(0)
+    model = ResNeXtNet().eval()
+    x = torch.randn(64, 3, 8, 8)
+    groups = dependency_groups(model, x[:1])
+    stats = calibrate_inputs(model, [x], backend="torch", progress=False)
+    seen = []
+
+    def spy(parts, **kw):
+        parts = list(parts)
+        seen.append([tuple(idx.shape) for _, _, idx in parts])
+        return _reference_tiled_order(*parts[0]) if len(parts) == 1 else order(parts, **kw)
+
+    order = criteria.greedy_order
+    monkeypatch.setattr(criteria, "greedy_order", spy)
+    scores = group_scores(model, groups, "greedy", stats)
+    assert [(8, 4)] in seen  # block 1: conv1c alone reads the grouped conv's 4 tiles
+    assert [(8, 4), (8, 4)] in seen  # block 2: se2's first conv and conv2c
+    monkeypatch.setattr(criteria, "greedy_order", order)
+    assert torch.equal(group_scores(model, groups, "greedy", stats)["conv1b"], scores["conv1b"])
 
 
 def test_greedy_ties_go_to_the_lower_channel_index():
