@@ -183,7 +183,9 @@ def block_edges(c: int) -> list[int]:
     return [*range(0, c, width), c]
 
 
-def gram_syrk(x3: torch.Tensor, maxabs: float, workers: int | None = None) -> tuple[np.ndarray, int]:
+def gram_syrk(
+    x3: torch.Tensor, maxabs: float, workers: int | None = None
+) -> tuple[np.ndarray, int]:
     """Upper triangle of ``A @ A.T`` for the C x (N*S) samples of a CPU Tensor[N, C, S], by BLAS
     syrk/gemm blocks (module docstring) on the memory as it is where the layout allows.
 
@@ -310,11 +312,12 @@ def _block(blas: Blas, group, out: np.ndarray, edges, i: int, j: int, first: boo
         k = a.shape[1]
         beta = 0.0 if first else 1.0
         first = False
-        if a.strides[1] == size and a.strides[0] >= max(1, k) * size:  # rows of A contiguous: A.T is k x C column-major, ld = row
+        if a.strides[1] == size and a.strides[0] >= max(1, k) * size:
+            # Rows of A contiguous: A.T is k x C column-major, ld = the row stride.
             lda, trans = a.strides[0] // size, (b"T", b"N")
             rows = a.ctypes.data + r0 * lda * size
             cols = a.ctypes.data + c0 * lda * size
-        else:  # columns contiguous: A is C x k column-major, ld = column stride
+        else:  # columns contiguous: A is C x k column-major, ld = the column stride
             lda, trans = a.strides[1] // size, (b"N", b"T")
             rows = a.ctypes.data + r0 * size
             cols = a.ctypes.data + c0 * size

@@ -94,9 +94,7 @@ def test_wide_layers_get_wider_blocks_and_small_ones_one_call():
     dtype=st.sampled_from([torch.float32, torch.float64]),
     seed=st.integers(0, 2**16),
 )
-def test_random_shapes_match_one_worker_and_the_reference(
-    n, c, side, layout, workers, dtype, seed
-):
+def test_random_shapes_match_one_worker_and_the_reference(n, c, side, layout, workers, dtype, seed):
     x3 = _layout(layout, n, c, side, seed).to(dtype)
     old = gram.GRAM_BLOCK
     gram.GRAM_BLOCK = 8  # several blocks even for small C
