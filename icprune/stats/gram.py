@@ -47,6 +47,8 @@ BLOCK_MIN_SAMPLES = 64
 #: NCHW Gram on the CPU: one product per image, in place, when planes hold at least this many
 #: values per channel; below, products over (C, k*S) copies of k images (thin products are slow).
 PLANE_MIN_VALUES = 32
+#: Most samples (columns) of one BLAS call: its sizes are 32-bit ints.
+MAX_SAMPLES = 2**30
 #: Most values of the transposed copy of k images that feeds one product for short NCHW planes
 #: (4 MiB float32).
 COPY_VALUES = 2**20
@@ -225,7 +227,9 @@ def _operand_groups(x3: torch.Tensor):
     Groups are produced one at a time (a copy lives only while its group is multiplied)."""
     n, c, s = x3.shape
     if x3.stride(1) == 1 and x3.stride(0) == s * c:  # channels last: samples are rows (N*S, C)
-        yield [_blas_ready(x3.numpy().transpose(0, 2, 1).reshape(n * s, c).T)]  # a view
+        rows = x3.numpy().transpose(0, 2, 1).reshape(n * s, c)  # a view
+        # Runs of rows short enough for the BLAS's 32-bit sizes, accumulated in order.
+        yield [_blas_ready(rows[i : i + MAX_SAMPLES].T) for i in range(0, n * s, MAX_SAMPLES)]
         return
     if s >= PLANE_MIN_VALUES * c and x3.stride(2) == 1:  # long planes: one product per image
         yield [_blas_ready(plane) for plane in x3.numpy()]  # (C, S) each, rows contiguous

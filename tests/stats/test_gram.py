@@ -76,6 +76,11 @@ def test_several_copied_runs_accumulate_per_block(monkeypatch):
     _check_blocks(_layout("short_planes", 5, 300, 2))
 
 
+def test_long_channels_last_runs_are_cut_for_the_blas_sizes(monkeypatch):
+    monkeypatch.setattr(gram, "MAX_SAMPLES", 100)  # 3 x 81 rows: runs of 100, 100 and 43
+    _check_blocks(_layout("channels_last", 3, 300, 9))
+
+
 def test_wide_layers_get_wider_blocks_and_small_ones_one_call():
     assert gram.block_edges(100) == [0, 100]
     assert gram.block_edges(256) == [0, 128, 256]
