@@ -37,6 +37,7 @@ from icprune.models import resnet50, resnet56
 from icprune.scoring import layer_scores
 from icprune.stats import backends
 from icprune.stats.channel_stats import ChannelStats
+from icprune.stats.gram import gram_syrk
 from icprune.structure.graph import prunable_layers, read_points
 
 #: (C, H, W) of ResNet-50 feature maps at 224x224: early wide maps to late narrow ones.
@@ -165,7 +166,7 @@ def breakdown_table(batch: int, repeat: int, device: torch.device) -> list[str]:
     b = fast[0]
     hist_s = median_time(lambda: [histogram_pass(b, x) for x in maps.values()], repeat, device)
     gram_s = median_time(
-        lambda: [backends.gram_syrk(x.reshape(*x.shape[:2], -1), 1.0) for x in maps.values()],
+        lambda: [gram_syrk(x.reshape(*x.shape[:2], -1), 1.0) for x in maps.values()],
         repeat,
         device,
     ) if b == "cpp" else float("nan")  # fmt: skip

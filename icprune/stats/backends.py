@@ -6,7 +6,8 @@ Three implementations of the same batch statistics, all exact in their counts:
   kernels' tests compare against it (:func:`icprune.kernels.channel_stats.channel_stats_ref`);
 - ``"cpp"``: one OpenMP pass over CPU memory in ``icprune._C`` (csrc/channel_stats.cpp; with
   :func:`cpp_update` the merge into the running statistics too, csrc/merge.cpp), Gram matrix by
-  one BLAS syrk (``scipy.linalg.blas``, :func:`gram_syrk`) on the memory as it is;
+  BLAS syrk/gemm blocks on all of torch's threads, with bits independent of the thread count
+  (:func:`icprune.stats.gram.gram_syrk`), on the memory as it is;
 - ``"triton"``: the fused kernels of :mod:`icprune.kernels.channel_stats`, for CUDA tensors (and
   CPU tensors under ``TRITON_INTERPRET=1``), with no host synchronisation.
 
@@ -21,7 +22,6 @@ when it was built, the torch reference otherwise.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 from typing import NamedTuple
 
@@ -30,13 +30,9 @@ import torch
 
 from icprune.extension import HAVE_EXT, LOAD_ERROR, ext
 from icprune.stats.binning import INDEX_BITS, K_MIN, MAX_SHIFT, bin_index, bin_layout
+from icprune.stats.gram import gram_syrk
 
 BACKENDS = ("auto", "triton", "cpp", "torch")
-#: NCHW Gram on the CPU: one syrk per image, in place, when planes hold at least this many
-#: values per channel; below, one syrk over a (C, N*S) copy (thin products are slow).
-_PLANE_SYRK_MIN = 32
-#: Most values of the transposed copy that feeds one syrk for short NCHW planes (4 MiB float32).
-_COPY_VALUES = 2**20
 #: Codes of the input dtypes understood by ``icprune._C.channel_stats``.
 _CPP_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -171,102 +167,10 @@ def _as_3d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], x.shape[1], -1)
 
 
-def gram_scale(dtype: torch.dtype, maxabs: float) -> int:
-    """The exponent e of the power-of-two scale ``2**-e`` applied to float32 samples before their
-    product: 0 for data within ``[2**-40, 2**40]`` (``maxabs``, the largest magnitude), else the
-    binary exponent of ``maxabs``, so float32 products neither overflow nor underflow. float64
-    samples are never scaled."""
-    if dtype == torch.float64 or maxabs == 0 or 2.0**-40 <= maxabs <= 2.0**40:
-        return 0
-    return math.frexp(maxabs)[1]
-
-
-class _OneBlasThread:
-    """Context that runs the BLAS libraries numpy/scipy use (OpenBLAS in their wheels) on the
-    calling thread only, restoring their thread counts after. Our syrk calls run inside it: a
-    product then has the same bits for any thread setting (no split of the work, whatever the
-    BLAS does with threads), and BLAS worker threads never spin against torch's OpenMP threads
-    between the forward's layers (measured on a loaded 2-core machine: 2 BLAS threads made
-    ResNet-50's syrk calls 1.5-5x slower than 1). The controllers are found once."""
-
-    _libs: list | None = None
-
-    def __enter__(self) -> None:
-        if _OneBlasThread._libs is None:
-            from scipy.linalg import blas  # noqa: F401 - load its BLAS before the scan
-            from threadpoolctl import ThreadpoolController
-
-            _OneBlasThread._libs = ThreadpoolController().select(user_api="blas").lib_controllers
-        self._saved = [(lib, lib.num_threads) for lib in _OneBlasThread._libs]
-        for lib, threads in self._saved:
-            if threads != 1:
-                lib.set_num_threads(1)
-
-    def __exit__(self, *exc) -> None:
-        for lib, threads in self._saved:
-            if threads != 1:
-                lib.set_num_threads(threads)
-
-
-def gram_syrk(x3: torch.Tensor, maxabs: float) -> tuple[np.ndarray, int]:
-    """Upper triangle of ``A @ A.T`` for the C x (N*S) samples of a CPU Tensor[N, C, S], by BLAS
-    syrk (``scipy.linalg.blas``: half the FLOPs of a GEMM) on the memory as it is where the
-    layout allows.
-
-    float32 samples (and float16/bfloat16 ones, converted to float32 once) are multiplied in
-    float32, float64 ones in float64. Channels-last memory is read in place (one syrk over the
-    N*S x C rows), so are NCHW planes of at least ``_PLANE_SYRK_MIN * C`` values (one syrk per
-    image, accumulated in image order); shorter NCHW planes are copied to C x (k*S) for runs of
-    k images (at most ``_COPY_VALUES`` values each, accumulated in order). Data
-    outside ``[2**-40, 2**40]`` is scaled by ``2**-e`` first (:func:`gram_scale`, a scaled copy).
-    The BLAS runs on the calling thread (:class:`_OneBlasThread`), so the product's bits do not
-    depend on thread settings; they may differ between BLAS builds and CPUs (docs/method.md).
-
-    Args:
-        x3: Tensor[N, C, S] on the CPU, finite.
-        maxabs: the largest magnitude in ``x3``.
-
-    Returns:
-        ``(g, two_e)``: ndarray[C, C] in column-major (Fortran) order whose upper triangle
-        (``g[i, j]``, i <= j) holds the product - the rest is zeros, never read - and the
-        exponent that undoes the scale: the Gram matrix is ``g * 2**two_e`` there.
-    """
-    from scipy.linalg import blas
-
-    dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
-    e = gram_scale(dtype, maxabs)
-    x3 = x3.to(dtype)
-    if e:
-        x3 = torch.ldexp(x3, torch.tensor(-e, dtype=dtype))
-    syrk = blas.dsyrk if dtype == torch.float64 else blas.ssyrk
-    with _OneBlasThread():
-        return _syrk(syrk, x3), 2 * e
-
-
-def _syrk(syrk, x3: torch.Tensor) -> np.ndarray:
-    """The product of :func:`gram_syrk` (``syrk``: scipy's ssyrk or dsyrk for ``x3``'s dtype)."""
-    n, c, s = x3.shape
-    dtype = np.float64 if x3.dtype == torch.float64 else np.float32
-    out = np.zeros((c, c), dtype=dtype, order="F")
-    if x3.stride(1) == 1 and x3.stride(0) == s * c:  # channels last: samples are rows (N*S, C)
-        rows = x3.numpy().transpose(0, 2, 1).reshape(n * s, c)  # a view
-        return syrk(1.0, rows.T, beta=0.0, c=out, trans=0, lower=0, overwrite_c=1)
-    if s >= _PLANE_SYRK_MIN * c and x3.stride(2) == 1:  # long planes: one syrk per image
-        for plane in x3.numpy():  # (C, S), rows contiguous
-            out = syrk(1.0, plane.T, beta=1.0, c=out, trans=1, lower=0, overwrite_c=1)
-        return out
-    # Short planes (late layers) or odd strides: (C, k*S) copies of k images at a time (at most
-    # _COPY_VALUES values, so the copy stays small next to the statistics), one syrk each.
-    k = max(1, _COPY_VALUES // max(1, c * s))
-    for i in range(0, n, k):
-        rows = x3[i : i + k].transpose(0, 1).reshape(c, -1).contiguous().numpy()
-        out = syrk(1.0, rows.T, beta=1.0, c=out, trans=1, lower=0, overwrite_c=1)
-    return out
-
-
 def gram_matrix(x3: torch.Tensor, maxabs: float) -> torch.Tensor:
     """``A @ A.T`` of the C x (N*S) samples of a CPU Tensor[N, C, S] as Tensor[C, C] float64
-    (:func:`gram_syrk`, scale undone, exactly symmetric: its upper triangle mirrored)."""
+    (:func:`icprune.stats.gram.gram_syrk`, scale undone, exactly symmetric: its upper triangle
+    mirrored)."""
     g, two_e = gram_syrk(x3, maxabs)
     gram = torch.from_numpy(g).to(torch.float64)
     if two_e:
@@ -320,7 +224,7 @@ def torch_batch(x: torch.Tensor, bins: int, gram: bool = True) -> BatchStats:
 
 def cpp_batch(x: torch.Tensor, bins: int, gram: bool = True) -> BatchStats:
     """Batch statistics of a CPU Tensor[N, C, *spatial] (float16/bfloat16/float32/float64, any
-    strides) by ``icprune._C.channel_stats`` and a BLAS syrk (:func:`gram_matrix`; None without
+    strides) by ``icprune._C.channel_stats`` and BLAS blocks (:func:`gram_matrix`; None without
     ``gram``); the tensor is read in place through numpy."""
     x3 = _as_3d(x)
     out = ext.channel_stats(_numpy_view(x3), _CPP_DTYPES[x3.dtype], bins)

@@ -25,11 +25,11 @@ from icprune.stats.backends import (
     as_samples,
     cpp_merge,
     cpp_update,
-    gram_syrk,
     resolve_backend,
 )
 from icprune.stats.binning import K_MIN, bin_layout, rebin
 from icprune.stats.compensated import add_
+from icprune.stats.gram import gram_syrk
 
 RANGE_MODES = ("layer", "channel")
 NAN_POLICIES = ("raise", "zero")
@@ -232,8 +232,8 @@ class ChannelStats:
         # Compensation terms: sums + sums_lo and gram_packed + gram_packed_lo are the exact totals.
         self.sums_lo = torch.zeros(c, **f64)
         p = packed.packed_size(c) if "gram" in self.parts else 0
-        self.gram_packed = torch.zeros(p, **f64)
-        self.gram_packed_lo = torch.zeros(p, **f64)
+        self.gram_packed = packed.zeros(p, device)
+        self.gram_packed_lo = packed.zeros(p, device)
         self.counts = torch.zeros(c, bins, **i64)
         self.minimum = torch.full((c,), float("inf"), **f64)
         self.maximum = torch.full((c,), float("-inf"), **f64)
@@ -336,7 +336,8 @@ class ChannelStats:
 
     def _update_cpp(self, x: torch.Tensor) -> None:
         """``update`` of a 16/32-bit CPU batch: one C++ call for histograms, extremes, sums and
-        their merge (:func:`icprune.stats.backends.cpp_update`), one BLAS syrk whose upper
+        their merge (:func:`icprune.stats.backends.cpp_update`), one blocked BLAS product
+        (:func:`icprune.stats.gram.gram_syrk`) whose upper
         triangle is added into the packed total in one pass. A batch with NaN/Inf under
         ``nan_policy="raise"`` changes nothing (the C++ call leaves the state as it was)."""
         zero = self.nan_policy == "zero"

@@ -34,6 +34,16 @@ def _fused(*tensors: torch.Tensor) -> bool:
     )
 
 
+def zeros(size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Tensor[size] float64 of zeros on ``device`` (default CPU) for a packed total. On the CPU
+    the memory comes zeroed from the allocator (``calloc``: the OS zeroes each page when it is
+    first written), so creating the statistics of a large net makes no pass over its 100s of
+    MiB of Gram totals; the first batch's add is the first write."""
+    if torch.device("cpu" if device is None else device).type == "cpu":
+        return torch.from_numpy(np.zeros(size, dtype=np.float64))
+    return torch.zeros(size, dtype=torch.float64, device=device)
+
+
 def pack_upper(matrix: torch.Tensor) -> torch.Tensor:
     """The packed triangle (Tensor[C (C + 1) / 2], same dtype and device) of the symmetric matrix
     whose upper triangle is ``matrix``'s (Tensor[C, C]; the lower triangle is not read)."""

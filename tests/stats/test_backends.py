@@ -1,5 +1,6 @@
 """Every ChannelStats backend against the torch reference, and the backend choice."""
 
+import ctypes
 import os
 
 import numpy as np
@@ -215,28 +216,40 @@ def test_calibrate_reports_device_side_non_finite_values_at_the_end():
 
 
 def _poison_syrk_lower_triangle(monkeypatch) -> None:
-    """scipy's ssyrk/dsyrk made to leave garbage below the diagonal (a BLAS may leave anything
-    there): the tests below then fail if a backend ever reads that triangle."""
-    from scipy.linalg import blas
+    """The CPU Gram's BLAS made to leave garbage below the diagonal of every syrk block (a BLAS
+    may leave anything there), and its result buffer to start as garbage (the lower blocks are
+    never written): the tests below then fail if a backend ever reads that triangle."""
+    from icprune.stats import gram
 
-    for name in ("ssyrk", "dsyrk"):
-        real = getattr(blas, name)
+    real_syrk, real_empty = gram.Blas.syrk, np.empty
 
-        def poisoned(*args, real=real, **kwargs):
-            out = real(*args, **kwargs)
-            out[np.tril_indices(out.shape[0], -1)] = 12345.0
-            return out
+    def syrk(self, trans, n, k, a, lda, beta, c, ldc):
+        real_syrk(self, trans, n, k, a, lda, beta, c, ldc)
+        kind = ctypes.c_float if self.itemsize == 4 else ctypes.c_double
+        memory = np.ctypeslib.as_array((kind * ((n - 1) * ldc + n)).from_address(c))
+        size = self.itemsize
+        block = np.lib.stride_tricks.as_strided(memory, (n, n), (ldc * size, size))
+        block[np.triu_indices(n, 1)] = 12345.0  # column-major: block[j, i] is entry (i, j)
 
-        monkeypatch.setattr(blas, name, poisoned)
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        if out.dtype.kind == "f":
+            out.fill(12345.0)
+        return out
+
+    monkeypatch.setattr(gram.Blas, "syrk", syrk)
+    monkeypatch.setattr(np, "empty", empty)
 
 
 @pytest.mark.parametrize(
     "layout",
-    ["channels_last", "long_planes", "short_planes", "float64"],
+    ["channels_last", "long_planes", "short_planes", "float64", "blocks"],
 )
 def test_cpp_gram_is_exactly_symmetric_whatever_the_blas(monkeypatch, layout):
     gen = torch.Generator().manual_seed(7)
     x = torch.randn(3, 4, 16, 16, generator=gen)  # 256 values per plane >= 32 * 4: long planes
+    if layout == "blocks":  # 300 channels: three block columns, lower blocks never written
+        x = torch.randn(3, 300, 3, 3, generator=gen)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     elif layout == "short_planes":
@@ -244,13 +257,14 @@ def test_cpp_gram_is_exactly_symmetric_whatever_the_blas(monkeypatch, layout):
     elif layout == "float64":
         x = x.double()
     _poison_syrk_lower_triangle(monkeypatch)
-    x3 = x.reshape(3, 4, -1)
+    c = x.shape[1]
+    x3 = x.reshape(3, c, -1)
     gram = backends.gram_matrix(x3, float(x.abs().max()))
     assert torch.equal(gram, gram.T)
-    samples = x3.transpose(0, 1).reshape(4, -1).double()
+    samples = x3.transpose(0, 1).reshape(c, -1).double()
     torch.testing.assert_close(gram, samples @ samples.T, rtol=1e-5, atol=1e-5 * float(gram.max()))
     if backends.HAVE_EXT:
-        s = ChannelStats(4, name="layer.x", backend="cpp")
+        s = ChannelStats(c, name="layer.x", backend="cpp")
         s.update(x)
         s.update(x)  # the second add reads the packed total, never a lower triangle
         assert torch.equal(s.gram, s.gram.T) and torch.equal(s.distance(), s.distance().T)
