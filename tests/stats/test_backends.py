@@ -364,31 +364,34 @@ def test_fused_cpp_update_equals_the_batch_path_bit_for_bit(monkeypatch, layout,
 
 @pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_cpu_statistics_do_not_depend_on_the_thread_count(layout):
-    """torch/OpenMP threads 1 vs 2 and BLAS threads 1 vs 2: the same state, bit for bit (the C++
-    pass splits work into fixed chunks reduced in order; syrk runs on one BLAS thread)."""
+@pytest.mark.parametrize("channels, side", [(24, 80), (300, 7)])
+def test_cpu_statistics_do_not_depend_on_the_thread_count(layout, channels, side):
+    """torch/OpenMP threads (the Gram's block workers too) and BLAS threads 1, 2 and 3: the same
+    state, bit for bit (the C++ pass splits work into fixed chunks reduced in order; the Gram is
+    cut into blocks fixed by the shape, each on one BLAS thread). 24 x 80 x 80 is above the C++
+    pass's one-thread limit (2**20 values); 300 channels are cut into Gram blocks."""
     from threadpoolctl import threadpool_limits
 
     gen = torch.Generator().manual_seed(12)
-    # Above the C++ pass's one-thread limit (2**20 values), so that the threads split the work.
-    batches = [torch.randn(n, 24, 80, 80, generator=gen).relu_() - 0.3 for n in (7, 2)]
+    batches = [torch.randn(n, channels, side, side, generator=gen).relu_() - 0.3 for n in (7, 2)]
     if layout == "channels_last":
         batches = [x.contiguous(memory_format=torch.channels_last) for x in batches]
     states = []
     before = torch.get_num_threads()
     try:
-        for threads in (1, 2):
+        for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             with threadpool_limits(threads):
-                s = ChannelStats(24, name="l", backend="cpp")
+                s = ChannelStats(channels, name="l", backend="cpp")
                 for x in batches:
                     s.update(x)
                 states.append(s.state_dict())
     finally:
         torch.set_num_threads(before)
-    for key, value in states[0].items():
-        other = states[1][key]
-        assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
+    for state in states[1:]:
+        for key, value in states[0].items():
+            other = state[key]
+            assert torch.equal(value, other) if isinstance(value, torch.Tensor) else value == other
 
 
 @pytest.mark.skipif(not backends.HAVE_EXT, reason="no icprune._C")

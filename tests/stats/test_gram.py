@@ -8,8 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from icprune.stats import gram
-from icprune.stats.backends import HAVE_EXT
-from icprune.stats.channel_stats import ChannelStats
 
 #: docs/method.md: the float32 Gram of the fast backends is within 1e-5 of max|G| of the float64
 #: reference.
@@ -123,27 +121,3 @@ def test_blas_threads_are_restored_after_a_product():
         gram.gram_syrk(_layout("channels_last", 2, 300, 5), 1.0, workers=2)
         after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     assert before == after
-
-
-@pytest.mark.skipif(not HAVE_EXT, reason="no icprune._C")
-@pytest.mark.parametrize("layout", ["short_planes", "channels_last"])
-def test_statistics_of_wide_layers_do_not_depend_on_torch_threads(layout):
-    """ChannelStats of a layer wide enough for blocks: 1, 2 and 3 torch threads (workers of the
-    Gram) give the same state, bit for bit."""
-    batches = [_layout(layout, n, 300, 7, seed) for seed, n in ((1, 4), (2, 3))]
-    batches = [x.reshape(x.shape[0], 300, 7, 7) for x in batches]
-    states = []
-    before = torch.get_num_threads()
-    try:
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            s = ChannelStats(300, name="l", backend="cpp")
-            for x in batches:
-                s.update(x)
-            states.append(s.state_dict())
-    finally:
-        torch.set_num_threads(before)
-    for other in states[1:]:
-        for key, value in states[0].items():
-            same = torch.equal(value, other[key]) if isinstance(value, torch.Tensor) else None
-            assert same if same is not None else value == other[key], key
