@@ -193,16 +193,16 @@ def greedy_order(
 
 def _greedy_parts(
     model: nn.Module,
-    tiles: Mapping[str, torch.Tensor],
+    modules: Mapping[str, nn.Module],
+    index: Mapping[str, torch.Tensor],
     stats: Mapping[str, ChannelStats],
     ridge: float,
     follower: Mapping[str, str],
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """:func:`greedy_order`'s ``(A, B, idx)`` of each consumer in ``tiles`` (consumer name ->
-    LongTensor[C, G] of its input indices), built one at a time (a C_in = 7392 consumer's pair
-    is 0.9 GB)."""
-    modules = dict(model.named_modules())
-    for name, idx in tiles.items():
+    """:func:`greedy_order`'s ``(A, B, idx)`` of each consumer in ``index`` (consumer name ->
+    LongTensor[C, G] of its input indices; ``modules``: the model's named modules), built one
+    at a time (a C_in = 7392 consumer's pair is 0.9 GB)."""
+    for name, idx in index.items():
         _, _, cov = moments(stats[name])
         w = taps(modules[name].weight)  # T, O, C_in
         d = output_scale(model, name, follower).sqrt()
@@ -347,7 +347,7 @@ def group_scores(
         elif criterion == "wbn" or not tiles:
             vector = _bn_energy(model, group, follower)
         elif criterion == "greedy":
-            vector = greedy_order(_greedy_parts(model, index, stats, ridge, follower))
+            vector = greedy_order(_greedy_parts(model, modules, index, stats, ridge, follower))
         else:
             vector = torch.zeros(group.channels, dtype=torch.float64)
             for name, idx in index.items():
