@@ -85,7 +85,7 @@ def independence_of(stats: ChannelStats, form: str = "correlation") -> torch.Ten
         result = 1.0 - others / (c - 1)
         return torch.where(stats.constant(), torch.zeros_like(result), result)
     # The diagonal of the distance matrix is exactly 0.
-    return stats.distance().sum(1) / (c - 1)
+    return stats.distance().sum(1).div_(c - 1)
 
 
 def normalize(values: torch.Tensor, normalization: str = "minmax") -> torch.Tensor:
@@ -110,12 +110,14 @@ def normalize(values: torch.Tensor, normalization: str = "minmax") -> torch.Tens
     if normalization == "none":
         return values
     if normalization == "minmax":
-        low, spread = values.min(), values.max() - values.min()
+        low = values.min()
+        spread = values.max() - low
     else:
         low, spread = values.mean(), (values.std(unbiased=False) if values.numel() > 1 else 0.0)
     spread = torch.as_tensor(spread, dtype=values.dtype, device=values.device)
-    safe = torch.where(spread > 0, spread, torch.ones_like(spread))
-    return torch.where(spread > 0, (values - low) / safe, torch.zeros_like(values))
+    positive = spread > 0  # torch.where below, not a Python branch: nothing waits for the device
+    safe = torch.where(positive, spread, 1.0)
+    return torch.where(positive, (values - low) / safe, 0.0)
 
 
 def layer_scores(stats: ChannelStats, **options) -> LayerScores:

@@ -12,8 +12,10 @@ batch's own bin layout, which ``update`` then adds exactly, as :meth:`ChannelSta
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from icprune.extension import HAVE_EXT
@@ -96,6 +98,42 @@ GRAM_ASYMMETRY = 1e-5
 def _is_int(value: object) -> bool:
     """True for a Python int that is not a bool."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _initial_state(
+    c: int, bins: int, p: int, device: torch.device | str | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tensors of empty statistics of C channels, B bins and a packed Gram of P entries on
+    ``device``: float64 ``[sums, sums_lo, minimum, maximum, gram_packed, gram_packed_lo]``
+    (zeros but for the extremes, +inf and -inf) and int64 ``[counts (C x B), bin_exponent
+    (K_MIN), bin_offset]``, each its own contiguous tensor. On the CPU they are slices of two
+    numpy buffers (small layers pay two allocations, not nine; no two tensors overlap) whose
+    zeros come from ``calloc``, so the packed totals of a large net are not written here (see
+    :func:`icprune.stats.packed.zeros`)."""
+    if torch.device("cpu" if device is None else device).type != "cpu":
+        f64 = {"dtype": torch.float64, "device": device}
+        i64 = {"dtype": torch.int64, "device": device}
+        floats = [
+            torch.zeros(c, **f64),
+            torch.zeros(c, **f64),
+            torch.full((c,), float("inf"), **f64),
+            torch.full((c,), float("-inf"), **f64),
+            packed.zeros(p, device),
+            packed.zeros(p, device),
+        ]
+        ints = [torch.zeros(c, bins, **i64), torch.full((c,), K_MIN, **i64), torch.zeros(c, **i64)]
+        return floats, ints
+    f = np.zeros(4 * c + 2 * p)
+    f[2 * c : 3 * c] = np.inf
+    f[3 * c : 4 * c] = -np.inf
+    cb = c * bins
+    i = np.zeros(cb + 2 * c, dtype=np.int64)
+    i[cb : cb + c] = K_MIN
+    edges = (0, c, 2 * c, 3 * c, 4 * c, 4 * c + p, 4 * c + 2 * p)
+    floats = [torch.from_numpy(f[a:b]) for a, b in itertools.pairwise(edges)]
+    ints = [torch.from_numpy(i[:cb].reshape(c, bins))]
+    ints += [torch.from_numpy(i[cb : cb + c]), torch.from_numpy(i[cb + c :])]
+    return floats, ints
 
 
 def checked_parts(parts: object, where: str) -> tuple[str, ...]:
@@ -222,24 +260,19 @@ class ChannelStats:
         self.read_at = read_at
         self.backend = backend
         c = num_channels
-        f64 = {"dtype": torch.float64, "device": device}
-        i64 = {"dtype": torch.int64, "device": device}
         self.count = 0
         self._nonfinite = 0
         # Non-finite values counted on the device by the Triton backend, not yet read back.
         self._pending_nonfinite: torch.Tensor | None = None
-        self.sums = torch.zeros(c, **f64)
-        # Compensation terms: sums + sums_lo and gram_packed + gram_packed_lo are the exact totals.
-        self.sums_lo = torch.zeros(c, **f64)
         p = packed.packed_size(c) if "gram" in self.parts else 0
-        self.gram_packed = packed.zeros(p, device)
-        self.gram_packed_lo = packed.zeros(p, device)
-        self.counts = torch.zeros(c, bins, **i64)
-        self.minimum = torch.full((c,), float("inf"), **f64)
-        self.maximum = torch.full((c,), float("-inf"), **f64)
-        # The layout bin_layout gives an empty range: the finest bins, anchored at 0.
-        self.bin_exponent = torch.full((c,), K_MIN, **i64)
-        self.bin_offset = torch.zeros(c, **i64)
+        # sums, sums_lo, minimum, maximum, gram_packed, gram_packed_lo; counts, bin_exponent,
+        # bin_offset. Compensation terms: sums + sums_lo and gram_packed + gram_packed_lo are
+        # the exact totals. An empty range has extremes (+inf, -inf) and the layout bin_layout
+        # gives it: the finest bins, anchored at 0.
+        f64, i64 = _initial_state(c, bins, p, device)
+        self.sums, self.sums_lo, self.minimum, self.maximum = f64[:4]
+        self.gram_packed, self.gram_packed_lo = f64[4:]
+        self.counts, self.bin_exponent, self.bin_offset = i64
         resolve_backend(backend, self.device, name)  # fail early on an unavailable backend
 
     def __repr__(self) -> str:
@@ -364,9 +397,7 @@ class ChannelStats:
     def _fused(self) -> bool:
         """True when the C++ routines can update the statistics in place (CPU, extension built,
         contiguous tensors)."""
-        return HAVE_EXT and all(
-            t.device.type == "cpu" and t.is_contiguous() for t in self._running().values()
-        )
+        return HAVE_EXT and all(t.is_cpu and t.is_contiguous() for t in self._running().values())
 
     def _check_range(self, sums: torch.Tensor, gram: torch.Tensor | None) -> None:
         """Raise unless a batch's sums and Gram matrix, added to the totals, stay finite."""
@@ -874,8 +905,8 @@ class ChannelStats:
         """
         self._require_part("histogram", "entropy")
         self._require(1, "entropy")
-        p = self.counts.to(torch.float64) / self.count
-        return -torch.special.xlogy(p, p).sum(1)
+        p = self.counts.to(torch.float64).div_(self.count)
+        return torch.special.xlogy(p, p, out=p).sum(1).neg_()
 
     def constant(self) -> torch.Tensor:
         """Tensor[C] bool: channels whose samples are all equal (exact, from the extremes)."""

@@ -23,6 +23,7 @@ are one ``?syrk`` call, as before.
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import threading
@@ -96,6 +97,8 @@ class Blas:
     """``?gemm`` and ``?syrk`` of one precision from ``scipy.linalg.cython_blas``, callable from
     any thread without the GIL (ctypes releases it). Matrices are column-major (Fortran) and
     given by address and leading dimension, so a block of a larger matrix is a pointer offset.
+    The scalar arguments are passed by reference to ctypes objects built once per value
+    (:func:`_ref`; the BLAS only reads them), so a call costs little more than the product.
 
     Args:
         prefix: ``"s"`` (float32) or ``"d"`` (float64).
@@ -116,20 +119,27 @@ class Blas:
     def gemm(self, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc) -> None:
         """C[m, n] = op(A) @ op(B) + beta * C (``ta``/``tb``: ``b"N"`` or ``b"T"``; a, b, c:
         addresses; ld*: leading dimensions, in elements)."""
-        i, r, by = ctypes.c_int, self.real, ctypes.byref
+        i, r, ch = ctypes.c_int, self.real, ctypes.c_char
         self._gemm(
-            by(ctypes.c_char(ta)), by(ctypes.c_char(tb)), by(i(m)), by(i(n)), by(i(k)), by(r(1.0)),
-            a, by(i(lda)), b, by(i(ldb)), by(r(beta)), c, by(i(ldc)),
+            _ref(ch, ta), _ref(ch, tb), _ref(i, m), _ref(i, n), _ref(i, k), _ref(r, 1.0),
+            a, _ref(i, lda), b, _ref(i, ldb), _ref(r, beta), c, _ref(i, ldc),
         )  # fmt: skip
 
     def syrk(self, trans, n, k, a, lda, beta, c, ldc) -> None:
         """Upper triangle of C[n, n] = op(A) @ op(A).T + beta * C (``trans`` ``b"N"``: A is
         n x k; ``b"T"``: A is k x n); the strict lower triangle of C is not touched."""
-        i, r, by = ctypes.c_int, self.real, ctypes.byref
+        i, r, ch = ctypes.c_int, self.real, ctypes.c_char
         self._syrk(
-            by(ctypes.c_char(b"U")), by(ctypes.c_char(trans)), by(i(n)), by(i(k)), by(r(1.0)),
-            a, by(i(lda)), by(r(beta)), c, by(i(ldc)),
+            _ref(ch, b"U"), _ref(ch, trans), _ref(i, n), _ref(i, k), _ref(r, 1.0),
+            a, _ref(i, lda), _ref(r, beta), c, _ref(i, ldc),
         )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1024)
+def _ref(kind, value):
+    """A by-reference argument holding ``kind(value)`` (a ctypes char, int or real), built once
+    per value and shared: the BLAS reads its scalar arguments and never writes them."""
+    return ctypes.byref(kind(value))
 
 
 def _capsule_function(module, name: str, argtypes: tuple):
@@ -223,16 +233,23 @@ def gram_syrk(
 
 def _operand_groups(x3: torch.Tensor):
     """The samples of a Tensor[N, C, S] as groups of 2-D operands whose products sum to the
-    Gram matrix, in order: each operand an ndarray[C, K] with unit stride along one axis.
-    Groups are produced one at a time (a copy lives only while its group is multiplied)."""
+    Gram matrix, in order: each operand an ndarray[C, K] with unit stride along one axis, given
+    as its :func:`_operand` tuple. Groups are produced one at a time (a copy lives only while
+    its group is multiplied)."""
     n, c, s = x3.shape
     if x3.stride(1) == 1 and x3.stride(0) == s * c:  # channels last: samples are rows (N*S, C)
         rows = x3.numpy().transpose(0, 2, 1).reshape(n * s, c)  # a view
         # Runs of rows short enough for the BLAS's 32-bit sizes, accumulated in order.
-        yield [_blas_ready(rows[i : i + MAX_SAMPLES].T) for i in range(0, n * s, MAX_SAMPLES)]
+        yield [
+            _operand(_blas_ready(rows[i : i + MAX_SAMPLES].T)) for i in range(0, n * s, MAX_SAMPLES)
+        ]
         return
     if s >= PLANE_MIN_VALUES * c and x3.stride(2) == 1:  # long planes: one product per image
-        yield [_blas_ready(plane) for plane in x3.numpy()]  # (C, S) each, rows contiguous
+        if x3.stride(1) >= s:  # (C, S) planes with contiguous rows, read in place
+            base, step = x3.data_ptr(), x3.stride(0) * x3.element_size()
+            yield [(base + i * step, s, x3.stride(1), True, x3) for i in range(n)]
+        else:
+            yield [_operand(_blas_ready(plane)) for plane in x3.numpy()]
         return
     # Short planes (late layers) or odd strides: (C, k*S) copies of k images at a time (at most
     # COPY_VALUES values, so the copy stays small next to the statistics). numpy copies: torch's
@@ -240,7 +257,18 @@ def _operand_groups(x3: torch.Tensor):
     k = max(1, COPY_VALUES // max(1, c * s))
     a = x3.numpy()
     for i in range(0, n, k):
-        yield [np.ascontiguousarray(a[i : i + k].transpose(1, 0, 2)).reshape(c, -1)]
+        yield [_operand(np.ascontiguousarray(a[i : i + k].transpose(1, 0, 2)).reshape(c, -1))]
+
+
+def _operand(a: np.ndarray) -> tuple[int, int, int, bool, np.ndarray]:
+    """``(address, K, ld, rows, a)`` of a BLAS-ready ndarray[C, K] (:func:`_blas_ready`):
+    ``rows`` when its rows are contiguous (then ``ld`` is the row stride, in elements), else its
+    columns are (``ld`` the column stride); ``a`` keeps the memory alive while it is used."""
+    size, k = a.itemsize, a.shape[1]
+    s0, s1 = a.strides
+    if s1 == size and s0 >= max(1, k) * size:
+        return a.ctypes.data, k, s0 // size, True, a
+    return a.ctypes.data, k, s1 // size, False, a
 
 
 def _blas_ready(a: np.ndarray) -> np.ndarray:
@@ -265,7 +293,7 @@ def _product(x3: torch.Tensor, workers: int) -> np.ndarray:
     pairs.sort(key=lambda p: (p[0] == p[1], -(edges[p[0] + 1] - edges[p[0]])))
     first = True
     for group in _operand_groups(x3):
-        blocked = len(pairs) > 1 and min(a.shape[1] for a in group) >= BLOCK_MIN_SAMPLES
+        blocked = len(pairs) > 1 and min(op[1] for op in group) >= BLOCK_MIN_SAMPLES
         tasks = pairs if blocked else [(0, 0)]
         bounds = edges if blocked else [0, c]
 
@@ -306,25 +334,22 @@ def run_parallel(tasks: list, job, workers: int) -> None:
 
 
 def _block(blas: Blas, group, out: np.ndarray, edges, i: int, j: int, first: bool) -> None:
-    """Add block (i, j), i <= j, of the product of every operand of ``group`` (in order) into
-    ``out`` (column-major C x C; the first operand of all overwrites it: beta = 0)."""
+    """Add block (i, j), i <= j, of the product of every operand of ``group`` (:func:`_operand`
+    tuples, in order) into ``out`` (column-major C x C; the first operand of all overwrites it:
+    beta = 0)."""
     r0, r1, c0, c1 = edges[i], edges[i + 1], edges[j], edges[j + 1]
     size = blas.itemsize
     ldc = out.shape[0]
     dst = out.ctypes.data + (r0 + c0 * ldc) * size
-    for a in group:
-        k = a.shape[1]
+    for address, k, lda, rows_contiguous, _ in group:
         beta = 0.0 if first else 1.0
         first = False
-        if a.strides[1] == size and a.strides[0] >= max(1, k) * size:
-            # Rows of A contiguous: A.T is k x C column-major, ld = the row stride.
-            lda, trans = a.strides[0] // size, (b"T", b"N")
-            rows = a.ctypes.data + r0 * lda * size
-            cols = a.ctypes.data + c0 * lda * size
+        if rows_contiguous:  # rows of A contiguous: A.T is k x C column-major, ld = row stride
+            trans = (b"T", b"N")
+            rows, cols = address + r0 * lda * size, address + c0 * lda * size
         else:  # columns contiguous: A is C x k column-major, ld = the column stride
-            lda, trans = a.strides[1] // size, (b"N", b"T")
-            rows = a.ctypes.data + r0 * size
-            cols = a.ctypes.data + c0 * size
+            trans = (b"N", b"T")
+            rows, cols = address + r0 * size, address + c0 * size
         if i == j:
             blas.syrk(trans[0], r1 - r0, k, rows, lda, beta, dst, ldc)
         else:

@@ -107,6 +107,31 @@ def add_upper_(
     add_(hi, lo, term.to(hi.device))
 
 
+#: torch runs an elementwise sqrt of more than this many values on its thread pool (its
+#: vectorised kernels' grain); :func:`_serial_sqrt_` keeps matrices up to SERIAL_SQRT_MAX values
+#: on the calling thread.
+SQRT_GRAIN = 2048
+#: Largest matrix whose square roots are taken in runs of :data:`SQRT_GRAIN` values on the
+#: calling thread (C = 128); larger ones are worth the thread pool.
+SERIAL_SQRT_MAX = 2**14
+
+
+def _serial_sqrt_(t: torch.Tensor) -> torch.Tensor:
+    """``t.sqrt_()`` of a contiguous CPU tensor, on the calling thread for up to
+    :data:`SERIAL_SQRT_MAX` values: in runs of :data:`SQRT_GRAIN`, each below torch's parallel
+    grain. Waking the thread pool for a 64 x 64 matrix cost ~7 ms on a loaded 2-core machine
+    (the second thread waits for a core), against microseconds for the roots themselves. The
+    root is elementwise, so the bits are those of one ``sqrt_`` call (torch splits it between
+    its threads the same way)."""
+    flat = t.view(-1)
+    n = flat.numel()
+    if n <= SQRT_GRAIN or n > SERIAL_SQRT_MAX:
+        return t.sqrt_()
+    for start in range(0, n, SQRT_GRAIN):
+        flat[start : start + SQRT_GRAIN].sqrt_()
+    return t
+
+
 def distance(packed: torch.Tensor, c: int) -> torch.Tensor:
     """Euclidean distances between the rows of the C x M matrix A whose Gram matrix ``A A^T`` is
     ``packed``: Tensor[C, C] float64 ``sqrt(max(G_jj + G_ii - 2 G_ji, 0))``, exactly symmetric
@@ -114,7 +139,7 @@ def distance(packed: torch.Tensor, c: int) -> torch.Tensor:
     if _fused(packed):
         sq = torch.empty(c, c, dtype=torch.float64)
         ext.gram_squared_distance(packed.numpy(), sq.numpy())
-        return sq.sqrt_()  # torch's sqrt, as the torch code below
+        return _serial_sqrt_(sq)  # torch's sqrt, as the torch code below
     gram = unpack(packed, c)
     diag = gram.diagonal()
     sq = (diag[:, None] + diag[None, :] - 2 * gram).clamp(min=0)

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from icprune.extension import HAVE_EXT
 from icprune.scoring import layer_scores
 from icprune.stats import compensated, packed
-from icprune.stats.binning import bin_layout
+from icprune.stats.backends import RUNNING_KEYS
+from icprune.stats.binning import K_MIN, bin_layout
 from icprune.stats.channel_stats import PARTS, ChannelStats
 
 # Gram matrices of the same data summed in another order agree to fp64 round-off.
@@ -713,3 +714,24 @@ def test_calibrate_keeps_the_parts_asked_for():
     for name, s in only_gram.items():
         assert s.parts == ("gram",) and not s.counts.any()
         assert torch.equal(s.gram_packed, both[name].gram_packed)
+
+
+@pytest.mark.parametrize("parts", [("histogram", "gram"), ()])
+def test_new_statistics_hold_separate_tensors_of_the_empty_state(parts):
+    s = ChannelStats(5, bins=8, parts=parts)
+    state = s.state_dict()
+    p = 15 if parts else 0
+    assert torch.equal(state["sums"], torch.zeros(5, dtype=torch.float64))
+    assert torch.equal(state["minimum"], torch.full((5,), float("inf"), dtype=torch.float64))
+    assert torch.equal(state["maximum"], torch.full((5,), float("-inf"), dtype=torch.float64))
+    assert torch.equal(state["bin_exponent"], torch.full((5,), K_MIN))
+    assert torch.equal(state["counts"], torch.zeros(5, 8, dtype=torch.int64))
+    assert state["gram"].shape == state["gram_lo"].shape == (p,)
+    tensors = [getattr(s, key) for key in (*RUNNING_KEYS, "gram_packed", "gram_packed_lo")]
+    for t in tensors:  # each its own storage of its own size: saving one saves only it
+        assert t.is_contiguous()
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    for t in tensors:  # writing one changes no other
+        before = [u.clone() for u in tensors]
+        t.fill_(7)
+        assert all(torch.equal(u, b) for u, b in zip(tensors, before, strict=True) if u is not t)

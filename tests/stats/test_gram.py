@@ -121,3 +121,13 @@ def test_blas_threads_are_restored_after_a_product():
         gram.gram_syrk(_layout("channels_last", 2, 300, 5), 1.0, workers=2)
         after = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
     assert before == after
+
+
+def test_long_planes_without_a_row_stride_are_copied_to_the_bits_of_contiguous_ones():
+    # stride 0 along the channels (an expanded tensor): each (C, S) plane is copied first.
+    plane = torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(3))
+    x3 = plane.expand(2, 3, 40, 40).reshape(2, 3, -1)
+    assert x3.stride(1) == 0 and x3.shape[2] >= gram.PLANE_MIN_VALUES * 3
+    got, _ = gram.gram_syrk(x3, float(x3.abs().max()))
+    want, _ = gram.gram_syrk(x3.contiguous(), float(x3.abs().max()))
+    assert np.array_equal(_upper(got), _upper(want))

@@ -78,3 +78,17 @@ def test_the_torch_fallback_matches_the_cpp_pass(monkeypatch):
     packed.add_upper_(hi2, lo2, g, 4)
     assert torch.equal(hi, hi2) and torch.equal(lo, lo2)
     assert torch.equal(packed.distance(hi2, 9), packed.distance(hi, 9))
+
+
+@needs_ext
+@pytest.mark.parametrize("c", [45, 46, 64, 128, 129])
+def test_distance_roots_on_the_calling_thread_keep_the_bits_of_one_sqrt(c):
+    # 46 to 128 channels: more values than torch's parallel grain, rooted in runs on this thread.
+    p = packed.pack_upper(_symmetric(c, c) * 1e3)
+    j, i = torch.tril_indices(c, c)
+    full = torch.empty(c, c, dtype=torch.float64)
+    full[j, i], full[i, j] = p, p
+    diag = full.diagonal()
+    sq = (diag[:, None] + diag[None, :] - 2 * full).clamp(min=0)
+    sq.fill_diagonal_(0.0)
+    assert torch.equal(packed.distance(p, c), sq.sqrt())
