@@ -16,7 +16,9 @@ from the Gram matrix ``G_x`` and sums ``s_x`` of the input samples. Accumulating
 and the downsample convs, C_out = 2 C_in) 16x and 4x less, most of the Gram work of a
 calibration. The input statistics are ordinary :class:`icprune.ChannelStats` (exact,
 split-independent totals that checkpoint, merge and all-reduce like any other); the output Gram
-is computed from them once, in float64, after the last batch (:meth:`InputGram.derive`).
+is computed from them once, in float64, after the last batch (:meth:`InputGram.derive`) - when
+the calibration saw more samples than that fixed cost's break-even; below it, the layer's
+direct Gram matrix, also kept up to then, is used.
 
 It differs from the Gram of the feature map computed directly only by rounding: the float32
 conv and BatchNorm outputs round, the derivation does not (tests: within the fast backends'
