@@ -247,7 +247,8 @@ class InputGram:
     def derive(self, output: ChannelStats) -> None:
         """Give the layer's feature-map statistics their Gram matrix, in place: derived from
         :attr:`stats` (:meth:`derived_gram`; packed, zero remainder) above :attr:`break_even`
-        samples, else :attr:`direct`'s; ``output.parts`` then includes ``"gram"``. Call inside
+        samples, else :attr:`direct`'s (handed over: :attr:`direct` is None after);
+        ``output.parts`` then includes ``"gram"``. Call inside
         :class:`icprune.stats.gram.OneBlasThread` (as :func:`derive_all` does) for bits that do
         not depend on the BLAS's thread setting.
 
@@ -264,8 +265,9 @@ class InputGram:
                 f"layer '{self.name}': its input statistics hold {self.stats.count} samples, "
                 f"the feature map's {output.count}; they must come from the same batches"
             )
-        if self.stats.count <= self.break_even:
-            output.set_gram(self.direct.gram_packed.clone(), self.direct.gram_packed_lo.clone())
+        if self.stats.count <= self.break_even:  # hand the direct totals over (no copy)
+            direct, self.direct = self.direct, None
+            output.set_gram(direct.gram_packed, direct.gram_packed_lo)
             return
         size = packed.packed_size(output.num_channels)
         hi, lo = packed.zeros(size), packed.zeros(size)
