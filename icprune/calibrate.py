@@ -27,6 +27,7 @@ from icprune.attention import multihead_context, window_context
 from icprune.batches import batch_input, iter_batches, model_device, progress_bar
 from icprune.config import CalibrationConfig, StatsConfig, with_options
 from icprune.files import exclusive, load_torch_file, save_atomically
+from icprune.input_gram import InputGram, derive_all, input_gram_layers
 from icprune.modes import frozen
 from icprune.stats.channel_stats import ChannelStats
 from icprune.stats.distributed import all_reduce_stats, check_initialized
@@ -37,7 +38,7 @@ from icprune.structure.layers import in_channels, is_window_attention, out_chann
 
 #: Format tag and version of calibration checkpoint files.
 CHECKPOINT_FORMAT = "icprune.calibration"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 #: Values of each batch input (and model tensor) that enter a fingerprint, evenly spaced.
 FINGERPRINT_VALUES = 4096
 
@@ -63,8 +64,16 @@ def _settings(model: nn.Module, stats: dict[str, ChannelStats], **options) -> di
     return {**options, "layers": layers, "model": digest.hexdigest()}
 
 
-def _save_checkpoint(path: str, settings: dict, stats: dict[str, ChannelStats], done: int, digest):
-    """Write the statistics after ``done`` batches to ``path`` atomically (tmp file + rename)."""
+def _save_checkpoint(
+    path: str,
+    settings: dict,
+    stats: dict[str, ChannelStats],
+    inputs: dict[str, InputGram],
+    done: int,
+    digest,
+):
+    """Write the statistics (and the input statistics of the layers whose Gram matrix is derived
+    from them) after ``done`` batches to ``path`` atomically (tmp file + rename)."""
     state = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -72,6 +81,7 @@ def _save_checkpoint(path: str, settings: dict, stats: dict[str, ChannelStats], 
         "batches": done,
         "data": digest.hexdigest(),
         "stats": {name: s.state_dict() for name, s in stats.items()},
+        "inputs": {name: g.state_dict() for name, g in inputs.items()},
     }
     save_atomically(state, path)
 
@@ -92,7 +102,7 @@ def _load_checkpoint(path: str, settings: dict) -> dict:
             f"checkpoint {path!r} has version {state.get('version')!r}, this icprune writes "
             f"version {CHECKPOINT_VERSION}; {again}"
         )
-    missing = [k for k in ("settings", "batches", "data", "stats") if k not in state]
+    missing = [k for k in ("settings", "batches", "data", "stats", "inputs") if k not in state]
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks the key(s) {missing} (damaged); {again}")
     batches, saved = state["batches"], state["settings"]
@@ -102,8 +112,9 @@ def _load_checkpoint(path: str, settings: dict) -> dict:
             f"checkpoint {path!r} holds a bad 'batches', 'settings' or 'data' entry (damaged); "
             f"{again}"
         )
-    if not isinstance(state["stats"], dict):
-        raise ValueError(f"checkpoint {path!r}: 'stats' must be a dict (damaged); {again}")
+    for key in ("stats", "inputs"):
+        if not isinstance(state[key], dict):
+            raise ValueError(f"checkpoint {path!r}: '{key}' must be a dict (damaged); {again}")
     for key in [*settings, *(k for k in saved if k not in settings)]:  # options, layers, model
         mine, theirs = settings.get(key), saved.get(key)
         if mine == theirs:
@@ -125,11 +136,13 @@ def _resume(
     path: str | None,
     settings: dict | None,
     stats: dict[str, ChannelStats],
+    inputs: dict[str, InputGram],
     batches: Iterator,
     max_batches: int | None,
 ):
-    """Load the checkpoint at ``path`` into ``stats`` if it exists and draw the batches it holds
-    from ``batches``, checking their fingerprint. Returns (batches done, running data digest)."""
+    """Load the checkpoint at ``path`` into ``stats`` and ``inputs`` if it exists
+    and draw the batches it holds from ``batches``, checking their fingerprint. Returns (batches
+    done, running data digest)."""
     digest = hashlib.sha256()
     if path is None or not os.path.exists(path):
         return 0, digest
@@ -140,11 +153,13 @@ def _resume(
             f"checkpoint {path!r} holds {done} batches, more than max_batches={max_batches}; "
             f"raise max_batches, or delete the file or pass another path to start over"
         )
-    for name, layer in stats.items():
-        saved = state["stats"].get(name)
+    for name, layer in [*stats.items(), *inputs.items()]:
+        where = "inputs" if layer is inputs.get(name) else "stats"
+        saved = state[where].get(name)
         if saved is None:
+            what = "input Gram statistics" if where == "inputs" else "statistics"
             raise ValueError(
-                f"checkpoint {path!r} holds no statistics for layer '{name}' (damaged); delete it "
+                f"checkpoint {path!r} holds no {what} for layer '{name}' (damaged); delete it "
                 f"or pass another checkpoint path to start over"
             )
         try:
@@ -214,7 +229,8 @@ def calibrate(
             (:class:`icprune.StatsConfig`: ``bins``, ``range_mode``, ``nan_policy``,
             ``backend``); ``calibration_config=`` - how the data is run
             (:class:`icprune.CalibrationConfig`: ``read_at``, ``max_batches``, ``device``,
-            ``progress``, ``checkpoint``, ``checkpoint_every``, ``distributed``). E.g.
+            ``progress``, ``checkpoint``, ``checkpoint_every``, ``distributed``,
+            ``gram_from_input``). E.g.
             ``calibrate(model, data, bins=32, read_at="output")``. ``read_at="input"``: what
             every consumer layer of a dependency group reads - the statistics the default
             criterion scores from and repair re-fits from, one pass for both
@@ -267,10 +283,17 @@ def calibrate(
         raise ValueError(f"{type(model).__name__} has no prunable (Conv/Linear) layer to calibrate")
     points = read_points(model, selected, calibration_config.read_at)
     dev = model_device(model, calibration_config.device)
+    batches = iter_batches(data, calibration_config.max_batches)
+    inputs = (
+        input_gram_layers(model, points, stats_config, dev)
+        if calibration_config.gram_from_input
+        else {}
+    )
+    own_parts = tuple(p for p in stats_config.parts if p != "gram")
     stats = {
         name: ChannelStats(
             out_channels(module),
-            **dataclasses.asdict(stats_config),
+            **dataclasses.asdict(stats_config) | ({"parts": own_parts} if name in inputs else {}),
             name=name,
             read_at=points[name].read_at,
             device=dev,
@@ -278,7 +301,6 @@ def calibrate(
         for name, module in selected.items()
     }
     modules = dict(model.named_modules())
-    batches = iter_batches(data, calibration_config.max_batches)
     path = (
         None if calibration_config.checkpoint is None else os.fspath(calibration_config.checkpoint)
     )
@@ -290,18 +312,27 @@ def calibrate(
             "read_at": calibration_config.read_at,
         }
         written |= {"nan_policy": stats_config.nan_policy, "backend": stats_config.backend}
+        written |= {
+            "parts": list(stats_config.parts),
+            "gram_from_input": calibration_config.gram_from_input,
+        }
         settings = _settings(model, stats, **written)
     with ExitStack() as stack:
         if path is not None:  # one writer per checkpoint file
             stack.enter_context(exclusive(path, "calibration checkpoint"))
-        seen, digest = _resume(path, settings, stats, batches, calibration_config.max_batches)
+        seen, digest = _resume(
+            path, settings, stats, inputs, batches, calibration_config.max_batches
+        )
         saved = seen
         handles = []
         try:
             with frozen(model):
                 for point in points.values():
                     hook = _hook(point, stats[point.layer])
-                    handles.append(modules[point.module].register_forward_hook(hook))
+                    if point.layer in inputs:
+                        handles += inputs[point.layer].attach(hook)
+                    else:
+                        handles.append(modules[point.module].register_forward_hook(hook))
                 bar = progress_bar(
                     batches,
                     data,
@@ -317,24 +348,28 @@ def calibrate(
                     model(x.to(dev))
                     seen += 1
                     if path is not None and seen % checkpoint_every == 0:
-                        _save_checkpoint(path, settings, stats, seen, digest)
+                        _save_checkpoint(path, settings, stats, inputs, seen, digest)
                         saved = seen
         finally:
             for handle in handles:
                 handle.remove()
         if path is not None and seen != saved:  # batches run since the last write
-            _save_checkpoint(path, settings, stats, seen, digest)
+            _save_checkpoint(path, settings, stats, inputs, seen, digest)
     if distributed:  # every rank raises alike, or none does
         if _global_sum(seen, dev) == 0:
             raise ValueError("data yielded no batches on any process; pass model inputs")
-        reduced = all_reduce_stats(stats)
-        _check_samples(reduced)
-        return reduced
-    if seen == 0:
+        stats = all_reduce_stats(stats)
+        for name, value in all_reduce_stats({n: g.stats for n, g in inputs.items()}).items():
+            inputs[name].stats = value  # the total decides (every rank has the same)
+        small = {n: g.direct for n, g in inputs.items() if g.stats.count <= g.break_even}
+        for name, value in all_reduce_stats(small).items():
+            inputs[name].direct = value
+    elif seen == 0:
         raise ValueError("data yielded no batches; pass at least one batch of model inputs")
     for layer in stats.values():
         layer.sync()  # one host synchronisation per layer, after all batches
     _check_samples(stats)
+    derive_all(inputs, stats)
     return stats
 
 

@@ -61,7 +61,7 @@ LAYERS = [
     },
     {"structure/"},
     {"stats/", "kernels/", "slicing"},
-    {"calibrate", "serialization", "evaluation", "consumers"},
+    {"calibrate", "input_gram", "serialization", "evaluation", "consumers"},
     {"scoring", "criteria"},
     {"planning"},
     {"applying", "report/", "recovery/"},

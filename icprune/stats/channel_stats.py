@@ -605,6 +605,42 @@ class ChannelStats:
         self.nonfinite += other.nonfinite
         return self
 
+    def set_gram(self, gram_packed: torch.Tensor, gram_packed_lo: torch.Tensor) -> None:
+        """Give statistics collected without the ``"gram"`` part the Gram matrix of the same
+        samples, computed elsewhere (e.g. derived from a layer's input, :mod:`icprune.input_gram`);
+        ``parts`` then includes ``"gram"``.
+
+        Args:
+            gram_packed, gram_packed_lo: Tensor[C (C + 1) / 2] float64 on this instance's
+                device, the packed double-double total (:mod:`icprune.stats.packed`), finite,
+                with a non-negative diagonal.
+
+        Raises:
+            ValueError: the statistics already have the Gram part, or a tensor of the wrong
+                shape, dtype or device, non-finite, or with a negative diagonal (nothing is
+                changed).
+        """
+        if "gram" in self.parts:
+            raise ValueError(f"layer '{self.name}': the statistics already hold a Gram matrix")
+        size = packed.packed_size(self.num_channels)
+        for t in (gram_packed, gram_packed_lo):
+            if (
+                not isinstance(t, torch.Tensor)
+                or t.shape != (size,)
+                or t.dtype != torch.float64
+                or t.device != self.device
+            ):
+                raise ValueError(
+                    f"layer '{self.name}': a packed Gram total must be a Tensor[{size}] float64 "
+                    f"on {self.device}, got {t!r:.80}"
+                )
+        if not bool(torch.isfinite(gram_packed).all() & torch.isfinite(gram_packed_lo).all()):
+            raise ValueError(f"layer '{self.name}': the Gram matrix holds non-finite values")
+        if bool((packed.diagonal(gram_packed, self.num_channels) < 0).any()):
+            raise ValueError(f"layer '{self.name}': the Gram matrix has a negative diagonal")
+        self.gram_packed, self.gram_packed_lo = gram_packed, gram_packed_lo
+        self.parts = tuple(p for p in PARTS if p in (*self.parts, "gram"))
+
     # ---------------------------------------------------------------------------- serialisation
 
     def state_dict(self) -> dict[str, object]:

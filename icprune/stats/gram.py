@@ -300,12 +300,12 @@ def _product(x3: torch.Tensor, workers: int) -> np.ndarray:
         def job(pair, group=group, bounds=bounds, first=first):
             _block(blas, group, out, bounds, *pair, first)
 
-        _run(tasks, job, workers)
+        run_parallel(tasks, job, workers)
         first = False
     return out
 
 
-def _run(tasks: list, job, workers: int) -> None:
+def run_parallel(tasks: list, job, workers: int) -> None:
     """``job(task)`` for every task, on ``workers`` threads (the caller's and ``workers - 1`` of
     the pool), each taking the next task in list order when it is free; returns when all are
     done (also when one raises: no thread is left writing)."""

@@ -19,7 +19,7 @@ def test_consumer_inputs_owns_each_distinct_input_tensor_once():
     assert unowned[0] == "conv1" and len(unowned) == 3
     assert [n.split(".")[0] for n in unowned[1:]] == ["layer2", "layer3"]
     x = torch.randn(2, 3, 32, 32)
-    stats = calibrate_inputs(model, x, owners)
+    stats = calibrate_inputs(model, [x], owners)
     for name, s in stats.items():
         assert s.parts == ("gram",) and s.read_at == "input" and s.num_channels == owners[name]
     seen = {}

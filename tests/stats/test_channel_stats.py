@@ -735,3 +735,28 @@ def test_new_statistics_hold_separate_tensors_of_the_empty_state(parts):
         before = [u.clone() for u in tensors]
         t.fill_(7)
         assert all(torch.equal(u, b) for u, b in zip(tensors, before, strict=True) if u is not t)
+
+
+def test_set_gram_gives_statistics_without_it_a_checked_gram_part():
+    x = torch.randn(4, 3, 5, 5)
+    full = ChannelStats(3)
+    full.update(x)
+    part = ChannelStats(3, parts=("histogram",))
+    part.update(x)
+    good = (full.gram_packed.clone(), full.gram_packed_lo.clone())
+    bad_diagonal = good[0].clone()
+    bad_diagonal[0] = -1.0
+    for hi, lo, message in (
+        (good[0][:-1], good[1], "must be a Tensor"),
+        (good[0].float(), good[1], "must be a Tensor"),
+        (good[0].clone().fill_(float("nan")), good[1], "non-finite"),
+        (bad_diagonal, good[1], "negative diagonal"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            part.set_gram(hi, lo)
+        assert part.parts == ("histogram",)  # refused: nothing changed
+    part.set_gram(*good)
+    assert part.parts == ("histogram", "gram")
+    assert torch.equal(part.gram, full.gram) and torch.equal(part.correlation(), full.correlation())
+    with pytest.raises(ValueError, match="already hold a Gram matrix"):
+        part.set_gram(*good)
