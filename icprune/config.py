@@ -98,7 +98,9 @@ class CalibrationConfig:
         gram_from_input: derive the Gram matrix of a 1x1 conv + BatchNorm layer read at
             ``"bn"`` from the Gram matrix of the conv's input (exact algebra, C_in^2 instead of
             C_out^2 work per sample: most of ResNet-50's Gram work; equal to the direct Gram
-            within float32 rounding; :mod:`icprune.input_gram`) where it is cheaper and safe.
+            within float32 rounding; :mod:`icprune.input_gram`) where it is cheaper and safe:
+            CPU statistics (C++ backend), ``nan_policy="raise"``, and a calibration of more
+            samples than the derivation's break-even (below it, the direct matrix, bit for bit).
             False: every Gram matrix from the feature map itself.
     """
 
