@@ -240,16 +240,14 @@ def _operand_groups(x3: torch.Tensor):
     if x3.stride(1) == 1 and x3.stride(0) == s * c:  # channels last: samples are rows (N*S, C)
         rows = x3.numpy().transpose(0, 2, 1).reshape(n * s, c)  # a view
         # Runs of rows short enough for the BLAS's 32-bit sizes, accumulated in order.
-        yield [
-            _operand(_blas_ready(rows[i : i + MAX_SAMPLES].T)) for i in range(0, n * s, MAX_SAMPLES)
-        ]
+        yield [_operand(rows[i : i + MAX_SAMPLES].T) for i in range(0, n * s, MAX_SAMPLES)]
         return
     if s >= PLANE_MIN_VALUES * c and x3.stride(2) == 1:  # long planes: one product per image
         if x3.stride(1) >= s:  # (C, S) planes with contiguous rows, read in place
             base, step = x3.data_ptr(), x3.stride(0) * x3.element_size()
             yield [(base + i * step, s, x3.stride(1), True, x3) for i in range(n)]
         else:
-            yield [_operand(_blas_ready(plane)) for plane in x3.numpy()]
+            yield [_operand(plane) for plane in x3.numpy()]
         return
     # Short planes (late layers) or odd strides: (C, k*S) copies of k images at a time (at most
     # COPY_VALUES values, so the copy stays small next to the statistics). numpy copies: torch's
@@ -261,24 +259,19 @@ def _operand_groups(x3: torch.Tensor):
 
 
 def _operand(a: np.ndarray) -> tuple[int, int, int, bool, np.ndarray]:
-    """``(address, K, ld, rows, a)`` of a BLAS-ready ndarray[C, K] (:func:`_blas_ready`):
-    ``rows`` when its rows are contiguous (then ``ld`` is the row stride, in elements), else its
-    columns are (``ld`` the column stride); ``a`` keeps the memory alive while it is used."""
-    size, k = a.itemsize, a.shape[1]
-    s0, s1 = a.strides
-    if s1 == size and s0 >= max(1, k) * size:
-        return a.ctypes.data, k, s0 // size, True, a
-    return a.ctypes.data, k, s1 // size, False, a
-
-
-def _blas_ready(a: np.ndarray) -> np.ndarray:
-    """``a`` (ndarray[C, K]) itself when a BLAS can read it in place - unit stride along one
-    axis, a leading dimension that covers the other - else a contiguous copy."""
+    """``(address, K, ld, rows, a)`` of ndarray[C, K] ``a`` as a BLAS reads it: in place when it
+    can - unit stride along one axis, a leading dimension that covers the other - else from a
+    contiguous copy. ``rows`` when the rows are contiguous (then ``ld`` is the row stride, in
+    elements), else the columns are (``ld`` the column stride); the returned ``a`` (the copy,
+    if one was made) keeps the memory alive while it is used."""
     size, (c, k) = a.itemsize, a.shape
     s0, s1 = a.strides
-    rows = s1 == size and s0 % size == 0 and s0 >= max(1, k) * size
-    columns = s0 == size and s1 % size == 0 and s1 >= max(1, c) * size
-    return a if rows or columns else np.ascontiguousarray(a)
+    if s1 == size and s0 % size == 0 and s0 >= max(1, k) * size:
+        return a.ctypes.data, k, s0 // size, True, a
+    if s0 == size and s1 % size == 0 and s1 >= max(1, c) * size:
+        return a.ctypes.data, k, s1 // size, False, a
+    a = np.ascontiguousarray(a)
+    return a.ctypes.data, k, max(1, k), True, a
 
 
 def _product(x3: torch.Tensor, workers: int) -> np.ndarray:
