@@ -153,11 +153,11 @@ def _resume(
             f"checkpoint {path!r} holds {done} batches, more than max_batches={max_batches}; "
             f"raise max_batches, or delete the file or pass another path to start over"
         )
-    for name, layer in [*stats.items(), *inputs.items()]:
-        where = "inputs" if layer is inputs.get(name) else "stats"
-        saved = state[where].get(name)
+    targets = [("stats", "statistics", name, layer) for name, layer in stats.items()]
+    targets += [("inputs", "input Gram statistics", name, g) for name, g in inputs.items()]
+    for key, what, name, layer in targets:
+        saved = state[key].get(name)
         if saved is None:
-            what = "input Gram statistics" if where == "inputs" else "statistics"
             raise ValueError(
                 f"checkpoint {path!r} holds no {what} for layer '{name}' (damaged); delete it "
                 f"or pass another checkpoint path to start over"
