@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) -m bench.calibration_cpu --out bench/results/cpu-calibration.md
 	$(PY) bench/weight_stats.py --out bench/results/cpu-weight_stats.md
 	$(PY) -m bench.gram_precision --out bench/results/cpu-gram_precision.md
+	$(PY) -m bench.gram_from_input --out bench/results/cpu-gram_from_input.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
